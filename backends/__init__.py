@@ -1,0 +1,1 @@
+"""Backends: onnx (onnxruntime CPU/CUDA), tensorrt (engine build), reference (torch eager oracle)."""

@@ -1,0 +1,415 @@
+"""Lower an optimised IR step graph to ONE ONNX graph: inlined model forward(s) + logits processors + sampler.
+
+Node names read as `<ir node id>/<OnnxOp>` (e.g. `sampler/top_k/TopK`); every node carries its IR op, IR node and the
+pass that made it in doc_string and metadata_props, so Netron shows where it came from."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dgopt.errors import BackendError
+from dgopt.ir import Graph
+from dgopt.ir.verify import value_type
+
+__all__ = ["lower_to_onnx", "OPSET", "LOWERINGS"]
+
+OPSET = 18
+NEG_INF = float("-inf")
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+class _Builder:
+    def __init__(self, g: Graph, forwards: dict, vocab_size: int | None):
+        self.g = g
+        self.forwards = forwards            # model name -> (ModelProto of the forward, info dict)
+        self.V = vocab_size
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.names: dict = {}               # ValueRef -> onnx name (kv: list of names)
+        self.io: dict = {"inputs": [], "outputs": []}
+        self._cur = None
+        self._n = 0
+
+    # -- helpers
+    def const(self, value, dtype=np.float32, name: str | None = None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = name or f"const/{self._cur.id}/{len(self.inits)}"
+        self.inits[name] = numpy_helper.from_array(arr, name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str] | str:
+        node = self._cur
+        self._n += 1
+        base = f"{node.id}/{op_type}"
+        name = base if not any(n.name == base for n in self.nodes) else f"{base}_{self._n}"
+        outs = [f"{name}:{i}" for i in range(n_out)]
+        nd = helper.make_node(op_type, inputs, outs, name=name, **attrs)
+        self._stamp(nd, node)
+        self.nodes.append(nd)
+        return outs if n_out > 1 else outs[0]
+
+    @staticmethod
+    def _stamp(nd, node) -> None:
+        by = node.meta.get("created_by")
+        nd.doc_string = f"dgopt IR node '{node.id}' (op {node.op})" + (f", created by pass {by}" if by else "")
+        for k, v in (("dgopt.ir_node", node.id), ("dgopt.ir_op", node.op), ("dgopt.pass", by)):
+            if v:
+                nd.metadata_props.add(key=k, value=str(v))
+
+    def dims(self, vtype: str):
+        V = self.V
+        return {
+            "tokens": (I64, ["batch", "q"]), "positions": (I64, ["batch", "q"]),
+            "mask": (F32, ["batch", 1, "q", "total"]), "logits": (F32, ["batch", V]),
+            "probs": (F32, ["batch", V]), "gumbel": (F32, ["batch", V]), "seen": (F32, ["batch", V]),
+            "uniform": (F32, ["batch"]), "token": (I64, ["batch"]), "logits_seq": (F32, ["batch", "q", V]),
+            "candidates": (I64, ["batch", "guesses", "length"]), "count": (I64, ["batch"]),
+            "probs_seq": (F32, ["batch", "length", V]), "uniform_seq": (F32, ["batch", "length"]),
+        }[vtype]
+
+    # -- main
+    def build(self) -> onnx.ModelProto:
+        for node in self.g.topo_order():
+            self._cur = node
+            fn = LOWERINGS.get(node.op)
+            if fn is None:
+                raise BackendError(f"onnx backend: no lowering for IR op '{node.op}' (node '{node.id}')")
+            fn(self, node, [self.names[r] for r in node.inputs])
+        for oname, ref in self.g.outputs.items():
+            vt = value_type(self.g, ref)
+            self._cur = self.g.node(ref.node)
+            if vt == "kv":
+                info = self._kv_info(ref)
+                for src, i, kv in zip(self.names[ref], *zip(*[(i, kv) for i in range(info["num_layers"])
+                                                              for kv in ("key", "value")])):
+                    name = f"{oname}.{i}.{kv}"
+                    self.nodes.append(self._identity(src, name))
+                    self.outputs.append(helper.make_tensor_value_info(
+                        name, F32, ["batch", info["num_kv_heads"], f"{oname}_len", info["head_dim"]]))
+                self.io["outputs"].append({"name": oname, "type": "kv", "tensors": [
+                    f"{oname}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]})
+            else:
+                self.nodes.append(self._identity(self.names[ref], oname))
+                et, shape = self.dims(vt)
+                shape = [f"{oname}_{d}" if d in ("q", "total") else d for d in shape]
+                if oname == "accept_tokens":
+                    shape = ["batch", "length_plus_one"]
+                self.outputs.append(helper.make_tensor_value_info(oname, et, shape))
+                self.io["outputs"].append({"name": oname, "type": vt, "dtype": _dtname(et), "shape": shape})
+        graph = helper.make_graph(self.nodes, "dgopt_step", self.inputs, self.outputs, list(self.inits.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dgopt")
+        model.ir_version = 10
+        return model
+
+    def _identity(self, src: str, dst: str):
+        nd = helper.make_node("Identity", [src], [dst], name=f"output/{dst}")
+        self._stamp(nd, self._cur)
+        return nd
+
+    def _kv_info(self, ref):
+        node = self.g.node(ref.node)
+        model = node.attrs.get("model", "target") if node.op == "forward" else "target"
+        return self.forwards[model][1]
+
+
+def _dtname(et: int) -> str:
+    return {F32: "float32", I64: "int64"}[et]
+
+
+# -- lowering rules, one per IR op ---------------------------------------------------------------------------------
+def _input(b: _Builder, node, ins):
+    vt, name = node.attrs["type"], node.attrs["name"]
+    if vt == "kv":
+        info = b.forwards["target"][1]
+        names = [f"{name}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]
+        for n in names:
+            b.inputs.append(helper.make_tensor_value_info(
+                n, F32, ["batch", info["num_kv_heads"], "past", info["head_dim"]]))
+        b.names[node.out()] = names
+        b.io["inputs"].append({"name": name, "type": "kv", "tensors": names})
+        return
+    et, shape = b.dims(vt)
+    # symbolic dims are equalities to onnxruntime: every branch gets its own q / total
+    branch = "" if name in ("input_ids", "position_ids", "attn_mask") else name.split("_")[0] + "_"
+    shape = [f"{branch}{d}" if d in ("q", "total") else d for d in shape]
+    b.inputs.append(helper.make_tensor_value_info(name, et, shape))
+    b.names[node.out()] = name
+    b.io["inputs"].append({"name": name, "type": vt, "dtype": _dtname(et), "shape": shape})
+
+
+def _forward(b: _Builder, node, ins):
+    """Inline the exported forward: its values are prefixed by the IR node id, its weights by the model name, so two
+    forward nodes of one model share weights."""
+    try:
+        proto, info = b.forwards[node.attrs["model"]]
+    except KeyError:
+        raise BackendError(f"onnx backend: node '{node.id}' calls model '{node.attrs['model']}', which the spec "
+                           f"does not define") from None
+    fg = proto.graph
+    model = node.attrs["model"]
+    ids, pos, mask, past = ins
+    rename = {"input_ids": ids, "position_ids": pos, "attn_mask": mask}
+    rename |= dict(zip([i.name for i in fg.input[3:]], past))
+    for init in fg.initializer:
+        new = f"{model}/{init.name}"
+        rename[init.name] = new
+        if new not in b.inits:
+            t = onnx.TensorProto()
+            t.CopyFrom(init)
+            t.name = new
+            b.inits[new] = t
+
+    def nm(x: str) -> str:
+        if x == "":
+            return x
+        if x not in rename:
+            rename[x] = f"{node.id}/{x.lstrip('/')}"
+        return rename[x]
+
+    for src in fg.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in src.attribute):
+            raise BackendError(f"onnx backend: exported forward of '{model}' has control flow ({src.op_type}); "
+                               "not supported")
+        nd = onnx.NodeProto()
+        nd.CopyFrom(src)
+        del nd.input[:]
+        del nd.output[:]
+        nd.input.extend(nm(x) for x in src.input)
+        nd.output.extend(nm(x) for x in src.output)
+        nd.name = f"{node.id}/{(src.name or src.op_type).lstrip('/')}"
+        b._stamp(nd, node)
+        b.nodes.append(nd)
+    outs = [nm(o.name) for o in fg.output]
+    b.names[node.out("logits")] = outs[0]
+    b.names[node.out("kv")] = outs[1:]
+
+
+def _last_position(b, node, ins):
+    b.names[node.out()] = b.op("Gather", [ins[0], b.const(-1, np.int64)], axis=1)
+
+
+def _neg_fill(b, remove: str, x: str) -> str:
+    return b.op("Where", [remove, b.const(NEG_INF), x])
+
+
+def _repetition_penalty(b, node, ins):
+    x, seen = ins
+    p = node.attrs["penalty"]
+    pos = b.op("Greater", [x, b.const(0.0)])
+    pen = b.op("Where", [pos, b.op("Div", [x, b.const(p)]), b.op("Mul", [x, b.const(p)])])
+    b.names[node.out()] = b.op("Where", [b.op("Cast", [seen], to=TensorProto.BOOL), pen, x])
+
+
+def _temperature(b, node, ins):
+    b.names[node.out()] = b.op("Div", [ins[0], b.const(node.attrs["value"])])
+
+
+def _top_k(b, node, ins):
+    k = min(node.attrs["k"], b.V)
+    values, _ = b.op("TopK", [ins[0], b.const([k], np.int64)], n_out=2, axis=-1, largest=1, sorted=1)
+    kth = b.op("Slice", [values, b.const([k - 1], np.int64), b.const([k], np.int64), b.const([-1], np.int64)])
+    b.names[node.out()] = _neg_fill(b, b.op("Less", [ins[0], kth]), ins[0])
+
+
+def _top_p(b, node, ins):
+    # HF TopPLogitsWarper: ascending sort, cumulative softmax, drop cum <= 1-p, always keep the largest.
+    V = b.V
+    sv, si = b.op("TopK", [ins[0], b.const([V], np.int64)], n_out=2, axis=-1, largest=0, sorted=1)
+    cum = b.op("CumSum", [b.op("Softmax", [sv], axis=-1), b.const(-1, np.int64)])
+    drop = b.op("LessOrEqual", [cum, b.const(1.0 - node.attrs["p"])])
+    keep_last = np.ones((1, V), bool)
+    keep_last[0, -1] = False
+    drop = b.op("Cast", [b.op("And", [drop, b.const(keep_last, bool)])], to=F32)
+    drop = b.op("ScatterElements", [drop, si, drop], axis=-1)   # si is a permutation: every slot is written
+    b.names[node.out()] = _neg_fill(b, b.op("Cast", [drop], to=TensorProto.BOOL), ins[0])
+
+
+def _min_p(b, node, ins):
+    probs = b.op("Softmax", [ins[0]], axis=-1)
+    top = b.op("ReduceMax", [probs, b.const([-1], np.int64)], keepdims=1)
+    thr = b.op("Mul", [top, b.const(node.attrs["p"])])
+    b.names[node.out()] = _neg_fill(b, b.op("Less", [probs, thr]), ins[0])
+
+
+def _softmax(b, node, ins):
+    b.names[node.out()] = b.op("Softmax", [ins[0]], axis=-1)
+
+
+def _argmax(b, node, ins):
+    b.names[node.out()] = b.op("ArgMax", [ins[0]], axis=-1, keepdims=0, select_last_index=0)
+
+
+def _multinomial(b, node, ins):
+    # Inverse CDF with CumSum + compare (TensorRT has no Multinomial): index = #{i : cdf_i <= u * total}.
+    probs, u = ins
+    cdf = b.op("CumSum", [probs, b.const(-1, np.int64)])
+    total = b.op("Slice", [cdf, b.const([-1], np.int64), b.const([b.V], np.int64), b.const([-1], np.int64)])
+    thr = b.op("Mul", [b.op("Unsqueeze", [u, b.const([-1], np.int64)]), total])
+    below = b.op("Cast", [b.op("LessOrEqual", [cdf, thr])], to=I64)
+    idx = b.op("ReduceSum", [below, b.const([-1], np.int64)], keepdims=0)
+    b.names[node.out()] = b.op("Min", [idx, b.const(b.V - 1, np.int64)])
+
+
+def _random_uniform(b, node, ins):
+    like = b.op("ReduceMax", [ins[0], b.const([-1], np.int64)], keepdims=0)      # a [B] template
+    b.names[node.out()] = b.op("RandomUniformLike", [like], dtype=F32, low=0.0, high=1.0,
+                               seed=float(node.attrs["seed"]))
+
+
+def _gumbel_argmax(b, node, ins):
+    b.names[node.out()] = b.op("ArgMax", [b.op("Add", ins)], axis=-1, keepdims=0, select_last_index=0)
+
+
+def _random_gumbel(b, node, ins):
+    u = b.op("RandomUniformLike", [ins[0]], dtype=F32, low=0.0, high=1.0, seed=float(node.attrs["seed"]))
+    b.names[node.out()] = b.op("Neg", [b.op("Log", [b.op("Neg", [b.op("Log", [u])])])])
+
+
+INT_MAX = np.iinfo(np.int64).max
+MASK_MIN = float(np.finfo(np.float32).min)
+
+
+def _dim(b, x: str, axis: int) -> str:
+    """Shape(x)[axis] as a 1-element int64 tensor."""
+    return b.op("Shape", [x], start=axis, end=axis + 1)
+
+
+def _concat_seq(b, node, ins):
+    b.names[node.out()] = b.op("Concat", ins, axis=1)
+
+
+def _merge_masks(b, node, ins):
+    ma, mb = ins
+    qa, qb = _dim(b, ma, 2), _dim(b, mb, 2)
+    past = b.op("Sub", [_dim(b, ma, 3), qa])
+    ax3, zero, end = b.const([3], np.int64), b.const([0], np.int64), b.const([INT_MAX], np.int64)
+    a_past, a_blk = b.op("Slice", [ma, zero, past, ax3]), b.op("Slice", [ma, past, end, ax3])
+    b_past, b_blk = b.op("Slice", [mb, zero, past, ax3]), b.op("Slice", [mb, past, end, ax3])
+    lead = b.op("Shape", [ma], start=0, end=2)                               # [B, 1]
+    fill = b.const(MASK_MIN)
+    ab = b.op("Expand", [fill, b.op("Concat", [lead, qa, qb], axis=0)])
+    ba = b.op("Expand", [fill, b.op("Concat", [lead, qb, qa], axis=0)])
+    row_a = b.op("Concat", [a_past, a_blk, ab], axis=3)
+    row_b = b.op("Concat", [b_past, ba, b_blk], axis=3)
+    b.names[node.out()] = b.op("Concat", [row_a, row_b], axis=2)
+
+
+def _used(b, node, out: str) -> bool:
+    ref = node.out(out)
+    return bool(b.g.users(ref)) or b.g.is_output(ref)
+
+
+def _split_seq(b, node, ins):
+    x, first = ins
+    q1, ax = _dim(b, first, 1), b.const([1], np.int64)
+    if _used(b, node, "head"):
+        b.names[node.out("head")] = b.op("Slice", [x, b.const([0], np.int64), q1, ax])
+    if _used(b, node, "tail"):
+        b.names[node.out("tail")] = b.op("Slice", [x, q1, b.const([INT_MAX], np.int64), ax])
+
+
+def _split_kv(b, node, ins):
+    kv, first, second = ins
+    qa, qb = _dim(b, first, 1), _dim(b, second, 1)
+    ax, zero, end = b.const([2], np.int64), b.const([0], np.int64), b.const([INT_MAX], np.int64)
+    heads, tails = [], []
+    for t in kv:
+        past = b.op("Sub", [b.op("Sub", [_dim(b, t, 2), qa]), qb])
+        cut = b.op("Add", [past, qa])
+        if _used(b, node, "head"):
+            heads.append(b.op("Slice", [t, zero, cut, ax]))
+        if _used(b, node, "tail"):
+            tails.append(b.op("Concat", [b.op("Slice", [t, zero, past, ax]), b.op("Slice", [t, cut, end, ax])],
+                              axis=2))
+    b.names[node.out("head")], b.names[node.out("tail")] = heads, tails
+
+
+def _verify_greedy(b, node, ins):
+    logits, cands = ins
+    G, K = node.attrs["guesses"], node.attrs["length"]
+    am = b.op("ArgMax", [logits], axis=-1, keepdims=0)                        # [B, k + G*K]
+    nc = G * K
+    ax1, end = b.const([1], np.int64), b.const([INT_MAX], np.int64)
+    if nc == 0:
+        ox = b.op("Slice", [am, b.const([-1], np.int64), end, ax1])            # [B, 1]
+        b.names[node.out("tokens")] = ox
+        b.names[node.out("accept_len")] = b.op("Add", [b.op("Mul", [b.op("Squeeze", [ox, ax1]),
+                                                                     b.const(0, np.int64)]), b.const(1, np.int64)])
+        b.names[node.out("best")] = b.op("Mul", [b.op("Squeeze", [ox, ax1]), b.const(0, np.int64)])
+        return
+    ox = b.op("Slice", [am, b.const([-(nc + 1)], np.int64), b.const([-nc], np.int64), ax1])       # [B, 1]
+    oc = b.op("Reshape", [b.op("Slice", [am, b.const([-nc], np.int64), end, ax1]),
+                          b.const([0, G, K], np.int64)])                                            # [B, G, K]
+    ox_g = b.op("Expand", [b.op("Unsqueeze", [ox, b.const([2], np.int64)]), b.const([1, G, 1], np.int64)])
+    pred = b.op("Concat", [ox_g, oc], axis=2)                                  # [B, G, K+1]: the argmax chains
+    head = b.op("Slice", [pred, b.const([0], np.int64), b.const([K], np.int64), b.const([2], np.int64)])
+    miss = b.op("Cast", [b.op("Not", [b.op("Equal", [cands, head])])], to=I64)
+    prefix = b.op("Cast", [b.op("Equal", [b.op("CumSum", [miss, b.const(2, np.int64)]), b.const(0, np.int64)])],
+                  to=I64)
+    matched = b.op("ReduceSum", [prefix, b.const([2], np.int64)], keepdims=0)  # [B, G]
+    best = b.op("ArgMax", [matched], axis=1, keepdims=0)                       # first maximum
+    b.names[node.out("best")] = best
+    b.names[node.out("accept_len")] = b.op("Add", [b.op("ReduceMax", [matched, b.const([1], np.int64)], keepdims=0),
+                                                   b.const(1, np.int64)])
+    idx = b.op("Expand", [b.op("Unsqueeze", [best, b.const([1, 2], np.int64)]), b.const([1, 1, K + 1], np.int64)])
+    b.names[node.out("tokens")] = b.op("Squeeze", [b.op("GatherElements", [pred, idx], axis=1), ax1])
+
+
+def _tail_positions(b, node, ins):
+    K = node.attrs["length"]
+    tail = b.op("Slice", [ins[0], b.const([-(K + 1)], np.int64), b.const([INT_MAX], np.int64),
+                          b.const([1], np.int64)])
+    b.names[node.out()] = b.op("Reshape", [tail, b.const([-1, b.V], np.int64)])
+
+
+def _verify_sample(b, node, ins):
+    x, cands, q, u, g = ins
+    K, V = node.attrs["length"], b.V
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    p = b.op("Reshape", [b.op("Softmax", [x], axis=-1), i64([-1, K + 1, V])])             # [B, K+1, V]
+    d = b.op("Reshape", [cands, i64([0, K])])                                              # [B, K]
+    d3 = b.op("Unsqueeze", [d, i64([2])])
+    p_k = b.op("Slice", [p, i64([0]), i64([K]), i64([1])])
+    p_d = b.op("Squeeze", [b.op("GatherElements", [p_k, d3], axis=2), i64([2])])
+    q_d = b.op("Squeeze", [b.op("GatherElements", [q, d3], axis=2), i64([2])])
+    rejected = b.op("Cast", [b.op("Not", [b.op("Less", [b.op("Mul", [u, q_d]), p_d])])], to=I64)
+    first = b.op("Slice", [rejected, i64([0]), i64([1]), i64([1])])                         # [B, 1]
+    sentinel = b.op("Add", [b.op("Mul", [first, i64(0)]), i64(1)])                         # ones [B, 1]
+    n = b.op("ArgMax", [b.op("Concat", [rejected, sentinel], axis=1)], axis=1, keepdims=0,
+             select_last_index=0)                                                          # first rejection or K
+    q0 = b.op("Mul", [b.op("Slice", [q, i64([0]), i64([1]), i64([1])]), b.const(0.0)])    # zeros [B, 1, V]
+    resid = b.op("Max", [b.op("Sub", [p, b.op("Concat", [q, q0], axis=1)]), b.const(0.0)])
+    idx = b.op("Expand", [b.op("Unsqueeze", [n, i64([1, 2])]), i64([1, 1, V])])
+    r_n = b.op("Squeeze", [b.op("GatherElements", [resid, idx], axis=1), i64([1])])       # [B, V]
+    t = b.op("ArgMax", [b.op("Add", [b.op("Log", [r_n]), g])], axis=-1, keepdims=0, select_last_index=0)
+    d_ext = b.op("Concat", [d, b.op("Mul", [first, i64(0)])], axis=1)                      # [B, K+1]
+    at_n = b.op("Equal", [i64(np.arange(K + 1)[None]), b.op("Unsqueeze", [n, i64([1])])])
+    b.names[node.out("tokens")] = b.op("Where", [at_n, b.op("Unsqueeze", [t, i64([1])]), d_ext])
+    b.names[node.out("accept_len")] = b.op("Add", [n, i64(1)])
+    b.names[node.out("best")] = b.op("Mul", [n, i64(0)])
+
+
+LOWERINGS = {
+    "input": _input, "forward": _forward, "last_position": _last_position,
+    "repetition_penalty": _repetition_penalty, "temperature": _temperature, "top_k": _top_k, "top_p": _top_p,
+    "min_p": _min_p, "softmax": _softmax, "argmax": _argmax, "multinomial": _multinomial,
+    "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
+    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "split_seq": _split_seq, "split_kv": _split_kv,
+    "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
+}
+
+
+def lower_to_onnx(g: Graph, forwards: dict, vocab_size: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Returns (model, io) where io lists the step's inputs/outputs by role for the manifest."""
+    if vocab_size is None and "target" in forwards:
+        vocab_size = forwards["target"][1]["vocab_size"]
+    b = _Builder(g, forwards, vocab_size)
+    model = b.build()
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise BackendError(f"onnx backend: lowered graph is invalid: {str(e).splitlines()[0]}") from None
+    return model, b.io

@@ -1,0 +1,158 @@
+"""Torch eager interpreter of the IR: the oracle. Logits processors call Hugging Face's own warpers, so comparing a
+lowered graph with this interpreter compares it with `generate`'s semantics."""
+from __future__ import annotations
+
+import torch
+
+from dgopt.errors import BackendError
+from dgopt.ir import Graph
+
+__all__ = ["run_graph", "exact_probs"]
+
+
+def _hf(cls_name: str, *args, **kw):
+    import transformers
+    return getattr(transformers, cls_name)(*args, **kw)
+
+
+def _forward(node, ins, models):
+    from transformers import DynamicCache
+    ids, pos, mask, past = ins
+    lm = models[node.attrs["model"]]
+    cache = DynamicCache(config=lm.model.config)
+    for i in range(0, len(past), 2):
+        cache.update(past[i], past[i + 1], i // 2)
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+    kv = []
+    for layer in out.past_key_values.layers[:lm.info["num_layers"]]:
+        kv += [layer.keys, layer.values]
+    return {"logits": out.logits, "kv": kv}
+
+
+def _rep(node, ins):
+    x, seen = ins
+    p = node.attrs["penalty"]
+    pen = torch.where(x > 0, x / p, x * p)
+    return torch.where(seen.bool(), pen, x)
+
+
+def _multinomial(node, ins):
+    probs, u = ins
+    cdf = probs.cumsum(-1)
+    thr = u[:, None] * cdf[:, -1:]
+    return (cdf <= thr).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _verify_greedy(node, ins):
+    logits, cands = ins
+    G, K = node.attrs["guesses"], node.attrs["length"]
+    am = logits.argmax(-1)
+    nc = G * K
+    if nc == 0:
+        ox = am[:, -1:]
+        return {"tokens": ox, "accept_len": torch.ones_like(ox[:, 0]), "best": torch.zeros_like(ox[:, 0])}
+    ox = am[:, -(nc + 1):-nc]
+    pred = torch.cat([ox[:, None, :].expand(-1, G, 1), am[:, -nc:].reshape(-1, G, K)], 2)
+    matched = (cands == pred[:, :, :K]).long().cumprod(2).sum(2)
+    best = matched.argmax(1)          # torch returns the first maximal index on CPU
+    return {"tokens": pred[torch.arange(len(best)), best], "accept_len": matched.max(1).values + 1, "best": best}
+
+
+def _verify_sample(node, ins):
+    x, cands, q, u, g = ins
+    K = node.attrs["length"]
+    p = torch.softmax(x, -1).reshape(-1, K + 1, x.shape[-1])
+    d = cands.reshape(-1, K)
+    p_d = p[:, :K].gather(2, d[..., None])[..., 0]
+    q_d = q.gather(2, d[..., None])[..., 0]
+    rejected = ~(u * q_d < p_d)
+    n = torch.cat([rejected, torch.ones_like(rejected[:, :1])], 1).long().argmax(1)
+    resid = (p - torch.cat([q, torch.zeros_like(q[:, :1])], 1)).clamp(min=0)
+    t = (resid[torch.arange(len(n)), n].log() + g).argmax(-1)
+    tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
+    tokens[torch.arange(len(n)), n] = t
+    return {"tokens": tokens, "accept_len": n + 1, "best": torch.zeros_like(n)}
+
+
+def _merge_masks(node, ins):
+    a, b = ins
+    qa, qb = a.shape[2], b.shape[2]
+    past = a.shape[3] - qa
+    fill = torch.finfo(torch.float32).min
+    ab = torch.full((a.shape[0], 1, qa, qb), fill)
+    ba = torch.full((a.shape[0], 1, qb, qa), fill)
+    return torch.cat([torch.cat([a[..., :past], a[..., past:], ab], 3), torch.cat([b[..., :past], ba, b[..., past:]], 3)], 2)
+
+
+def _split_kv(node, ins):
+    kv, first, second = ins
+    qa, qb = first.shape[1], second.shape[1]
+    past = kv[0].shape[2] - qa - qb
+    return {"head": [t[:, :, :past + qa] for t in kv],
+            "tail": [torch.cat([t[:, :, :past], t[:, :, past + qa:]], 2) for t in kv]}
+
+
+RULES = {
+    "last_position": lambda n, i: i[0][:, -1, :],
+    "repetition_penalty": _rep,
+    "temperature": lambda n, i: _hf("TemperatureLogitsWarper", n.attrs["value"])(None, i[0]),
+    "top_k": lambda n, i: _hf("TopKLogitsWarper", n.attrs["k"])(None, i[0]),
+    "top_p": lambda n, i: _hf("TopPLogitsWarper", n.attrs["p"])(None, i[0]),
+    "min_p": lambda n, i: _hf("MinPLogitsWarper", n.attrs["p"])(None, i[0]),
+    "softmax": lambda n, i: torch.softmax(i[0], -1),
+    "argmax": lambda n, i: i[0].argmax(-1),
+    "multinomial": _multinomial,
+    "gumbel_argmax": lambda n, i: (i[0] + i[1]).argmax(-1),
+    "concat_seq": lambda n, i: torch.cat(i, 1),
+    "merge_masks": _merge_masks,
+    "split_seq": lambda n, i: {"head": i[0][:, :i[1].shape[1]], "tail": i[0][:, i[1].shape[1]:]},
+    "split_kv": _split_kv,
+    "verify_greedy": _verify_greedy,
+    "tail_positions": lambda n, i: i[0][:, -(n.attrs["length"] + 1):].reshape(-1, i[0].shape[-1]),
+    "verify_sample": _verify_sample,
+}
+
+
+def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torch.Generator | None = None) -> dict:
+    """`feeds` maps input names to tensors (kv inputs: a list of per-layer key/value tensors)."""
+    import networkx as nx
+    needed = set()
+    for r in g.outputs.values():
+        needed |= {r.node} | nx.ancestors(g._g, r.node)
+    env = {}
+    for node in g.topo_order():
+        if node.id not in needed:
+            continue
+        ins = [env[r] for r in node.inputs]
+        if node.op == "input":
+            if node.attrs["name"] not in feeds:
+                raise BackendError(f"reference: missing feed '{node.attrs['name']}'")
+            env[node.out()] = feeds[node.attrs["name"]]
+        elif node.op == "forward":
+            for k, v in _forward(node, ins, models or {}).items():
+                env[node.out(k)] = v
+        elif node.op == "random_uniform":
+            env[node.out()] = torch.rand(ins[0].shape[0], generator=generator)
+        elif node.op == "random_gumbel":
+            env[node.out()] = -torch.log(-torch.log(torch.rand(ins[0].shape, generator=generator)))
+        elif node.op in RULES:
+            res = RULES[node.op](node, ins)
+            if isinstance(res, dict):
+                for k, v in res.items():
+                    env[node.out(k)] = v
+            else:
+                env[node.out()] = res
+        else:
+            raise BackendError(f"reference: no rule for op '{node.op}'")
+    return {name: env[r] for name, r in g.outputs.items()}
+
+
+def exact_probs(g: Graph, logits: torch.Tensor, feeds: dict | None = None) -> torch.Tensor:
+    """The exact distribution a sampler graph draws from: the `probs` feeding its multinomial."""
+    mult = g.find("multinomial")
+    if not mult:
+        raise BackendError("exact_probs: graph has no multinomial")
+    probe = g.copy()
+    probe.outputs = {"probs": mult[0].inputs[0]}
+    return run_graph(probe, {"logits": logits, **(feeds or {})})["probs"]

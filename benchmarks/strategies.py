@@ -1,0 +1,155 @@
+"""Decoding strategies side by side on one model and one prompt set, in one run: autoregressive, lookahead at several
+(W, N, G), jacobi, each at -O0 (separate forwards) and -O2 (merged), speculative with a draft of the same tokenizer
+and UAG with a draft of another tokenizer (several k), plus transformers generate greedy, with prompt lookup
+decoding, assisted generation and UAG as external baselines. Greedy everywhere; every dgopt row is checked token-identical.
+
+    python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
+    python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, model_spec, prompts_for  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="auto")
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--configs", nargs="*", default=["5,4,5", "7,4,7", "5,3,5"], help="lookahead W,N,G")
+    ap.add_argument("--jacobi", nargs="*", type=int, default=[8], help="jacobi block sizes")
+    ap.add_argument("--draft", default="auto", help="draft for speculative rows: a built model name, a HF dir, "
+                    "'none'; auto: code-draft with code-tiny")
+    ap.add_argument("--xdraft", default="auto", help="draft with another tokenizer for uag rows: a built model name, "
+                    "a HF dir, 'none'; auto: code-draft-xtok with code-tiny")
+    ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    import dgopt
+    from dgopt.models.hf import load_model
+    from dgopt.spec import spec_from_dict
+    base = model_spec(a.model)
+    lm = load_model(spec_from_dict(base).model, lambda p: Path(p))
+    model = lm.model
+    prompts = prompts_for(lm, a.prompts)
+    tmp = Path(tempfile.mkdtemp())
+
+    def hf_run(**kw):
+        outs, t = [], time.perf_counter()
+        for p in prompts:
+            ids = torch.tensor([p])
+            with torch.no_grad():
+                o = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new, do_sample=False,
+                                   pad_token_id=0, **kw)
+            outs.append(o[0, len(p):].tolist())
+        return outs, time.perf_counter() - t
+
+    ref, _ = hf_run()
+    rows = []
+
+    def add(name, outs, secs, steps=None, extra=None):
+        toks = sum(len(o) for o in outs)
+        rows.append({"name": name, "tokens_per_s": toks / secs, "tokens_per_step": toks / steps if steps else None,
+                     "ms_per_step": 1e3 * secs / steps if steps else None,
+                     "identical": outs == ref, **(extra or {})})
+
+    med = lambda f: min((f() for _ in range(a.repeats)), key=lambda r: r[1])
+    add("transformers greedy", *med(hf_run))
+    add("transformers prompt lookup (10)", *med(lambda: hf_run(prompt_lookup_num_tokens=10)))
+    draft = a.draft
+    if draft == "auto":
+        draft = "code-draft" if base["model"].get("name") == "code-tiny" else "none"
+    draft_spec = None
+    if draft != "none":
+        draft_spec = {"path": str(Path(draft).resolve())} if Path(draft).is_dir() else {"name": draft}
+        dlm = load_model(spec_from_dict({"model": draft_spec}).model, lambda p: Path(p))
+        add(f"transformers assisted ({draft})", *med(lambda: hf_run(assistant_model=dlm.model)))
+
+    def as_model(name):
+        return {"path": str(Path(name).resolve())} if Path(name).is_dir() else {"name": name}
+
+    xdraft = a.xdraft
+    if xdraft == "auto":
+        xdraft = "code-draft-xtok" if base["model"].get("name") == "code-tiny" else "none"
+    xdraft_spec = None
+    if xdraft != "none":
+        from transformers import AutoTokenizer
+        xdraft_spec = as_model(xdraft)
+        xlm = load_model(spec_from_dict({"model": xdraft_spec}).model, lambda p: Path(p))
+        ttok, dtok = AutoTokenizer.from_pretrained(lm.tokenizer_dir), AutoTokenizer.from_pretrained(xlm.tokenizer_dir)
+        add(f"transformers UAG ({xdraft})", *med(lambda: hf_run(assistant_model=xlm.model, tokenizer=ttok,
+                                                                assistant_tokenizer=dtok)))
+
+    strategies = [("autoregressive", {"kind": "autoregressive"})]
+    for c in a.configs:
+        W, N, G = map(int, c.split(","))
+        strategies.append((f"lookahead W{W} N{N} G{G}", {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}))
+    for n in a.jacobi:
+        strategies.append((f"jacobi n{n}", {"kind": "jacobi", "block": n}))
+    if draft_spec:
+        for k in a.k:
+            strategies.append((f"speculative k{k}", {"kind": "speculative", "k": k}))
+    if xdraft_spec:
+        for k in a.k:
+            strategies.append((f"uag k{k}", {"kind": "uag", "k": k}))
+    for name, st in strategies:
+        for lvl in ((0, 2) if st["kind"] == "lookahead" else (2,)):
+            extra = {"speculative": {"draft": draft_spec}, "uag": {"draft": xdraft_spec}}.get(st["kind"], {})
+            dec = dgopt.load(dgopt.compile({**base, **extra, "strategy": st}, tmp / f"{name}-{lvl}".replace(" ", "_"),
+                                           opt_level=lvl), threads=a.threads)
+            dec.generate(prompts[0], max_new_tokens=8)     # warm-up
+
+            def run():
+                outs, steps, acc, t = [], 0, [], time.perf_counter()
+                for p in prompts:
+                    r = dec.generate(p, max_new_tokens=a.new)
+                    outs.append(r.ids[0])
+                    steps += r.stats["steps"]
+                    acc.append(r.stats.get("acceptance_rate"))
+                return outs, time.perf_counter() - t, steps, acc
+            outs, secs, steps, acc = min((run() for _ in range(a.repeats)), key=lambda r: r[1])
+            extra = {"acceptance_rate": statistics.mean(acc)} if acc[0] is not None else {}
+            add(f"dgopt {name} -O{lvl}", outs, secs, steps, extra)
+
+    ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
+    print(f"machine: {machine()}; onnxruntime CPU, {a.threads} threads")
+    print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
+          f"new tokens, batch 1, greedy")
+    print(f"{'':38s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
+          "  identical")
+    hf = rows[0]["tokens_per_s"]
+    nan = float("nan")
+    for r in rows:
+        print(f"{r['name']:38s} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / ar['tokens_per_s']:6.2f}x "
+              f"{r['tokens_per_s'] / hf:6.2f}x {r['tokens_per_step'] or nan:9.2f} "
+              f"{r['ms_per_step'] or nan:8.2f} {r.get('acceptance_rate', nan):7.2f}  {r['identical']}")
+    print("tok/step: tokens per target forward; accept: accepted draft tokens / proposed")
+    for r in rows:
+        if r["name"].endswith("-O2") and "lookahead" in r["name"]:
+            r0 = next(x for x in rows if x["name"] == r["name"][:-3] + "-O0")
+            print(f"merge_forwards per-step speedup {r['name'][6:-4]}: {r0['ms_per_step'] / r['ms_per_step']:.2f}x")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "strategies.json").write_text(json.dumps({"machine": machine(), "model": lm.source,
+                                                     "params": lm.info["num_parameters"], "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""dgopt command line. Bad input exits 2 with one line `error: ...` (add --debug for the traceback)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import DgoptError
+
+EPILOG = """examples:
+  dgopt compile specs/greedy.yaml -o out/greedy
+  dgopt run out/greedy --prompt "def fib(n):"
+  dgopt run out/greedy --ids 1,2,3 --max-new-tokens 32 --json
+  dgopt inspect out/greedy --no-browser
+  dgopt models build code-tiny
+"""
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _stage_progress(console, quiet: bool):
+    """A spinner per compile stage, finished stages ticked off with their time."""
+    import time
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        t = time.perf_counter()
+        if quiet or not console.is_terminal:   # logs and pipes get only the final line
+            yield
+            return
+        with console.status(f"[bold]{name}…"):
+            yield
+        console.print(f"  [green]✓[/] {name} [dim]({time.perf_counter() - t:.2f}s)[/]")
+    return stage
+
+
+def cmd_compile(a) -> int:
+    from .pipeline import compile as dg_compile
+    console = _console()
+    out = a.output or str(Path("out") / Path(a.spec).stem)
+    import time
+    t = time.perf_counter()
+    path = dg_compile(a.spec, out, opt_level=a.O, disable=a.disable_pass or [], dump_passes=a.dump_passes,
+                      verify_each=a.verify_each, overrides=a.set or [], progress=_stage_progress(console, a.quiet))
+    m = json.loads((path / "manifest.json").read_text())
+    ran = ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}" for p in m["pipeline"]["passes"])
+    if not a.quiet:
+        console.print(f"[bold green]compiled[/] {path} in {time.perf_counter() - t:.1f}s  "
+                      f"[dim]-O{a.O}: {ran or 'no passes'}[/]")
+    print(path)
+    return 0
+
+
+def _parse_ids(text: str) -> list[list[int]]:
+    try:
+        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
+    except ValueError:
+        raise DgoptError(f"--ids '{text}': expected comma-separated integers (rows separated by ';')") from None
+
+
+def cmd_run(a) -> int:
+    from .runtime import load
+    dec = load(a.artifact, device=a.device, threads=a.threads)
+    if (a.prompt is None) == (a.ids is None):
+        raise DgoptError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    try:
+        prompts = _parse_ids(a.ids) if a.ids is not None else [dec.encode(a.prompt)]
+    except ValueError as e:
+        raise DgoptError(str(e)) from None
+    has_tok = bool(dec.manifest.get("tokenizer"))
+    stream = not a.json and not a.no_stream and len(prompts) == 1 and has_tok
+    printed = ""
+    acc: list[int] = []
+    if stream and a.prompt is not None:
+        sys.stdout.write(a.prompt)
+
+    def on_token(toks):
+        nonlocal printed
+        if toks[0] is None:
+            return
+        acc.append(toks[0])
+        text = dec.decode(acc)
+        if not text.endswith("\ufffd"):         # wait for a complete UTF-8 character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    try:
+        res = dec.generate(prompts, max_new_tokens=a.max_new_tokens, seed=a.seed, on_token=on_token if stream else None)
+    except ValueError as e:
+        raise DgoptError(str(e)) from None
+    texts = [dec.decode(r) for r in res.ids] if has_tok else None
+    if a.json:
+        one = len(prompts) == 1
+        print(json.dumps({"ids": res.ids[0] if one else res.ids,
+                          "text": (texts[0] if one else texts) if texts else None, "stats": res.stats}))
+        return 0
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for b, r in enumerate(res.ids):
+            print(texts[b] if texts else ",".join(map(str, r)))
+    s = res.stats
+    hist = s.get("accepted_hist")
+    accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
+    if "acceptance_rate" in s:
+        accepted += (f"; draft acceptance {s['acceptance_rate']:.2f}, draft {s['draft_s']:.3f}s vs target "
+                     f"{s['target_s']:.3f}s")
+    _console().print(f"[dim]{s['new_tokens']} tokens in {s['steps']} steps ({s['tokens_per_step']:.2f} tokens/step, "
+                     f"{dec.manifest['strategy']['kind']}), {s['tokens_per_s']:.1f} tokens/s, "
+                     f"stop: {', '.join(sorted(set(s['stop'])))}{accepted}[/]")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from rich.table import Table
+    from .artifact import read_manifest
+    path = Path(a.artifact)
+    m = read_manifest(path)
+    console = _console()
+    t = Table(title=f"dgopt artifact {path}", show_header=False)
+    t.add_row("strategy", json.dumps(m["strategy"]))
+    t.add_row("sampling", json.dumps({k: v for k, v in m["sampling"].items()}))
+    t.add_row("target", json.dumps(m["target"]))
+    t.add_row("model", f"{m['model']['family']} · {m['model']['num_parameters']:,} params · vocab "
+                       f"{m['model']['vocab_size']} · {m['model']['source']}")
+    t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"
+                                  for p in m["pipeline"]["passes"]) or f"none (-O{m['pipeline']['opt_level']})")
+    t.add_row("inputs", ", ".join(i["name"] for i in m["io"]["inputs"]))
+    t.add_row("outputs", ", ".join(o["name"] for o in m["io"]["outputs"]))
+    console.print(t)
+    files = {rel: (path / rel).resolve() for rel in m["files"]}
+    for rel in ("step.onnx", "ir.yaml", "ir.O0.yaml", "manifest.json"):
+        if rel in files or rel == "manifest.json":
+            print(f"{rel}\t{files.get(rel, (path / rel).resolve())}")
+    if a.no_browser:
+        return 0
+    try:
+        import netron
+    except ImportError:
+        console.print("[yellow]netron is not installed: pip install netron (or 'dgopt[netron]'), or open "
+                      f"{files['step.onnx']} at https://netron.app[/]")
+        return 0
+    netron.start(str(files["step.onnx"]), address=("localhost", a.port), browse=True)
+    console.print("[dim]serving in Netron; Ctrl-C to stop[/]")
+    with contextlib.suppress(KeyboardInterrupt):
+        netron.wait()
+    return 0
+
+
+def cmd_check(a) -> int:
+    """Static TensorRT check of a spec (compiled to ONNX in a temp dir) or an artifact; exit 1 on any error."""
+    import tempfile
+    from .backends.tensorrt import check_artifact, format_report
+    path = Path(a.path)
+    if path.is_dir() or path.suffix == ".onnx":
+        findings = check_artifact(path, precision=a.precision)
+    else:
+        from .pipeline import compile as dg_compile
+        from .spec import load_spec
+        spec = load_spec(path, a.set or [])
+        precision = a.precision or spec.target.precision
+        target = spec.target.model_copy(update={"backend": "onnx", "precision": "fp32"})
+        spec = spec.model_copy(update={"target": target})
+        with tempfile.TemporaryDirectory() as d:
+            art = dg_compile(spec, Path(d) / "art", opt_level=a.O)
+            findings = check_artifact(art, precision=precision)
+    print(format_report(findings, title=f"TensorRT check of {path}"))
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def cmd_passes(a) -> int:
+    from .passes import PASSES
+    from .pipeline import OPT_LEVELS
+    for name, cls in PASSES.items():
+        levels = ",".join(f"-O{k}" for k, v in OPT_LEVELS.items() if name in v)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:34s} {levels:10s} {doc}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import train
+    if a.models_cmd == "list":
+        print(f"{'name':16s} {'params':>8s}  {'tokenizer':12s} {'val ppl':>8s} {'unigram':>8s}  where")
+        for m in train.list_models():
+            where = m["path"] if m["path"] else f"missing: dgopt models build {m['name']}"
+            print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
+                  f"{m['unigram_ppl'] or '-':>8}  {where}")
+        return 0
+    if a.name not in train.RECIPES:
+        raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(train.RECIPES)})")
+    cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
+        (["--steps", str(a.steps)] if a.steps else []) + (["--device", a.device] if a.device != "cpu" else []) + \
+        (["--seed", str(a.seed)] if a.seed else [])
+    path = train.build_model(a.name, out=a.out, steps=a.steps, device=a.device, seed=a.seed, threads=a.threads,
+                             command=" ".join(cmd))
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dgopt", description="dgopt: compile LLM decoding strategies into fast, exact "
+                                "step artifacts (spec.yaml -> IR -> passes -> ONNX) and run them.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--version", action="version", version=f"dgopt {__import__('dgopt').__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a spec into an artifact directory",
+                       description="Compile SPEC (YAML) into an artifact dir: manifest.json, step.onnx, ir.yaml.")
+    c.add_argument("spec", help="spec.yaml (see specs/ and the README's spec reference)")
+    c.add_argument("-o", "--output", help="artifact dir to write (default: out/<spec name>); replaced atomically")
+    c.add_argument("-O", type=int, default=2, choices=[0, 1, 2], metavar="LEVEL",
+                   help="optimisation level: -O0 no passes (the baseline), -O1, -O2 (default); see `dgopt passes`")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set model.path=DIR --set sampling.temperature=0.7 (repeatable)")
+    c.add_argument("--disable-pass", action="append", metavar="NAME", help="skip one pass of the pipeline")
+    c.add_argument("--dump-passes", metavar="DIR", help="write the IR after every pass that changed it (each file "
+                   "is a complete spec `dgopt compile` accepts)")
+    c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only the artifact path")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="generate with a compiled artifact",
+                       description="Load ARTIFACT and generate. Text prompts need an artifact with a tokenizer.")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", help="text prompt (streams the continuation)")
+    r.add_argument("--ids", help="token ids: 1,2,3 (a batch: 1,2;3,4,5)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--seed", type=int, help="noise seed for sampling (default: the spec's sampling.seed)")
+    r.add_argument("--json", action="store_true", help='print {"ids", "text", "stats"} as JSON')
+    r.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    r.add_argument("--device", choices=["cpu", "cuda"], help="override the artifact's target device")
+    r.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="show an artifact and open its step graph in Netron")
+    i.add_argument("artifact")
+    i.add_argument("--no-browser", action="store_true", help="only print the summary and file paths")
+    i.add_argument("--port", type=int, default=8080)
+    i.set_defaults(fn=cmd_inspect)
+
+    ck = sub.add_parser("check", help="static check: would TensorRT's ONNX parser accept this step graph?",
+                        description="Lists every node of the lowered step graph that the ONNX-TensorRT parser "
+                        "would reject (error) or restrict (warning), from its published operator support matrix. "
+                        "Runs without TensorRT. Exit 0: buildable; 1: errors; 2: bad input.")
+    ck.add_argument("path", help="a spec.yaml (compiled to ONNX in a temp dir), an artifact dir, or a .onnx file")
+    ck.add_argument("--target", default="tensorrt", choices=["tensorrt"])
+    ck.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="engine precision (default: the spec's)")
+    ck.add_argument("-O", type=int, default=2, choices=[0, 1, 2], metavar="LEVEL", help="optimisation level")
+    ck.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    ck.set_defaults(fn=cmd_check)
+
+    ps = sub.add_parser("passes", help="list the passes and the -O levels that run them")
+    ps.set_defaults(fn=cmd_passes)
+
+    m = sub.add_parser("models", help="build or list the project's own locally trained models")
+    msub = m.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    mb = msub.add_parser("build", help="train a model recipe (code-tiny, code-draft, code-draft-xtok, code-small)")
+    mb.add_argument("name")
+    mb.add_argument("--out", help="output dir (default: the user cache, ~/.cache/dgopt/models/NAME)")
+    mb.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    mb.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    mb.add_argument("--seed", type=int, default=0)
+    mb.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    mb.set_defaults(fn=cmd_models)
+    ml = msub.add_parser("list", help="list recipes and where each model exists")
+    ml.set_defaults(fn=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.fn(args)
+    except (DgoptError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Op registry: every IR op's inputs (with the value types they accept), outputs, typed attrs and verify rule.
+
+Value types: tokens [B,q] int64, positions [B,q] int64, mask [B,1,q,past+q] additive float, kv (the model's cache),
+logits_seq [B,q,V], logits [B,V], probs [B,V] (normalised), token [B] int64, uniform [B] in [0,1),
+gumbel [B,V], seen [B,V] (1.0 where a token already occurred: for repetition penalty).
+candidates [B,G,K] int64 (G guessed K-token continuations), count [B] int64.
+probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1).
+Randomness is always an explicit value (uniform / gumbel), produced by an `input` or by an impure op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import IRError
+
+__all__ = ["OpSchema", "Attr", "schema", "register", "OPS", "VALUE_TYPES"]
+
+VALUE_TYPES = ("tokens", "positions", "mask", "kv", "logits_seq", "logits", "probs", "token", "uniform",
+               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq")
+_SCORES = ("logits",)
+
+
+@dataclass(frozen=True)
+class Attr:
+    type: type | tuple
+    default: Any = None          # None with required=True: must be given
+    required: bool = False
+    check: Callable[[Any], str | None] | None = None   # returns a failure reason
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    name: str
+    inputs: tuple[tuple[str, tuple[str, ...]], ...]        # (input name, accepted value types)
+    outputs: tuple[str, ...]
+    output_types: tuple[str, ...] | None = None             # None: computed by type_fn
+    attrs: dict[str, Attr] = field(default_factory=dict)
+    impure: bool = False
+    doc: str = ""
+    type_fn: Callable | None = None                        # (node) -> tuple of output types
+
+    def fill_attrs(self, attrs: dict, node_id: str) -> dict:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise IRError(f"node '{node_id}' ({self.name}): unknown attribute(s) {sorted(unknown)}; "
+                          f"allowed: {sorted(self.attrs) or 'none'}")
+        out = {}
+        for k, a in self.attrs.items():
+            if k in attrs:
+                v = attrs[k]
+                if a.type is float and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)
+                if not isinstance(v, a.type) or (isinstance(v, bool) and a.type in (int, float)):
+                    raise IRError(f"node '{node_id}' ({self.name}): attribute '{k}' must be "
+                                  f"{getattr(a.type, '__name__', a.type)}, got {v!r}")
+                if a.check and (why := a.check(v)):
+                    raise IRError(f"node '{node_id}' ({self.name}): attribute '{k}' {why}")
+                out[k] = v
+            elif a.required:
+                raise IRError(f"node '{node_id}' ({self.name}): missing attribute '{k}'")
+            else:
+                out[k] = a.default
+        return out
+
+    def result_types(self, node, g=None) -> tuple[str, ...]:
+        if self.name == "argmax":       # over [B,V] -> token [B]; over [B,q,V] -> tokens [B,q]
+            return ("tokens",) if g is not None and _in_type(g, node, 0) == "logits_seq" else ("token",)
+        if self.name == "concat_seq":
+            return (_in_type(g, node, 0),) if g is not None else ("tokens",)
+        return self.type_fn(node) if self.type_fn else self.output_types
+
+
+OPS: dict[str, OpSchema] = {}
+
+
+def _in_type(g, node, i: int) -> str:
+    ref = node.inputs[i]
+    src = g.node(ref.node)
+    sch = OPS[src.op]
+    return sch.result_types(src, g)[sch.outputs.index(ref.output)]
+
+
+def register(s: OpSchema) -> OpSchema:
+    OPS[s.name] = s
+    return s
+
+
+def schema(op: str) -> OpSchema:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise IRError(f"unknown op '{op}' (known: {', '.join(sorted(OPS))})") from None
+
+
+def _pos(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _unit_open(v):
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _unit(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _ge1(v):
+    return None if v >= 1 else "must be >= 1"
+
+
+def _vtype(v):
+    return None if v in VALUE_TYPES else f"must be one of {VALUE_TYPES}"
+
+
+def _proc(name: str, attrs: dict, doc: str, extra_inputs=()) -> OpSchema:
+    return register(OpSchema(name, (("logits", _SCORES),) + tuple(extra_inputs), ("out",), ("logits",), attrs,
+                             doc=doc))
+
+
+register(OpSchema("input", (), ("out",), attrs={"name": Attr(str, required=True), "type": Attr(str, required=True,
+                  check=_vtype)}, type_fn=lambda n: (n.attrs["type"],),
+                  doc="A step input bound by name by the runtime."))
+register(OpSchema("forward", (("input_ids", ("tokens",)), ("position_ids", ("positions",)), ("attn_mask", ("mask",)),
+                              ("past", ("kv",))),
+                  ("logits", "kv"), ("logits_seq", "kv"), {"model": Attr(str, "target")},
+                  doc="One model call over q new tokens with explicit positions and additive 4D mask."))
+register(OpSchema("last_position", (("x", ("logits_seq",)),), ("out",), ("logits",),
+                  doc="x[:, -1, :]: the scores that predict the next token."))
+_proc("repetition_penalty", {"penalty": Attr(float, required=True, check=_pos)},
+      "HF RepetitionPenaltyLogitsProcessor: seen scores s -> s/p if s > 0 else s*p.", (("seen", ("seen",)),))
+_proc("temperature", {"value": Attr(float, required=True, check=_pos)}, "scores / T.")
+_proc("top_k", {"k": Attr(int, required=True, check=_ge1)}, "Keep scores >= the k-th largest (ties kept).")
+_proc("top_p", {"p": Attr(float, required=True, check=_unit_open)},
+      "HF TopPLogitsWarper: drop the low tail whose cumulative probability is <= 1-p; keep >= 1 token.")
+_proc("min_p", {"p": Attr(float, required=True, check=_unit)},
+      "HF MinPLogitsWarper: drop tokens with prob < p * max prob.")
+register(OpSchema("softmax", (("logits", _SCORES),), ("out",), ("probs",), doc="softmax over the vocabulary."))
+register(OpSchema("argmax", (("x", ("logits", "probs", "logits_seq")),), ("out",),
+                  type_fn=lambda n: None, doc="First index of the maximum over the vocabulary (as torch.argmax)."))
+register(OpSchema("multinomial", (("probs", ("probs",)), ("u", ("uniform",))), ("out",), ("token",),
+                  doc="Inverse-CDF sample: the first index whose cumulative probability exceeds u * total."))
+register(OpSchema("random_uniform", (("like", ("logits", "probs")),), ("out",), ("uniform",),
+                  {"seed": Attr(int, 0)}, impure=True, doc="In-graph U[0,1) per row (ONNX RandomUniformLike)."))
+register(OpSchema("gumbel_argmax", (("logits", _SCORES), ("g", ("gumbel",))), ("out",), ("token",),
+                  doc="argmax(logits + g), g ~ Gumbel(0,1) i.i.d.: a draw from softmax(logits) without a softmax."))
+register(OpSchema("random_gumbel", (("like", ("logits",)),), ("out",), ("gumbel",), {"seed": Attr(int, 0)},
+                  impure=True, doc="In-graph Gumbel(0,1) noise shaped like `like`: -log(-log(U)), U ~ U[0,1)."))
+
+
+# Multi-token steps (lookahead, jacobi, speculative verification) --------------------------------------------------
+register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", ("candidates",))),
+                  ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
+                  {"guesses": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0"),
+                   "length": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0")},
+                  doc="Greedy verification. logits: [B, k + G*K, V] over an x-block of k tokens then G candidates of "
+                      "K tokens. The argmax after the x-block is always accepted; candidate g then keeps its longest "
+                      "prefix equal to the model's own argmax chain. Outputs: accept_len = 1 + best prefix [B], "
+                      "tokens = the best candidate's argmax chain [B, K+1], best = its index [B] (first maximum)."))
+register(OpSchema("concat_seq", (("a", ("tokens", "positions")), ("b", ("tokens", "positions"))), ("out",),
+                  type_fn=lambda n: None, doc="Concatenate two token/position blocks along q."))
+register(OpSchema("merge_masks", (("a", ("mask",)), ("b", ("mask",))), ("out",), ("mask",),
+                  doc="Two [B,1,q_i,P+q_i] masks over the same past -> one [B,1,qa+qb,P+qa+qb] block mask in which "
+                      "the two blocks see the shared past and themselves, never each other."))
+register(OpSchema("split_seq", (("x", ("logits_seq",)), ("first", ("tokens",))), ("head", "tail"),
+                  ("logits_seq", "logits_seq"), doc="Split along q after as many rows as `first` has tokens."))
+register(OpSchema("split_kv", (("kv", ("kv",)), ("first", ("tokens",)), ("second", ("tokens",))), ("head", "tail"),
+                  ("kv", "kv"), doc="A merged forward's cache P + qa + qb -> (P + qa) and (P + qb)."))
+register(OpSchema("tail_positions", (("x", ("logits_seq",)),), ("out",), ("logits",),
+                  {"length": Attr(int, required=True, check=lambda v: None if v >= 1 else "must be >= 1")},
+                  doc="The last length+1 positions of x as rows [B*(length+1), V] (row b*(length+1)+i): the scores "
+                      "that predict each of K candidate tokens and the bonus token, so that logits processors apply "
+                      "to them unchanged."))
+register(OpSchema("verify_sample", (("logits", ("logits",)), ("candidates", ("candidates",)),
+                                    ("draft_probs", ("probs_seq",)), ("u", ("uniform_seq",)), ("g", ("gumbel",))),
+                  ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
+                  {"length": Attr(int, required=True, check=lambda v: None if v >= 1 else "must be >= 1")},
+                  doc="Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023). logits: the "
+                      "target's processed scores [B*(K+1), V] (tail_positions), p = softmax; candidates [B,1,K] "
+                      "drawn from draft_probs q [B,K,V]. d_i is accepted iff u_i * q_i(d_i) < p_i(d_i), i.e. with "
+                      "probability min(1, p/q); at the first rejection n the token is drawn from "
+                      "norm(max(0, p_n - q_n)), after K acceptances from p_K, both as argmax(log r + g). The output "
+                      "is distributed exactly as sampling from p token by token. Outputs as verify_greedy."))

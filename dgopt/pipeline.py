@@ -1,0 +1,261 @@
+"""The compiler driver: spec -> IR -> passes -> lowered step -> artifact. The whole pipeline is one readable list."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .artifact import SCHEMA_VERSION, write_artifact
+from .errors import BackendError, DgoptError, IRError, SpecError
+from .ir import Graph, graph_from_dict, graph_to_dict, verify
+from .passmgr import DumpInstrument, PassManager, VerifyInstrument
+from .spec import Spec, load_spec, spec_from_dict
+
+__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS", "spec_with_graph"]
+log = logging.getLogger("dgopt")
+
+
+def _passes():
+    from dgopt import passes
+    return passes
+
+
+# -O0 runs nothing (the baseline every pass is tested against); each level is a plain list of pass names.
+OPT_LEVELS: dict[int, list[str]] = {
+    0: [],
+    1: ["eliminate_softmax_before_argmax", "eliminate_dead_nodes"],
+    2: ["eliminate_softmax_before_argmax", "fuse_gumbel_sampling", "merge_forwards", "eliminate_dead_nodes"],
+}
+
+
+def pipeline_passes(opt_level: int = 2, disable: list[str] | tuple = ()) -> list:
+    if opt_level not in OPT_LEVELS:
+        raise SpecError(f"unknown optimisation level -O{opt_level} (0, 1 or 2)")
+    registry = _passes().PASSES
+    unknown = [d for d in disable if d not in registry]
+    if unknown:
+        raise SpecError(f"--disable-pass: unknown pass '{unknown[0]}' (known: {', '.join(registry)})")
+    return [registry[n]() for n in OPT_LEVELS[opt_level] if n not in disable]
+
+
+def spec_with_graph(spec_dict: dict, g: Graph) -> dict:
+    d = {k: v for k, v in spec_dict.items() if k != "graph"}
+    d["graph"] = graph_to_dict(g)
+    return d
+
+
+def build_ir(spec: Spec) -> Graph:
+    if spec.graph is not None:
+        try:
+            g = graph_from_dict(spec.graph)
+        except IRError as e:
+            raise SpecError(f"spec field 'graph': {e}") from None
+    else:
+        from .strategies import expand
+        g = expand(spec)
+    try:
+        verify(g)
+    except IRError as e:
+        raise SpecError(f"spec field 'graph': {e}") from None
+    return g
+
+
+def optimize(g: Graph, spec: Spec, opt_level: int = 2, disable=(), dump_dir: Path | None = None,
+             verify_each: bool = False) -> tuple[Graph, list[tuple[str, bool]]]:
+    instruments = []
+    if verify_each:
+        instruments.append(VerifyInstrument())
+    if dump_dir is not None:
+        instruments.append(DumpInstrument(dump_dir, spec.to_dict()))
+    pm = PassManager(pipeline_passes(opt_level, disable), instruments, name=f"O{opt_level}")
+    res = pm(g)
+    verify(res.graph, where=f"after -O{opt_level}")
+    return res.graph, pm.history
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+    from . import __version__
+    return {"dgopt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int = 2, disable: list[str] = (),
+            dump_passes: str | Path | None = None, verify_each: bool = False, overrides: list[str] | None = None,
+            progress: Callable[[str], object] | None = None) -> Path:
+    """Compile a spec (path, dict or Spec) into an artifact directory; returns its path.
+
+    `progress(stage)` is called as a context manager around each long stage (the CLI shows a spinner)."""
+    t0 = time.perf_counter()
+    stage = progress or (lambda name: nullcontext())
+    if isinstance(spec, (str, Path)):
+        spec = load_spec(spec, overrides)
+    elif isinstance(spec, dict):
+        spec = spec_from_dict(spec)
+    if spec.target.precision != "fp32" and spec.target.device == "cpu":
+        raise SpecError(f"spec field 'target.precision': {spec.target.precision} needs device 'cuda' "
+                        "(onnxruntime's CPU kernels run fp32)")
+    if spec.target.precision != "fp32" and spec.target.backend == "onnx":
+        raise SpecError(f"spec field 'target.precision': {spec.target.precision} ONNX export is not implemented "
+                        "yet (the tensorrt backend builds fp16/bf16 engines from the fp32 graph); use fp32")
+    if spec.model.dtype != "fp32":
+        raise SpecError(f"spec field 'model.dtype': {spec.model.dtype} is not supported yet; use fp32 "
+                        "(set target.precision for the lowered step)")
+    with stage("building IR"):
+        g0 = build_ir(spec)
+    with stage(f"running passes (-O{opt_level})"):
+        g, history = optimize(g0, spec, opt_level, disable, Path(dump_passes) if dump_passes else None, verify_each)
+
+    from .models.hf import export_forward, load_model
+    models = {n.attrs["model"] for n in g.find("forward")}
+    unknown = models - {"target", "draft"}
+    if unknown:
+        raise SpecError(f"spec field 'graph': forward node calls unknown model '{sorted(unknown)[0]}' "
+                        "(target or draft)")
+    with stage("loading model"):
+        lm = load_model(spec.model, spec.resolve)
+    if spec.target.max_seq_len > lm.info["max_position_embeddings"] > 0:
+        raise SpecError(f"spec field 'target.max_seq_len': {spec.target.max_seq_len} exceeds the model's "
+                        f"max_position_embeddings {lm.info['max_position_embeddings']}")
+    forwards = {}
+    if models:
+        with stage(f"exporting {lm.family} forward to ONNX"):
+            forwards["target"] = (export_forward(lm), lm.info)
+    else:
+        forwards["target"] = (None, lm.info)
+
+    from dgopt.backends.onnx import lower_to_onnx
+    with stage("lowering to ONNX"):
+        step, io = lower_to_onnx(g, forwards, lm.info["vocab_size"])
+
+    draft = None
+    if spec.draft is not None:
+        draft = _compile_draft(spec, opt_level, stage)
+        if spec.strategy.kind == "uag" and not (lm.tokenizer_dir and draft[1].tokenizer_dir):
+            which = "model" if not lm.tokenizer_dir else "draft"
+            raise SpecError(f"spec field '{which}': strategy uag translates between the two models' tokenizers, "
+                            f"but the {'target' if which == 'model' else 'draft'} model has none (random-init "
+                            "config?); give a model dir with tokenizer files")
+        if spec.target.backend == "tensorrt":
+            raise BackendError("target.backend tensorrt: draft models are not supported by the engine build yet")
+
+    if spec.target.backend == "tensorrt":
+        return _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage)
+
+    spec_dict = spec.to_dict()
+    if spec.model.path is not None:   # make the recorded spec valid from inside the artifact
+        spec_dict["model"]["path"] = str(spec.resolve(spec.model.path).resolve())
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "dgopt_version": _versions()["dgopt"],
+        "versions": _versions(),
+        "created_unix": int(time.time()),
+        "strategy": spec.strategy.model_dump(mode="json"),
+        "sampling": spec.sampling.model_dump(mode="json"),
+        "target": spec.target.model_dump(mode="json"),
+        "model": {**lm.info, "source": lm.source},
+        "pipeline": {"opt_level": opt_level, "passes": [{"name": n, "modified": m} for n, m in history],
+                     "ir_fingerprint": g.fingerprint()},
+        "io": io,
+        "step": "step.onnx",
+        "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
+    }
+    if draft is not None:
+        manifest["draft"] = {"step": "draft.onnx", "model": {**draft[1].info, "source": draft[1].source},
+                             "io": draft[2], "ir_fingerprint": draft[3]}
+        if spec.strategy.kind == "uag":
+            manifest["draft"]["tokenizer"] = "draft_tokenizer"
+
+    def fill(staging: Path):
+        import onnx
+        big = step.ByteSize() > 512 * 2**20
+        onnx.save_model(step, str(staging / "step.onnx"), save_as_external_data=big,
+                        location="step.onnx.data" if big else None, all_tensors_to_one_file=True)
+        if draft is not None:
+            onnx.save_model(draft[0], str(staging / "draft.onnx"))
+        (staging / "ir.yaml").write_text(yaml.safe_dump(spec_with_graph(spec_dict, g), sort_keys=False))
+        (staging / "ir.O0.yaml").write_text(yaml.safe_dump(spec_with_graph(spec_dict, g0), sort_keys=False))
+        if lm.tokenizer_dir:
+            _copy_tokenizer(lm.tokenizer_dir, staging / "tokenizer")
+        if draft is not None and spec.strategy.kind == "uag":
+            _copy_tokenizer(draft[1].tokenizer_dir, staging / "draft_tokenizer")
+
+    with stage("writing artifact"):
+        out = write_artifact(Path(out_dir), fill, manifest)
+    log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                            or f.name in ("added_tokens.json",)):
+            (dst / f.name).write_bytes(f.read_bytes())
+
+
+def _compile_draft(spec: Spec, opt_level: int, stage):
+    """The draft's own step graph: an autoregressive greedy step of the draft model, through the same passes."""
+    from dgopt.backends.onnx import lower_to_onnx
+    from .models.hf import export_forward, load_model
+    from .spec import SamplingSpec
+    from .strategies.autoregressive import expand_autoregressive, expand_draft_probs
+    sampled = spec.sampling.kind == "sample"
+    dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
+                                    "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
+                                    "sampling": spec.sampling if sampled else SamplingSpec(kind="greedy")})
+    g, _ = optimize((expand_draft_probs if sampled else expand_autoregressive)(dspec), dspec, opt_level)
+    with stage("loading draft model"):
+        try:
+            dm = load_model(spec.draft, spec.resolve)
+        except DgoptError as e:
+            raise type(e)(str(e).replace("model.", "draft.", 1)) from None
+    with stage(f"exporting draft {dm.family} forward to ONNX"):
+        step, io = lower_to_onnx(g, {"target": (export_forward(dm), dm.info)}, dm.info["vocab_size"])
+    return step, dm, io, g.fingerprint()
+
+
+def _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage) -> Path:
+    """The static check runs first and rejects what TensorRT's parser would; then the ONNX artifact is built in a
+    temp dir, the engine from it, and the final artifact (engine included, recorded in the manifest) is written
+    atomically. NOT RUN on the machines this project is developed on: TensorRT cannot be installed there."""
+    import shutil
+    import tempfile
+    from dgopt.backends.tensorrt import build_engine, check_onnx, is_available
+    findings = check_onnx(step, spec.target.precision)
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise BackendError(f"target.backend tensorrt: {len(errors)} node(s) TensorRT would reject; first: "
+                           f"{errors[0].node} ({errors[0].op_type}): {errors[0].reason}")
+    if not is_available():
+        raise BackendError("target.backend tensorrt: TensorRT not installed (or no CUDA device); the lowered graph "
+                           f"passes the static check ({len(findings)} warning(s), see `dgopt check`); "
+                           "use target.backend onnx here")
+    onnx_spec = spec.model_copy(update={"target": spec.target.model_copy(update={"backend": "onnx",
+                                                                                 "precision": "fp32"})})
+    tmp = Path(tempfile.mkdtemp(prefix=".dgopt-trt-", dir=Path(out_dir).resolve().parent))
+    try:
+        art = compile(onnx_spec, tmp / "onnx", opt_level=opt_level)
+        with stage("building TensorRT engine"):
+            plan, meta = build_engine(art, tmp / "engine.plan", precision=spec.target.precision,
+                                      max_batch=spec.target.max_batch, max_seq_len=spec.target.max_seq_len)
+        manifest = json.loads((art / "manifest.json").read_text())
+        manifest["target"] = spec.target.model_dump(mode="json")
+        manifest["tensorrt"] = {**meta, "engine": "engine.plan"}
+
+        def fill(staging: Path):
+            for f in art.iterdir():
+                if f.name != "manifest.json":
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
+            shutil.copy2(plan, staging / "engine.plan")
+        return write_artifact(Path(out_dir), fill, {k: v for k, v in manifest.items() if k != "files"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,385 @@
+"""Host side of multi-token greedy strategies (lookahead, jacobi): the Jacobi window, the n-gram pool, candidate
+selection, masks and positions for both branches, and the KV commit of accepted tokens.
+
+The cache is a list of slots; `valid[b, s]` says whether slot s holds a committed token of row b. Rows that accept
+fewer tokens than others get masked holes, so a batch advances in lockstep while every row keeps its exact context."""
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+
+import numpy as np
+
+from .decoder import MASK_MIN, GenerateResult, build_mask
+
+__all__ = ["generate_multitoken"]
+
+
+def _block_mask(x_valid: np.ndarray, structure: np.ndarray, k: int) -> np.ndarray:
+    """[B, q, q] bool: `structure` [q, q] (who sees whom in the step), with x-block columns limited to valid ones."""
+    B = x_valid.shape[0]
+    allowed = np.broadcast_to(structure, (B, *structure.shape)).copy()
+    allowed[:, :, :k] &= x_valid[:, None, :].astype(bool)
+    return allowed
+
+
+def _full_mask(past_valid: np.ndarray, block: np.ndarray) -> np.ndarray:
+    B, q, _ = block.shape
+    past = np.broadcast_to(past_valid[:, None, :].astype(bool), (B, q, past_valid.shape[1]))
+    return np.where(np.concatenate([past, block], 2), 0.0, MASK_MIN).astype(np.float32)[:, None]
+
+
+def _verify_structure(k: int, G: int, K: int) -> np.ndarray:
+    q = k + G * K
+    s = np.zeros((q, q), bool)
+    s[:k, :k] = np.tril(np.ones((k, k), bool))
+    for g in range(G):
+        o = k + g * K
+        s[o:o + K, :k] = True
+        s[o:o + K, o:o + K] = np.tril(np.ones((K, K), bool))
+    return s
+
+
+def _lookahead_structure(k: int, levels: int, W: int) -> np.ndarray:
+    """Window token (l, j) sees the x-block, level-0 tokens 0..j, and levels 1..l of its own column j
+    (LookaheadDecoding's j_make_causal_mask_multilevel)."""
+    q = k + levels * W
+    s = np.zeros((q, q), bool)
+    s[:k, :k] = np.tril(np.ones((k, k), bool))
+    for l in range(levels):
+        for j in range(W):
+            r = k + l * W + j
+            s[r, :k] = True
+            s[r, k:k + j + 1] = True
+            for ll in range(1, l + 1):
+                s[r, k + ll * W + j] = True
+    return s
+
+
+class _Pool:
+    """n-gram pool of one row: key token -> the most recent G continuations of length K (LRU)."""
+
+    def __init__(self, G: int, K: int):
+        self.G, self.K = G, K
+        self.map: dict[int, OrderedDict] = {}
+
+    def add(self, key: int, cont) -> None:
+        cont = tuple(int(t) for t in cont)
+        if len(cont) != self.K or self.G == 0:
+            return
+        od = self.map.setdefault(int(key), OrderedDict())
+        od.pop(cont, None)
+        od[cont] = None
+        if len(od) > self.G:
+            od.popitem(last=False)
+
+    def add_sequence(self, seq, start: int = 0) -> None:
+        """Every n-gram of `seq` whose last token is at index >= start + K."""
+        for i in range(max(0, start - self.K), len(seq) - self.K):
+            self.add(seq[i], seq[i + 1:i + 1 + self.K])
+
+    def candidates(self, key: int, fallback) -> np.ndarray:
+        got = list(reversed(self.map.get(int(key), {})))[: self.G]
+        while len(got) < self.G:
+            got.append(got[0] if got else tuple(fallback))
+        return np.array(got, np.int64).reshape(self.G, self.K)
+
+
+class _Drafter:
+    """Speculative proposals from the draft model's own step graph. Its cache holds the committed tokens it has
+    seen; `pending` are committed tokens it has not (the prompt at first, then the bonus token, or d_k and the bonus
+    when all k proposals were accepted). After verification its cache is cut back to the accepted prefix."""
+
+    def __init__(self, dec, x_ids, x_valid, x_pos, k: int, rng=None):
+        self.dec, self.sess, self.k = dec, dec.draft_session, k
+        self.rng = rng                                      # sampling: proposals are drawn from the draft's q
+        B = len(x_ids)
+        self.cache = self.sess.new_cache(B)
+        self.valid = np.zeros((B, 0), np.int8)
+        self.pend, self.pend_valid, self.pend_pos = x_ids, x_valid, x_pos
+        self.tvocab = dec.vocab_size
+        self.dvocab = dec.manifest["draft"]["model"]["vocab_size"]
+        self.dpad = dec.manifest["draft"]["model"]["pad_token_id"]
+
+    def _step(self, ids, valid_blk, pos):
+        ids = np.where(ids < self.dvocab, ids, self.dpad)   # a smaller draft vocabulary: out-of-range ids -> pad
+        q = ids.shape[1]
+        block = _block_mask(valid_blk, np.tril(np.ones((q, q), bool)), q)
+        out, self.cache = self.sess.run({"input_ids": ids, "position_ids": pos,
+                                         "attn_mask": _full_mask(self.valid, block)}, self.cache)
+        self.valid = np.concatenate([self.valid, valid_blk], 1)
+        if self.rng is None:
+            return out["next_token"].astype(np.int64)
+        q = out["probs"].astype(np.float64)
+        V = self.tvocab
+        if q.shape[1] > V:              # ids the target cannot embed: drop them; the renormalised q is the proposal
+            q = q[:, :V]
+        q = q / q.sum(1, keepdims=True)
+        cdf = np.cumsum(q, 1)
+        d = np.minimum((cdf <= self.rng.random((len(q), 1)) * cdf[:, -1:]).sum(1), q.shape[1] - 1)
+        qf = np.zeros((len(q), V), np.float32)
+        qf[:, :q.shape[1]] = q
+        self.q.append(qf)
+        return d.astype(np.int64)
+
+    def propose(self) -> np.ndarray:
+        B = len(self.pend)
+        self.base = self.valid.shape[1] + self.pend.shape[1]
+        self.q = []
+        d = [self._step(self.pend, self.pend_valid, self.pend_pos)]
+        last = self.pend_pos[:, -1]
+        for i in range(1, self.k):
+            d.append(self._step(d[-1][:, None], np.ones((B, 1), np.int8), (last + i)[:, None]))
+        props = np.stack(d, 1)
+        # a draft vocabulary larger than the target's can propose ids the target cannot embed: such a proposal can
+        # never equal the target's argmax, so any in-range stand-in keeps verification exact
+        return np.where(props < self.tvocab, props, 0)[:, None, :]
+
+    def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray) -> None:
+        kept = np.minimum(m, self.k - 1)                    # draft tokens d1..d_{k-1} are in its cache
+        M = int(kept.max())
+        self.cache = self.sess.commit(self.cache, self.base, np.full(len(m), self.base), M)
+        self.valid = np.concatenate([self.valid[:, :self.base],
+                                     (np.arange(M)[None, :] < kept[:, None]).astype(np.int8)], 1)
+        B = len(m)
+        full = m == self.k                                  # d_k accepted but never fed to the draft
+        q = 2 if full.any() else 1
+        self.pend = np.zeros((B, q), np.int64)
+        self.pend_valid = np.zeros((B, q), np.int8)
+        self.pend_pos = np.zeros((B, q), np.int64)
+        self.pend[:, -1], self.pend_valid[:, -1], self.pend_pos[:, -1] = chain[np.arange(B), m], 1, new_x_pos
+        if q == 2:
+            self.pend[:, 0] = proposals[:, 0, -1]
+            self.pend_valid[:, 0] = full
+            self.pend_pos[:, 0] = new_x_pos - 1
+
+
+class _XTokDrafter:
+    """Universal Assisted Generation: proposals from a draft with a different tokenizer, one draft cache per row.
+    Each step the row's committed target tokens are decoded to text and re-encoded with the draft's tokenizer; the
+    draft cache is cut back to the longest common prefix with what it holds (so a boundary token that re-tokenizes
+    differently is recomputed), the draft continues greedily for k of its tokens, and their text is re-encoded with
+    the target tokenizer behind a look-behind window of the last committed target tokens. The target's verification
+    keeps the output exactly greedy whatever this produces; a bad translation only costs acceptance."""
+
+    LOOKBEHIND = 8
+
+    def __init__(self, dec, seqs: list[list[int]], k: int):
+        self.sess, self.k, self.K = dec.draft_session, k, k
+        self.tt, self.dt = dec.tokenizer.backend_tokenizer, dec.draft_tokenizer.backend_tokenizer
+        self.seqs = seqs                                     # committed target ids per row, extended by the host
+        self.cache = [self.sess.new_cache(1) for _ in seqs]
+        self.held: list[list[int]] = [[] for _ in seqs]     # draft ids whose KV is in cache[b]
+        self.dmax = dec.manifest["draft"]["model"]["max_position_embeddings"] or dec.max_seq_len
+        self.tvocab, self.pad = dec.vocab_size, dec.pad
+        self.done = np.zeros(len(seqs), bool)
+
+    def _feed(self, b: int, ids: list[int]) -> int:
+        p, q = len(self.held[b]), len(ids)
+        out, self.cache[b] = self.sess.run({
+            "input_ids": np.array([ids], np.int64), "position_ids": np.arange(p, p + q, dtype=np.int64)[None],
+            "attn_mask": build_mask(np.ones((1, p + q), np.int8), p, q)}, self.cache[b])
+        self.held[b].extend(ids)
+        return int(out["next_token"][0])
+
+    def _row(self, b: int) -> list[int]:
+        text = self.tt.decode(self.seqs[b], skip_special_tokens=False)
+        want = self.dt.encode(text, add_special_tokens=False).ids
+        if not want or len(want) + self.k > self.dmax:
+            return []
+        held, p = self.held[b], 0
+        n = min(len(held), len(want) - 1)                    # feed at least one token: its logits give d1
+        while p < n and held[p] == want[p]:
+            p += 1
+        if p < len(held):
+            self.cache[b] = self.sess.commit(self.cache[b], p, np.array([p]), 0)
+            del held[p:]
+        props = [self._feed(b, want[p:])]
+        for _ in range(self.k - 1):
+            props.append(self._feed(b, [props[-1]]))
+        # the proposals' text, decoded in context: byte-level merges and leading spaces depend on it
+        base = self.dt.decode(want, skip_special_tokens=False)
+        full = self.dt.decode(want + props, skip_special_tokens=False)
+        new = full[len(base):] if full.startswith(base) else self.dt.decode(props, skip_special_tokens=False)
+        tail = self.seqs[b][-self.LOOKBEHIND:]
+        enc = self.tt.encode(self.tt.decode(tail, skip_special_tokens=False) + new, add_special_tokens=False).ids
+        return enc[len(tail):] if enc[:len(tail)] == tail else self.tt.encode(new, add_special_tokens=False).ids
+
+    def propose(self) -> np.ndarray:
+        cands = np.full((len(self.seqs), 1, self.K), self.pad, np.int64)
+        for b in range(len(self.seqs)):
+            c = [] if self.done[b] else [t for t in self._row(b) if t < self.tvocab][:self.K]
+            cands[b, 0, :len(c)] = c
+        return cands
+
+    def accept(self, done: np.ndarray) -> None:
+        self.done = done.copy()
+
+
+def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_token=None,
+                        seed: int | None = None) -> GenerateResult:
+    st = dec.manifest["strategy"]
+    sampled = dec.manifest["sampling"]["kind"] == "sample"
+    noise = np.random.default_rng(dec.manifest["sampling"]["seed"] if seed is None else seed) if sampled else None
+    lookahead = st["kind"] == "lookahead"
+    speculative = st["kind"] in ("speculative", "uag")
+    if lookahead:
+        W, N, G = st["window"], st["ngram"], st["guesses"]
+        K, levels_max = N - 1, N - 1
+    elif speculative:
+        W, G, K, levels_max = 0, 1, st["k"], 0
+    else:
+        W, G, K, levels_max = 0, 1, st["block"], 0
+    B = len(rows)
+    L = max(len(r) for r in rows)
+    span = max(K, W + levels_max - 1 if levels_max else 0)
+    budget = min(max_new_tokens, dec.max_seq_len - L - span)
+    if budget < 1:
+        raise ValueError(f"prompt of {L} tokens plus the strategy's {span} lookahead positions leaves no room "
+                         f"under target.max_seq_len {dec.max_seq_len}")
+    rng = np.random.default_rng(0)
+
+    # prefill: the x-block is the left-padded prompt
+    x_ids = np.full((B, L), dec.pad, np.int64)
+    x_valid = np.zeros((B, L), np.int8)
+    for b, r in enumerate(rows):
+        x_ids[b, L - len(r):] = r
+        x_valid[b, L - len(r):] = 1
+    x_pos = np.maximum(np.cumsum(x_valid, 1) - 1, 0).astype(np.int64)
+    seqs = [list(r) for r in rows]
+    drafter = None
+    if st["kind"] == "speculative":
+        drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise)
+    elif st["kind"] == "uag":
+        drafter = _XTokDrafter(dec, seqs, K)
+    pools = [_Pool(G, K) for _ in range(B)] if lookahead else None
+    if pools:
+        for b, r in enumerate(rows):
+            pools[b].add_sequence(r)
+    # initial guesses (window level 0 / jacobi block): tokens drawn from the prompt, seeded: repeatable runs
+    init = np.stack([rng.choice(np.array(r), size=max(W, K, 1)) for r in rows]).astype(np.int64)
+    window = init[:, None, :W] if lookahead and levels_max else np.zeros((B, 0, W), np.int64)
+    guess = init[:, :K]
+
+    valid = np.zeros((B, 0), np.int8)
+    cache = dec.session.new_cache(B)
+    t_draft = 0.0
+    out_ids: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    reason = ["max_new_tokens"] * B
+    hist: Counter = Counter()
+    steps = 0
+    t0 = time.perf_counter()
+    t_prefill = None
+    while True:
+        k = x_ids.shape[1]
+        past = valid.shape[1]
+        pos_last = x_pos[:, -1]
+        feeds = {}
+        if lookahead:
+            cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
+        elif speculative:
+            td = time.perf_counter()
+            cands = drafter.propose()
+            t_draft += time.perf_counter() - td
+        else:
+            cands = guess[:, None, :]
+        offs = np.arange(1, K + 1)
+        v_ids = np.concatenate([x_ids, cands.reshape(B, -1)], 1)
+        v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(offs, G)[None]], 1)
+        v_block = _block_mask(x_valid, _verify_structure(k, G, K), k)
+        feeds.update(verify_ids=v_ids, verify_position_ids=v_pos, verify_mask=_full_mask(valid, v_block),
+                     candidates=cands)
+        if sampled:
+            u = noise.random((B, dec.vocab_size)).clip(1e-12)      # Gumbel noise for the one residual draw
+            feeds.update(draft_probs=np.stack(drafter.q, 1), accept_uniform=noise.random((B, K), np.float32),
+                         gumbel=(-np.log(-np.log(u))).astype(np.float32))
+        levels = window.shape[1]
+        if "lookahead_ids" in dec.session.inputs:
+            cols = np.arange(W)
+            la_pos = (pos_last[:, None, None] + 1 + cols[None, None, :] + np.arange(levels)[None, :, None])
+            feeds.update(lookahead_ids=np.concatenate([x_ids, window.reshape(B, -1)], 1),
+                         lookahead_position_ids=np.concatenate([x_pos, la_pos.reshape(B, -1)], 1),
+                         lookahead_mask=_full_mask(valid, _block_mask(x_valid, _lookahead_structure(k, levels, W), k)))
+        out, present = dec.session.run(feeds, cache)
+        steps += 1
+        if t_prefill is None:
+            t_prefill = time.perf_counter() - t0
+
+        # accept
+        alen = out["accept_len"].astype(np.int64)
+        chain = out["accept_tokens"].astype(np.int64)
+        best = out["best"].astype(np.int64)
+        m = alen - 1
+        M = int(m.max())
+        new_valid = (np.arange(M)[None, :] < m[:, None]).astype(np.int8)       # shorter rows: masked holes
+        cache = dec.session.commit(present, past + k, past + k + best * K, M)
+        valid = np.concatenate([valid, x_valid, new_valid], 1)
+
+        emitted: list[list[int] | None] = [None] * B
+        for b in range(B):
+            if done[b]:
+                continue
+            hist[int(alen[b])] += 1
+            got = []
+            for t in chain[b, :alen[b]]:
+                t = int(t)
+                out_ids[b].append(t)
+                got.append(t)
+                if t in dec.eos:
+                    done[b], reason[b] = True, "eos"
+                    break
+                if len(out_ids[b]) >= budget:
+                    done[b] = True
+                    break
+            emitted[b] = got
+            seqs[b].extend(got)
+            if pools:
+                pools[b].add_sequence(seqs[b], start=len(seqs[b]) - len(got))
+        if on_token:
+            for i in range(max(len(e) for e in emitted if e is not None) if any(e for e in emitted) else 0):
+                on_token([e[i] if e is not None and i < len(e) else None for e in emitted])
+        if done.all():
+            break
+
+        # next x-block: the last accepted token of each row
+        last = chain[np.arange(B), m]
+        x_ids = np.where(done, dec.pad, last)[:, None].astype(np.int64)
+        x_pos = (pos_last + m + 1)[:, None].astype(np.int64)
+        x_valid = np.ones((B, 1), np.int8)
+        if lookahead and levels_max:
+            la = out["lookahead_tokens"][:, k:].reshape(B, levels, W).astype(np.int64)
+            if levels < levels_max:
+                window = np.concatenate([window, la[:, -1:, :]], 1)
+            else:
+                for b in range(B):
+                    for j in range(W):
+                        pools[b].add(window[b, 0, j], list(window[b, 1:, j]) + [la[b, -1, j]])
+                window = np.concatenate([window[:, 1:], la[:, -1:, :]], 1)
+        elif isinstance(drafter, _XTokDrafter):
+            drafter.accept(done)
+        elif speculative:
+            drafter.accept(m, chain, x_pos[:, 0], cands)
+        elif not lookahead:
+            for b in range(B):
+                rest = list(chain[b, m[b] + 1:])
+                guess[b] = (rest + [rest[-1] if rest else last[b]] * K)[:K]
+
+    for b in range(B):
+        if reason[b] == "max_new_tokens" and len(out_ids[b]) < max_new_tokens:
+            reason[b] = "max_seq_len"
+    elapsed = time.perf_counter() - t0
+    new = sum(len(r) for r in out_ids)
+    per_row = [len(r) / steps for r in out_ids] if steps else [0.0]
+    stats = {
+        "steps": steps, "new_tokens": new, "batch": B,
+        "tokens_per_step": round(float(np.mean(per_row)), 4),
+        "accepted_hist": {str(a): c for a, c in sorted(hist.items())},
+        "prefill_s": round(t_prefill or 0.0, 6), "total_s": round(elapsed, 6),
+        "tokens_per_s": round(new / max(elapsed, 1e-9), 2), "stop": reason,
+    }
+    if speculative:
+        proposed = sum(c * K for c in hist.values())
+        stats["acceptance_rate"] = round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4)
+        stats["draft_s"], stats["target_s"] = round(t_draft, 6), round(elapsed - t_draft, 6)
+    return GenerateResult(out_ids, None, stats)

@@ -1,0 +1,187 @@
+"""spec.yaml schema: what to decode (model, strategy, sampling) and for what target.
+
+Paths inside a spec are relative to the spec file. Every validation failure becomes one SpecError line that names
+the field, e.g. ``spec field 'sampling.top_p': Input should be less than or equal to 1``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SpecError
+
+__all__ = ["Spec", "ModelSpec", "SamplingSpec", "TargetSpec", "StrategySpec", "load_spec", "spec_from_dict",
+           "apply_overrides", "FAMILIES", "STRATEGY_KINDS"]
+
+FAMILIES = ("llama", "gpt2", "qwen2")
+STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
+IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag")
+GREEDY_ONLY = ("lookahead", "jacobi", "uag")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfigSpec(BaseModel):
+    """A randomly initialised model from a transformers config; sizes pass straight to the config class."""
+    model_config = ConfigDict(extra="allow")
+    family: Literal["llama", "gpt2", "qwen2"]
+
+
+class ModelSpec(_Strict):
+    path: str | None = None          # a local Hugging Face model dir
+    name: str | None = None          # a model built by `dgopt models build NAME` (e.g. code-tiny)
+    config: ModelConfigSpec | None = None
+    seed: int = 0                    # init seed for `config` models
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("path", "name", "config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, name, config (got {given or 'none'})")
+        return self
+
+
+class StrategySpec(_Strict):
+    kind: Literal["autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle"] = "autoregressive"
+    # lookahead: W window columns, N n-gram size (N-1 window levels), G candidate n-grams verified per step
+    window: int = Field(5, ge=1)
+    ngram: int = Field(4, ge=1)
+    guesses: int = Field(5, ge=0)
+    # jacobi: n guessed tokens refined per step (the converged prefix is committed every step)
+    block: int = Field(8, ge=1)
+    # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
+    # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
+    k: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _degenerate(self):
+        if self.kind == "lookahead" and self.ngram == 1 and self.guesses:
+            raise ValueError("ngram 1 has no n-grams to verify: set guesses to 0 (autoregressive)")
+        return self
+
+
+class SamplingSpec(_Strict):
+    kind: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)                 # 0: off
+    top_p: float = Field(1.0, gt=0, le=1)       # 1: off
+    min_p: float = Field(0.0, ge=0, lt=1)       # 0: off
+    repetition_penalty: float = Field(1.0, gt=0)  # 1: off
+    noise: Literal["precomputed", "in_graph"] = "precomputed"
+    seed: int = 0
+
+
+class TargetSpec(_Strict):
+    backend: Literal["onnx", "tensorrt"] = "onnx"
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    max_batch: int = Field(8, ge=1)
+    max_seq_len: int = Field(1024, ge=2)
+
+
+class Spec(_Strict):
+    model: ModelSpec
+    draft: ModelSpec | None = None
+    strategy: StrategySpec = StrategySpec()
+    sampling: SamplingSpec = SamplingSpec()
+    target: TargetSpec = TargetSpec()
+    graph: dict[str, Any] | None = None   # explicit IR (what `--dump-passes` writes); replaces strategy expansion
+
+    _base_dir: Path = Path(".")
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve(self, rel: str) -> Path:
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _fmt_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"spec field '{loc}': {msg}" if loc else f"spec: {msg}")
+    more = f" (+{len(e.errors()) - 3} more)" if len(e.errors()) > 3 else ""
+    return "; ".join(parts) + more
+
+
+def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: top level must be a mapping, got {type(data).__name__}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_fmt_error(e)) from None
+    if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
+        raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
+                        f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
+    if spec.strategy.kind in GREEDY_ONLY and spec.sampling.kind != "greedy":
+        raise SpecError(f"spec field 'sampling.kind': strategy '{spec.strategy.kind}' is exact for greedy decoding "
+                        "only; use sampling.kind greedy")
+    if spec.strategy.kind == "speculative" and spec.sampling.kind == "sample":
+        if spec.sampling.repetition_penalty != 1.0:
+            raise SpecError("spec field 'sampling.repetition_penalty': not supported with speculative sampling yet "
+                            "(the penalty state differs per proposed position)")
+        if spec.sampling.noise != "precomputed":
+            raise SpecError("spec field 'sampling.noise': speculative sampling draws its noise on the host; use "
+                            "precomputed")
+    if spec.strategy.kind in ("speculative", "uag") and spec.draft is None:
+        raise SpecError(f"spec field 'draft': strategy '{spec.strategy.kind}' needs a draft model (path, name or "
+                        "config)")
+    if spec.target.backend == "tensorrt" and spec.target.device != "cuda":
+        raise SpecError("spec field 'target.device': the tensorrt backend needs device 'cuda'")
+    spec._base_dir = Path(base_dir).resolve()
+    return spec
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set a.b=VALUE`: VALUE is parsed as YAML, so numbers and booleans keep their types."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError(f"--set '{item}': expected KEY.PATH=VALUE")
+        key, raw = item.split("=", 1)
+        keys = [k for k in key.strip().split(".") if k]
+        if not keys:
+            raise SpecError(f"--set '{item}': empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise SpecError(f"--set '{item}': '{k}' is not a mapping")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"spec {path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise SpecError(f"spec {path}: file is empty")
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+    return spec_from_dict(data, base_dir=path.parent)

@@ -1,0 +1,80 @@
+"""Lookahead decoding (Fu et al. 2024, arXiv 2402.02057) and Jacobi decoding, greedy.
+
+One step processes an x-block (the committed tokens whose KV is not cached yet: the prompt at prefill, then the last
+accepted token) and, as -O0 expands it, runs two forwards over the same past:
+  lookahead branch  [x-block, window]: the (N-1) x W Jacobi window; its argmax refreshes the window and yields n-grams
+  verify branch     [x-block, G candidates of N-1 tokens from the n-gram pool]
+`merge_forwards` turns them into one forward with a block mask. `verify_greedy` accepts the longest candidate prefix
+that equals the model's own argmax chain plus one bonus token, so the output is the greedy output whatever the
+candidates are. Jacobi is the verify branch alone, its single candidate being the current guess block.
+The host (dgopt/runtime/multitoken.py) keeps the window and pool, builds masks and positions, commits accepted KV."""
+from __future__ import annotations
+
+from ..ir import Graph
+from ..spec import Spec
+
+__all__ = ["expand_lookahead", "expand_jacobi", "expand_speculative"]
+
+
+def _branch_inputs(g: Graph, name: str):
+    ids = g.add("input", attrs={"name": f"{name}_ids", "type": "tokens"}, id=f"{name}_ids")
+    pos = g.add("input", attrs={"name": f"{name}_position_ids", "type": "positions"}, id=f"{name}_position_ids")
+    mask = g.add("input", attrs={"name": f"{name}_mask", "type": "mask"}, id=f"{name}_mask")
+    return ids, pos, mask
+
+
+def _verify(g: Graph, past, guesses: int, length: int):
+    ids, pos, mask = _branch_inputs(g, "verify")
+    cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
+    fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
+    v = g.add("verify_greedy", [fwd.out("logits"), cands], {"guesses": guesses, "length": length}, id="verify/accept")
+    g.set_output("accept_len", v.out("accept_len"))
+    g.set_output("accept_tokens", v.out("tokens"))
+    g.set_output("best", v.out("best"))
+    g.set_output("present", fwd.out("kv"))
+
+
+def expand_lookahead(spec: Spec) -> Graph:
+    st = spec.strategy
+    g = Graph()
+    past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
+    if st.ngram > 1:
+        ids, pos, mask = _branch_inputs(g, "lookahead")
+        fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="lookahead/target")
+        g.set_output("lookahead_tokens", g.add("argmax", [fwd.out("logits")], id="lookahead/argmax"))
+    _verify(g, past, st.guesses, st.ngram - 1)
+    return g
+
+
+def expand_jacobi(spec: Spec) -> Graph:
+    g = Graph()
+    past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
+    _verify(g, past, 1, spec.strategy.block)
+    return g
+
+
+def expand_speculative(spec: Spec) -> Graph:
+    """The target's step: verify the draft's k proposals (one candidate of k tokens) after the x-block. The draft's
+    own step graph is compiled beside it (draft.onnx): an autoregressive greedy step, or for sampling its processed
+    distribution, which verify_sample needs for rejection sampling."""
+    g = Graph()
+    past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
+    if spec.sampling.kind == "greedy":
+        _verify(g, past, 1, spec.strategy.k)
+        return g
+    from .autoregressive import add_processors
+    K = spec.strategy.k
+    ids, pos, mask = _branch_inputs(g, "verify")
+    cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
+    q = g.add("input", attrs={"name": "draft_probs", "type": "probs_seq"}, id="draft_probs")
+    u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
+    gum = g.add("input", attrs={"name": "gumbel", "type": "gumbel"}, id="gumbel")
+    fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
+    tail = g.add("tail_positions", [fwd.out("logits")], {"length": K}, id="verify/tail")
+    x = add_processors(g, tail, spec.sampling, prefix="verify")
+    v = g.add("verify_sample", [x, cands, q, u, gum], {"length": K}, id="verify/accept")
+    g.set_output("accept_len", v.out("accept_len"))
+    g.set_output("accept_tokens", v.out("tokens"))
+    g.set_output("best", v.out("best"))
+    g.set_output("present", fwd.out("kv"))
+    return g

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's demo: install, compile specs/greedy.yaml (the project's own trained code-tiny model), generate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh test
+DG=.venv/bin/dgopt
+$DG compile specs/greedy.yaml -o out/greedy
+$DG inspect out/greedy --no-browser
+for p in "def __init__(self" "import "; do
+  echo "----- prompt: $p"
+  $DG run out/greedy --prompt "$p" --max-new-tokens 64
+done
+$DG compile specs/sample.yaml -o out/sample -q >/dev/null
+echo "----- sampled (temperature 0.8, top-k 40, min-p 0.05, seed 0)"
+$DG run out/sample --prompt "class " --max-new-tokens 64
+$DG compile specs/lookahead.yaml -o out/lookahead -q >/dev/null
+echo "----- lookahead (W5 N4 G5): the greedy tokens above, in fewer steps"
+$DG run out/lookahead --prompt "def __init__(self" --max-new-tokens 64
+$DG compile specs/uag.yaml -o out/uag -q >/dev/null
+echo "----- UAG: proposals from code-draft-xtok, a draft with another tokenizer (greedy, same tokens)"
+$DG run out/uag --prompt "def __init__(self" --max-new-tokens 64

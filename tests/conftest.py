@@ -1,0 +1,58 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(2)
+
+# Tiny random-init configs, one per supported family: no download, built in milliseconds.
+TINY = {
+    "llama": {"family": "llama", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512},
+    "gpt2": {"family": "gpt2", "vocab_size": 320, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    "qwen2": {"family": "qwen2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512},
+}
+
+PROMPTS = [[5, 17, 42, 99, 3], [7, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [100], [250, 3, 3, 3, 3, 3]]
+
+
+def tiny_spec(family="llama", seed=0, **sections):
+    spec = {"model": {"config": dict(TINY[family]), "seed": seed}, "target": {"max_seq_len": 256}}
+    for k, v in sections.items():
+        spec[k] = {**spec.get(k, {}), **v}
+    return spec
+
+
+def hf_model(family, seed=0):
+    from dgopt.models.hf import config_model
+    return config_model(dict(TINY[family]), seed).eval()
+
+
+def hf_greedy(model, prompt, max_new_tokens):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Compiled artifacts shared by tests: (family, opt_level) -> path."""
+    import dgopt
+    root = tmp_path_factory.mktemp("artifacts")
+    cache = {}
+
+    def get(family="llama", opt_level=2, **sections):
+        key = (family, opt_level, repr(sorted(sections.items())))
+        if key not in cache:
+            cache[key] = dgopt.compile(tiny_spec(family, **sections), root / f"{family}-O{opt_level}-{len(cache)}",
+                                       opt_level=opt_level)
+        return cache[key]
+    return get

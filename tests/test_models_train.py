@@ -1,0 +1,275 @@
+"""Tests for dgopt's own small code models: corpus, tokenizers, trainer.
+
+Everything trains on small deterministic slices of the corpus so the whole
+file runs in well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from dgopt.models import corpus as C  # noqa: E402
+from dgopt.models import tokenizers_train as TT  # noqa: E402
+from dgopt.models import train as T  # noqa: E402
+
+SLICE = 150_000  # bytes of source used for tokenizer / model training in tests
+
+
+# ---------------------------------------------------------------------------
+# corpus
+# ---------------------------------------------------------------------------
+
+
+def test_corpus_files_deterministic_and_clean():
+    a = C.corpus_files()
+    b = C.corpus_files()
+    assert [f.key for f in a] == [f.key for f in b]
+    keys = [f.key for f in a]
+    assert keys == sorted(keys)
+    assert len(keys) == len(set(keys)) > 100
+    for k in keys:
+        assert k.endswith(".py")
+        parts = k.split("/")[1:-1]
+        assert not {"test", "tests", "idle_test", "site-packages", "__pycache__"} & set(parts), k
+    assert "stdlib/os.py" in keys and "stdlib/asyncio/base_events.py" in keys
+
+
+def test_split_disjoint_nonempty_stable():
+    train, val = C.split_files()
+    train2, val2 = C.split_files()
+    tk, vk = [f.key for f in train], [f.key for f in val]
+    assert tk == [f.key for f in train2] and vk == [f.key for f in val2]
+    assert train and val
+    assert not set(tk) & set(vk)
+    assert sorted(tk + vk) == [f.key for f in C.corpus_files()]
+    frac = len(vk) / (len(tk) + len(vk))
+    assert 0.01 < frac < 0.08, frac
+    # the split is a property of the file key alone
+    assert all(C.is_validation(k) for k in vk) and not any(C.is_validation(k) for k in tk)
+
+
+def test_split_limit_and_read_text():
+    train, val = C.split_files(limit_bytes=SLICE)
+    full_train, full_val = C.split_files()
+    assert 0 < len(train) < len(full_train) and 0 < len(val) <= len(full_val)
+    assert [f.key for f in train] == [f.key for f in full_train[: len(train)]]
+    text = C.read_text(train[:2])
+    assert text == C.read_file(train[0]) + C.FILE_SEPARATOR + C.read_file(train[1])
+    assert C.fingerprint(train) == C.fingerprint(list(train))
+
+
+# ---------------------------------------------------------------------------
+# tokenizers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toks():
+    files, _ = C.split_files(limit_bytes=SLICE)
+    return {
+        "code-bpe-4k": TT.train_tokenizer("code-bpe-4k", files=files, vocab_size=1024),
+        "code-bpe-1k": TT.train_tokenizer("code-bpe-1k", files=files, vocab_size=384),
+    }
+
+
+def _random_texts(n=30, seed=1234):
+    rng = random.Random(seed)
+    alphabet = (
+        "abcXYZ_019 \t\n\r\x00\x0b\x0c()[]{}:;.,'\"#\\@$%^&*-+=<>?/|~`"
+        "éüßñøåçΩπλЖж日本語中文한국어🙂🐍\u200b\u00a0\ufeff"
+    )
+    out = [
+        "",
+        " ",
+        "\n\n\t\t  \n",
+        "def __init__(self, x):\n    self.x = x  # ünïcødé 🙂\r\n\treturn None\n",
+        "    " * 10 + "pass",
+        "<|endoftext|> is only text here",
+    ]
+    for _ in range(n):
+        out.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))))
+    return out
+
+
+def test_tokenizers_round_trip(toks, tmp_path):
+    from transformers import AutoTokenizer
+
+    for name, tok in toks.items():
+        d = TT.save_tokenizer(tok, tmp_path / name)
+        loaded = AutoTokenizer.from_pretrained(str(d))
+        assert loaded.eos_token_id == loaded.bos_token_id == loaded.pad_token_id == 0
+        for t in (tok, loaded):
+            for s in _random_texts():
+                ids = t.encode(s, add_special_tokens=False)
+                assert t.decode(ids) == s, (name, s)
+        assert tok.encode("x = 1\n", add_special_tokens=False) == loaded.encode(
+            "x = 1\n", add_special_tokens=False
+        )
+
+
+def test_tokenizers_differ_and_are_deterministic(toks):
+    a, b = toks["code-bpe-4k"], toks["code-bpe-1k"]
+    assert len(a) == 1024 and len(b) == 384
+    src = "import os\n\ndef main(argv):\n    for arg in argv:\n        print(os.path.join(arg, 'x'))\n"
+    ia, ib = a.encode(src, add_special_tokens=False), b.encode(src, add_special_tokens=False)
+    assert ia != ib and len(ia) < len(ib)
+    assert TT.tokenizer_fingerprint(a) != TT.tokenizer_fingerprint(b)
+    files, _ = C.split_files(limit_bytes=SLICE)
+    again = TT.train_tokenizer("code-bpe-1k", files=files, vocab_size=384)
+    assert TT.tokenizer_fingerprint(again) == TT.tokenizer_fingerprint(b)
+
+
+# ---------------------------------------------------------------------------
+# recipes and locations
+# ---------------------------------------------------------------------------
+
+
+def _params(recipe):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        m = LlamaForCausalLM(recipe.llama_config(TT.TOKENIZERS[recipe.tokenizer].vocab_size))
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_recipes():
+    assert {"code-tiny", "code-draft", "code-draft-xtok", "code-small"} <= set(T.RECIPES)
+    n = {name: _params(r) for name, r in T.RECIPES.items()}
+    for name, r in T.RECIPES.items():
+        assert r.approx_params() == n[name], name
+        assert r.max_position_embeddings >= 1024
+        assert r.llama_config(128).tie_word_embeddings
+    assert 2e6 <= n["code-tiny"] <= 6e6
+    assert 5 <= n["code-tiny"] / n["code-draft"] <= 10
+    assert n["code-draft-xtok"] < n["code-draft"]
+    assert 20e6 <= n["code-small"] <= 30e6
+    assert T.RECIPES["code-tiny"].tokenizer == T.RECIPES["code-draft"].tokenizer == "code-bpe-4k"
+    assert T.RECIPES["code-draft-xtok"].tokenizer == "code-bpe-1k"
+    assert T.RECIPES["code-small"].tokenizer == "code-bpe-4k"
+
+
+def test_model_dir_and_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "ASSETS_DIR", tmp_path / "assets")
+    monkeypatch.setenv("DGOPT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="dgopt models build code-draft"):
+        T.model_dir("code-draft")
+    d = tmp_path / "cache" / "models" / "code-draft"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"")
+    assert T.model_dir("code-draft") == d
+    a = tmp_path / "assets" / "code-draft"
+    a.mkdir(parents=True)
+    (a / "config.json").write_text("{}")
+    (a / "model.safetensors").write_bytes(b"")
+    assert T.model_dir("code-draft") == a  # committed asset wins over cache
+    rows = {r["name"]: r for r in T.list_models()}
+    assert set(T.RECIPES) <= set(rows)
+    assert rows["code-draft"]["where"] == "asset"
+    assert rows["code-tiny"]["where"] == "missing"
+    assert all(r["params"] > 0 and r["description"] for r in rows.values())
+
+
+# ---------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------
+
+MICRO = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+    seq_len=64,
+    batch_size=8,
+    long_seq_len=128,
+    long_every=4,
+    warmup_steps=4,
+    eval_every=10,
+    eval_tokens=4096,
+    lr=1e-2,
+    time_limit_s=None,
+)
+
+
+def test_training_lowers_loss_and_saves(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = dataclasses.replace(T.RECIPES["code-draft"], **MICRO)
+    out = tmp_path / "micro"
+    info = T.train_recipe(
+        recipe, out, steps=20, limit_bytes=SLICE, vocab_size=512, progress=False, seed=0,
+        threads=1,
+    )
+    losses = info["losses"]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    assert info["val_loss"] < 6.3  # ln(512) = 6.24 for a uniform guess
+
+    build = json.loads((out / T.BUILD_INFO).read_text())
+    for key in ("recipe", "seed", "steps", "command", "val_loss", "val_ppl", "unigram_ppl",
+                "train_wall_s", "versions", "params", "tokenizer_fingerprint"):
+        assert key in build, key
+    assert build["versions"]["torch"] == torch.__version__
+    assert build["unigram_ppl"] > 1
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.float32
+    assert model.config.tie_word_embeddings and model.config.max_position_embeddings >= 1024
+    assert model.generation_config.eos_token_id == tok.eos_token_id == 0
+    ids = tok("def __init__(self", return_tensors="pt").input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] >= ids.shape[1] + 1
+    assert tok.decode(gen[0]).startswith("def __init__(self")
+
+    # same seed, same slice -> same result
+    info2 = T.train_recipe(
+        recipe, tmp_path / "micro2", steps=20, limit_bytes=SLICE, vocab_size=512, progress=False,
+        threads=1,
+    )
+    assert info2["losses"] == pytest.approx(losses, abs=1e-4)
+
+
+def test_cli_build_and_list(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("DGOPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "xtok"
+    rc = T.main(
+        ["build", "code-draft-xtok", "--out", str(out), "--steps", "3",
+         "--corpus-limit", "60000", "--threads", "1", "--no-progress"]
+    )
+    assert rc == 0
+    build = json.loads((out / T.BUILD_INFO).read_text())
+    assert build["steps_done"] == 3 and build["tokenizer"] == "code-bpe-1k"
+    assert "--corpus-limit 60000" in build["command"]
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 1024
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.vocab_size == 1024
+    assert T.main(["list"]) == 0
+    assert "code-tiny" in capsys.readouterr().out
+
+
+def test_code_small_recipe_smoke(tmp_path):
+    """code-small (GPU recipe, larger corpus) builds end to end; micro-sized here."""
+    from transformers import AutoModelForCausalLM
+
+    out = T.build_model(
+        "code-small", out=tmp_path / "small", steps=2, limit_bytes=40_000, progress=False,
+        overrides={**MICRO, "seq_len": 128, "eval_tokens": 1024}, threads=1,
+    )
+    build = json.loads((out / T.BUILD_INFO).read_text())
+    assert build["corpus"]["corpus"] == "stdlib+deps" and build["steps_done"] == 2
+    assert build["recipe"]["hidden_size"] == 32
+    # a 40 KB slice has too few pairs for 4096 merges: the vocab is what the tokenizer reached, and they agree
+    from transformers import AutoTokenizer
+    vocab = AutoModelForCausalLM.from_pretrained(str(out)).config.vocab_size
+    assert vocab == build["vocab_size"] == len(AutoTokenizer.from_pretrained(str(out))) <= 4096
