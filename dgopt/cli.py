@@ -23,7 +23,7 @@ EPILOG = """examples:
 
 def _console():
     from rich.console import Console
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)     # long stat lines stay one line in logs
 
 
 def _stage_progress(console, quiet: bool):
@@ -107,6 +107,7 @@ def cmd_run(a) -> int:
     else:
         for b, r in enumerate(res.ids):
             print(texts[b] if texts else ",".join(map(str, r)))
+    sys.stdout.flush()                                  # before the stats line on stderr
     s = res.stats
     hist = s.get("accepted_hist")
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")    # transformers' weight-loading bars
     try:
         return args.fn(args)
     except (DgoptError, FileNotFoundError) as e:

@@ -54,9 +54,12 @@ def test_greedy_matches_transformers(name, compiled):
         assert dec.generate(ids, max_new_tokens=48).ids[0] == ref
 
 
-def test_code_tiny_writes_python(compiled):
-    res = compiled("code-tiny").generate(["def __init__(self", "import "], max_new_tokens=48)
-    assert "self" in res.text[0] and ("\n" in res.text[1] or "," in res.text[1])
+def test_demo_spec_writes_python(tmp_path):
+    """The README demo's spec (specs/greedy.yaml: code-tiny, greedy with repetition penalty 1.2)."""
+    spec = Path(__file__).resolve().parents[1] / "specs" / "greedy.yaml"
+    res = dgopt.load(dgopt.compile(spec, tmp_path / "demo")).generate(["def __init__(self", "import "],
+                                                                     max_new_tokens=48)
+    assert "self." in res.text[0] and " = " in res.text[0] and "\n" in res.text[1], res.text
 
 
 def test_lookahead_compresses_code(compiled):

@@ -346,9 +346,9 @@ def _verify_greedy(b, node, ins):
     ox_g = b.op("Expand", [b.op("Unsqueeze", [ox, b.const([2], np.int64)]), b.const([1, G, 1], np.int64)])
     pred = b.op("Concat", [ox_g, oc], axis=2)                                  # [B, G, K+1]: the argmax chains
     head = b.op("Slice", [pred, b.const([0], np.int64), b.const([K], np.int64), b.const([2], np.int64)])
-    miss = b.op("Cast", [b.op("Not", [b.op("Equal", [cands, head])])], to=I64)
-    prefix = b.op("Cast", [b.op("Equal", [b.op("CumSum", [miss, b.const(2, np.int64)]), b.const(0, np.int64)])],
-                  to=I64)
+    # float CumSum: TensorRT's CumSum takes no integers (counts <= K are exact in fp32)
+    miss = b.op("Cast", [b.op("Not", [b.op("Equal", [cands, head])])], to=F32)
+    prefix = b.op("Cast", [b.op("Equal", [b.op("CumSum", [miss, b.const(2, np.int64)]), b.const(0.0)])], to=I64)
     matched = b.op("ReduceSum", [prefix, b.const([2], np.int64)], keepdims=0)  # [B, G]
     best = b.op("ArgMax", [matched], axis=1, keepdims=0)                       # first maximum
     b.names[node.out("best")] = best
@@ -375,17 +375,18 @@ def _verify_sample(b, node, ins):
     p_k = b.op("Slice", [p, i64([0]), i64([K]), i64([1])])
     p_d = b.op("Squeeze", [b.op("GatherElements", [p_k, d3], axis=2), i64([2])])
     q_d = b.op("Squeeze", [b.op("GatherElements", [q, d3], axis=2), i64([2])])
-    rejected = b.op("Cast", [b.op("Not", [b.op("Less", [b.op("Mul", [u, q_d]), p_d])])], to=I64)
-    first = b.op("Slice", [rejected, i64([0]), i64([1]), i64([1])])                         # [B, 1]
-    sentinel = b.op("Add", [b.op("Mul", [first, i64(0)]), i64(1)])                         # ones [B, 1]
+    rejected = b.op("Cast", [b.op("Not", [b.op("Less", [b.op("Mul", [u, q_d]), p_d])])], to=F32)
+    sentinel = b.op("Add", [b.op("Mul", [b.op("Slice", [u, i64([0]), i64([1]), i64([1])]), b.const(0.0)]),
+                            b.const(1.0)])                                                 # ones [B, 1]
     n = b.op("ArgMax", [b.op("Concat", [rejected, sentinel], axis=1)], axis=1, keepdims=0,
              select_last_index=0)                                                          # first rejection or K
+    first = b.op("Unsqueeze", [b.op("Mul", [n, i64(0)]), i64([1])])                        # zeros [B, 1] int64
     q0 = b.op("Mul", [b.op("Slice", [q, i64([0]), i64([1]), i64([1])]), b.const(0.0)])    # zeros [B, 1, V]
     resid = b.op("Max", [b.op("Sub", [p, b.op("Concat", [q, q0], axis=1)]), b.const(0.0)])
     idx = b.op("Expand", [b.op("Unsqueeze", [n, i64([1, 2])]), i64([1, 1, V])])
     r_n = b.op("Squeeze", [b.op("GatherElements", [resid, idx], axis=1), i64([1])])       # [B, V]
     t = b.op("ArgMax", [b.op("Add", [b.op("Log", [r_n]), g])], axis=-1, keepdims=0, select_last_index=0)
-    d_ext = b.op("Concat", [d, b.op("Mul", [first, i64(0)])], axis=1)                      # [B, K+1]
+    d_ext = b.op("Concat", [d, first], axis=1)                                             # [B, K+1]
     at_n = b.op("Equal", [i64(np.arange(K + 1)[None]), b.op("Unsqueeze", [n, i64([1])])])
     b.names[node.out("tokens")] = b.op("Where", [at_n, b.op("Unsqueeze", [t, i64([1])]), d_ext])
     b.names[node.out("accept_len")] = b.op("Add", [n, i64(1)])
