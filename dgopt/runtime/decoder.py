@@ -39,13 +39,14 @@ class Decoder:
     def __init__(self, art_dir: str | Path, device: str | None = None, threads: int | None = None):
         self.path = Path(art_dir)
         self.manifest = read_manifest(self.path)
-        self.session = make_session(self.path, self.manifest, device, threads)
+        two = bool(self.manifest.get("draft"))
+        self.session = make_session(self.path, self.manifest, device, threads, spin=not two)
         self.draft_session = None
         if self.manifest.get("draft"):
             d = self.manifest["draft"]
             dman = {**self.manifest, "step": d["step"], "io": d["io"], "model": d["model"],
                     "target": {**self.manifest["target"], "backend": "onnx"}}
-            self.draft_session = make_session(self.path, dman, device, threads)
+            self.draft_session = make_session(self.path, dman, device, threads, spin=False)
         m = self.manifest["model"]
         self.vocab_size = m["vocab_size"]
         self.eos = set(m["eos_token_ids"])

@@ -18,9 +18,12 @@ log = logging.getLogger("dgopt.runtime")
 class OrtSession:
     """onnxruntime on the host: KV cache as numpy arrays, `present` of one step becomes `past` of the next."""
 
-    def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None):
+    def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
         opts = ort.SessionOptions()
+        if not spin:    # two sessions taking turns (target, draft): spinning workers of one starve the other
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         if threads:
@@ -64,7 +67,8 @@ class OrtSession:
         return out, new_cache
 
 
-def make_session(art_dir: Path, manifest: dict, device: str | None = None, threads: int | None = None):
+def make_session(art_dir: Path, manifest: dict, device: str | None = None, threads: int | None = None,
+                 spin: bool = True):
     import onnxruntime as ort
     if manifest["target"]["backend"] == "tensorrt" and manifest.get("tensorrt") and device in (None, "cuda"):
         from ..backends.tensorrt import TrtSession, check_engine_compat, is_available
@@ -83,7 +87,7 @@ def make_session(art_dir: Path, manifest: dict, device: str | None = None, threa
                         "(install dgopt[gpu])")
             device = "cpu"
         else:
-            return OrtSession(step, manifest, ["CUDAExecutionProvider", "CPUExecutionProvider"], threads)
+            return OrtSession(step, manifest, ["CUDAExecutionProvider", "CPUExecutionProvider"], threads, spin)
     if device != "cpu":
         raise ArtifactError(f"unknown device '{device}' (cpu or cuda)")
-    return OrtSession(step, manifest, ["CPUExecutionProvider"], threads)
+    return OrtSession(step, manifest, ["CPUExecutionProvider"], threads, spin)
