@@ -14,8 +14,10 @@ $DG compile specs/sample.yaml -o out/sample -q >/dev/null
 echo "----- sampled (temperature 0.8, top-k 40, min-p 0.05, seed 0)"
 $DG run out/sample --prompt "class " --max-new-tokens 64
 $DG compile specs/lookahead.yaml -o out/lookahead -q >/dev/null
-echo "----- lookahead (W5 N4 G5, plain greedy: token-identical to greedy without the penalty, in fewer steps)"
-$DG run out/lookahead --prompt "def __init__(self" --max-new-tokens 64
+echo "----- lookahead (W5 N4 G5, plain greedy: token-identical to transformers greedy, in fewer steps)"
+$DG run out/lookahead --prompt "class Foo:
+    def " --max-new-tokens 64
 $DG compile specs/uag.yaml -o out/uag -q >/dev/null
 echo "----- UAG: proposals from code-draft-xtok, a draft with another tokenizer (greedy, same tokens)"
-$DG run out/uag --prompt "def __init__(self" --max-new-tokens 64
+$DG run out/uag --prompt "class Foo:
+    def " --max-new-tokens 64
