@@ -16,6 +16,8 @@ def test_cuda_greedy_matches_cpu_and_transformers(strategy, tmp_path):
     art = dgopt.compile(tiny_spec("llama", strategy=strategy, target={"device": "cuda"}), tmp_path / "cuda")
     gpu, cpu = dgopt.load(art), dgopt.load(art, device="cpu")
     assert gpu.session.providers[0] == "CUDAExecutionProvider"
+    from dgopt.runtime.session import BoundSession
+    assert isinstance(gpu.session, BoundSession) and gpu.session.device == "cuda"     # KV stays on the GPU
     model = hf_model("llama")
     for p in PROMPTS:
         assert gpu.generate(p, max_new_tokens=32).ids[0] == cpu.generate(p, max_new_tokens=32).ids[0] == \

@@ -36,17 +36,18 @@ def build_mask(valid: np.ndarray, past: int, q: int) -> np.ndarray:
 class Decoder:
     """A loaded artifact. `generate` is re-entrant: every call starts from a fresh cache and fresh noise."""
 
-    def __init__(self, art_dir: str | Path, device: str | None = None, threads: int | None = None):
+    def __init__(self, art_dir: str | Path, device: str | None = None, threads: int | None = None,
+                 io_binding: bool | None = None):
         self.path = Path(art_dir)
         self.manifest = read_manifest(self.path)
         two = bool(self.manifest.get("draft"))
-        self.session = make_session(self.path, self.manifest, device, threads, spin=not two)
+        self.session = make_session(self.path, self.manifest, device, threads, spin=not two, io_binding=io_binding)
         self.draft_session = None
         if self.manifest.get("draft"):
             d = self.manifest["draft"]
             dman = {**self.manifest, "step": d["step"], "io": d["io"], "model": d["model"],
                     "target": {**self.manifest["target"], "backend": "onnx"}}
-            self.draft_session = make_session(self.path, dman, device, threads, spin=False)
+            self.draft_session = make_session(self.path, dman, device, threads, spin=False, io_binding=io_binding)
         m = self.manifest["model"]
         self.vocab_size = m["vocab_size"]
         self.eos = set(m["eos_token_ids"])
@@ -194,6 +195,8 @@ class Decoder:
         return rows, False
 
 
-def load(art_dir: str | Path, device: str | None = None, threads: int | None = None) -> Decoder:
-    """Load a compiled artifact (checks manifest schema and file hashes)."""
-    return Decoder(art_dir, device, threads)
+def load(art_dir: str | Path, device: str | None = None, threads: int | None = None,
+         io_binding: bool | None = None) -> Decoder:
+    """Load a compiled artifact (checks manifest schema and file hashes). `device` overrides the artifact's target
+    device; `io_binding` keeps the KV cache on the device between steps (default: on for cuda)."""
+    return Decoder(art_dir, device, threads, io_binding)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ArtifactError
 
-__all__ = ["OrtSession", "make_session"]
+__all__ = ["OrtSession", "BoundSession", "make_session"]
 log = logging.getLogger("dgopt.runtime")
 
 
@@ -67,8 +67,87 @@ class OrtSession:
         return out, new_cache
 
 
+def _kv_select_graph(n: int, heads: int, head_dim: int):
+    """out_i = t_i[:, :, idx[b], :] per row b: the device-side KV commit (GatherElements along the sequence axis)."""
+    from onnx import TensorProto, helper, numpy_helper
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", "keep"])
+    ins = [helper.make_tensor_value_info(f"t{i}", TensorProto.FLOAT, ["batch", heads, "len", head_dim])
+           for i in range(n)]
+    outs = [helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT, ["batch", heads, "keep", head_dim])
+            for i in range(n)]
+    inits = [numpy_helper.from_array(np.array([0, 1, -1, 1], np.int64), "shape4"),
+             numpy_helper.from_array(np.array([1, heads, 1, head_dim], np.int64), "bcast")]
+    nodes = [helper.make_node("Reshape", ["idx", "shape4"], ["idx4"]),
+             helper.make_node("Shape", ["idx4"], ["idx_shape"]),
+             helper.make_node("Max", ["idx_shape", "bcast"], ["full_shape"]),
+             helper.make_node("Expand", ["idx4", "full_shape"], ["gidx"])]
+    nodes += [helper.make_node("GatherElements", [f"t{i}", "gidx"], [f"o{i}"], axis=2) for i in range(n)]
+    graph = helper.make_graph(nodes, "dgopt_kv_select", [idx] + ins, outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="dgopt")
+    model.ir_version = 10
+    return model
+
+
+class BoundSession(OrtSession):
+    """onnxruntime with IO binding: the KV cache stays on `device` ("cuda": GPU memory) as OrtValues between steps;
+    only ids, positions, masks and noise go in and the step's small outputs come back. A verify step's KV commit is
+    a gather on the device (a tiny second graph), so nothing of the cache crosses to the host.
+    Tested on the CPU EP here (same code path, device "cpu"); the CUDA EP run needs a GPU (tests/test_cuda.py)."""
+
+    def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None,
+                 spin: bool = True, device: str = "cpu"):
+        super().__init__(step_path, manifest, providers, threads, spin)
+        import onnxruntime as ort
+        self.device = device
+        n = len(self.past["tensors"]) if self.past else 0
+        self._select = ort.InferenceSession(_kv_select_graph(max(n, 1), *self._kv_shape).SerializeToString(),
+                                            providers=providers) if n else None
+        kv_out = set(self.present["tensors"]) if self.present else set()
+        self._small_outs = [o for o in self._out_names if o not in kv_out]
+
+    def new_cache(self, batch: int):
+        return super().new_cache(batch)       # zero-length numpy arrays: bound as host inputs on the first step
+
+    def _bind(self, io, name, value):
+        if isinstance(value, np.ndarray):
+            io.bind_cpu_input(name, value)
+        else:
+            io.bind_ortvalue_input(name, value)
+
+    def run(self, feeds: dict, cache) -> tuple[dict, object]:
+        io = self.sess.io_binding()
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        if self.past:
+            for name, t in zip(self.past["tensors"], cache):
+                self._bind(io, name, t)
+        for o in self._small_outs:
+            io.bind_output(o, "cpu")
+        kv = self.present["tensors"] if self.present else []
+        for o in kv:
+            io.bind_output(o, self.device)
+        self.sess.run_with_iobinding(io)
+        vals = dict(zip(self._small_outs + kv, io.get_outputs()))
+        out = {o: vals[o].numpy() for o in self._small_outs}
+        return out, ([vals[o] for o in kv] if kv else cache)
+
+    def commit(self, cache, prefix: int, src: np.ndarray, count: int):
+        B = len(src)
+        idx = np.concatenate([np.broadcast_to(np.arange(prefix), (B, prefix)),
+                              np.asarray(src)[:, None] + np.arange(count)[None, :]], 1).astype(np.int64)
+        io = self._select.io_binding()
+        io.bind_cpu_input("idx", idx)
+        for i, t in enumerate(cache):
+            self._bind(io, f"t{i}", t)
+            io.bind_output(f"o{i}", self.device)
+        self._select.run_with_iobinding(io)
+        return io.get_outputs()
+
+
 def make_session(art_dir: Path, manifest: dict, device: str | None = None, threads: int | None = None,
-                 spin: bool = True):
+                 spin: bool = True, io_binding: bool | None = None):
+    """io_binding: keep the KV cache on the device between steps (default: on for cuda, off for cpu, where plain
+    numpy hand-over is as fast)."""
     import onnxruntime as ort
     if manifest["target"]["backend"] == "tensorrt" and manifest.get("tensorrt") and device in (None, "cuda"):
         from ..backends.tensorrt import TrtSession, check_engine_compat, is_available
@@ -87,7 +166,12 @@ def make_session(art_dir: Path, manifest: dict, device: str | None = None, threa
                         "(install dgopt[gpu])")
             device = "cpu"
         else:
-            return OrtSession(step, manifest, ["CUDAExecutionProvider", "CPUExecutionProvider"], threads, spin)
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if io_binding is False:
+                return OrtSession(step, manifest, providers, threads, spin)
+            return BoundSession(step, manifest, providers, threads, spin, device="cuda")
     if device != "cpu":
         raise ArtifactError(f"unknown device '{device}' (cpu or cuda)")
+    if io_binding:
+        return BoundSession(step, manifest, ["CPUExecutionProvider"], threads, spin, device="cpu")
     return OrtSession(step, manifest, ["CPUExecutionProvider"], threads, spin)
