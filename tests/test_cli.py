@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -175,3 +176,16 @@ def test_compile_tensorrt_without_tensorrt_is_one_line_error(tmp_path, capsys):
     spec = write_spec(tmp_path, tiny_spec(target={"backend": "tensorrt", "device": "cuda"}))
     code, _, err = run_cli(capsys, "compile", spec, "-o", tmp_path / "out")
     assert code == 2 and "TensorRT not installed" in err and not (tmp_path / "out").exists()
+
+
+def test_models_list_and_unknown_model(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "models", "list")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"code-tiny", "code-draft", "code-draft-xtok", "code-small"}
+    assert "assets/models/code-tiny" in rows["code-tiny"] and "27.3" in rows["code-tiny"]
+    code, _, err = run_cli(capsys, "models", "build", "no-such-model")
+    assert code == 2 and err.count("\n") == 1 and "unknown model 'no-such-model'" in err
+    code, _, err = run_cli(capsys, "compile", Path(__file__).parents[1] / "specs" / "greedy.yaml",
+                           "--set", "model.name=no-such-model", "-o", tmp_path / "x")
+    assert code == 2 and "model.name" in err and not (tmp_path / "x").exists()
