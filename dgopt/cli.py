@@ -17,7 +17,16 @@ EPILOG = """examples:
   dgopt run out/greedy --prompt "def fib(n):"
   dgopt run out/greedy --ids 1,2,3 --max-new-tokens 32 --json
   dgopt inspect out/greedy --no-browser
-  dgopt models build code-tiny
+  dgopt check specs/lookahead.yaml --target tensorrt
+  dgopt models list
+
+strategies (spec strategy.kind; examples in specs/):
+  autoregressive  one token per step, processors + sampler in the graph (greedy.yaml, sample.yaml)
+  lookahead       Jacobi window + n-gram pool, both branches in one forward (lookahead.yaml)
+  jacobi          guess block refined every step (jacobi.yaml)
+  speculative     draft model proposes k tokens, the target verifies in one forward; greedy or
+                  rejection sampling (speculative.yaml, speculative-sample.yaml)
+  uag             speculative with a draft of another tokenizer, through text (uag.yaml)
 """
 
 
