@@ -141,13 +141,18 @@ def cmd_inspect(a) -> int:
     t.add_row("target", json.dumps(m["target"]))
     t.add_row("model", f"{m['model']['family']} · {m['model']['num_parameters']:,} params · vocab "
                        f"{m['model']['vocab_size']} · {m['model']['source']}")
+    if m.get("draft"):
+        d = m["draft"]["model"]
+        tok = " · own tokenizer (draft_tokenizer/)" if m["draft"].get("tokenizer") else ""
+        t.add_row("draft", f"{d['family']} · {d['num_parameters']:,} params · vocab {d['vocab_size']} · "
+                           f"{d['source']}{tok}")
     t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"
                                   for p in m["pipeline"]["passes"]) or f"none (-O{m['pipeline']['opt_level']})")
     t.add_row("inputs", ", ".join(i["name"] for i in m["io"]["inputs"]))
     t.add_row("outputs", ", ".join(o["name"] for o in m["io"]["outputs"]))
     console.print(t)
     files = {rel: (path / rel).resolve() for rel in m["files"]}
-    for rel in ("step.onnx", "ir.yaml", "ir.O0.yaml", "manifest.json"):
+    for rel in ("step.onnx", "draft.onnx", "ir.yaml", "ir.O0.yaml", "manifest.json"):
         if rel in files or rel == "manifest.json":
             print(f"{rel}\t{files.get(rel, (path / rel).resolve())}")
     if a.no_browser:
