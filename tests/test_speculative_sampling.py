@@ -108,3 +108,46 @@ def test_unsupported_sampling_options_are_spec_errors(drafts, tmp_path):
         spec["draft"] = drafts["weak"]
         with pytest.raises(SpecError, match=field):
             dgopt.compile(spec, tmp_path / "x")
+
+
+def test_verify_sample_lowering_equals_reference():
+    """The lowered ONNX of tail_positions + processors + verify_sample equals the torch reference interpreter on
+    random inputs, bit for bit in tokens: full acceptance, rejection at every position, drafts outside the top-k."""
+    import onnxruntime as ort
+    from dgopt.backends.onnx import lower_to_onnx
+    from dgopt.backends.reference import run_graph
+    from dgopt.ir import Graph
+    K, V, B, Q = 3, 50, 64, 5
+    g = Graph()
+    x = g.add("input", attrs={"name": "logits_seq", "type": "logits_seq"}, id="logits_seq")
+    c = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
+    q = g.add("input", attrs={"name": "draft_probs", "type": "probs_seq"}, id="draft_probs")
+    u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
+    gm = g.add("input", attrs={"name": "gumbel", "type": "gumbel"}, id="gumbel")
+    t = g.add("tail_positions", [x], {"length": K}, id="tail")
+    t = g.add("top_k", [g.add("temperature", [t], {"value": 0.7}, id="temp")], {"k": 10}, id="topk")
+    v = g.add("verify_sample", [t, c, q, u, gm], {"length": K}, id="accept")
+    for name in ("accept_len", "tokens", "best"):
+        g.set_output(name, v.out(name))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(B, Q, V)).astype(np.float32) * 3
+    qs = rng.dirichlet(np.ones(V) * 0.3, size=(B, K))
+    z = logits[:, Q - K - 1:Q - 1] / 0.7                               # half the rows: q close to the target's p
+    z = np.where(z >= np.sort(z, -1)[..., -10:-9], z, -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    qs[: B // 2] = 0.9 * (p / p.sum(-1, keepdims=True))[: B // 2] + 0.1 * qs[: B // 2]
+    qs = qs.astype(np.float32)
+    feeds = {"logits_seq": logits, "draft_probs": qs,
+             "candidates": np.stack([[rng.choice(V, p=qs[b, i] / qs[b, i].sum()) for i in range(K)]
+                                     for b in range(B)])[:, None, :].astype(np.int64),
+             "accept_uniform": rng.random((B, K)).astype(np.float32),
+             "gumbel": -np.log(-np.log(rng.random((B, V)).clip(1e-12))).astype(np.float32)}
+    feeds["accept_uniform"][:8] = 0.0                                 # u = 0: accepted wherever p > 0
+    model, _ = lower_to_onnx(g, {}, vocab_size=V)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip(["accept_len", "tokens", "best"], sess.run(["accept_len", "tokens", "best"], feeds)))
+    ref = run_graph(g, {k: torch.from_numpy(v) for k, v in feeds.items()})
+    n = ref["accept_len"].numpy()
+    assert np.array_equal(got["accept_len"], n) and len(set(n.tolist())) >= 3
+    for b in range(B):      # positions past accept_len are don't-cares
+        assert np.array_equal(got["tokens"][b, :n[b]], ref["tokens"][b, :n[b]].numpy())
