@@ -11,6 +11,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from .decoder import MASK_MIN, GenerateResult, build_mask
+from .noise import NoiseStream
 
 __all__ = ["generate_multitoken"]
 
@@ -90,9 +91,9 @@ class _Drafter:
     seen; `pending` are committed tokens it has not (the prompt at first, then the bonus token, or d_k and the bonus
     when all k proposals were accepted). After verification its cache is cut back to the accepted prefix."""
 
-    def __init__(self, dec, x_ids, x_valid, x_pos, k: int, rng=None):
+    def __init__(self, dec, x_ids, x_valid, x_pos, k: int, uniform=None):
         self.dec, self.sess, self.k = dec, dec.draft_session, k
-        self.rng = rng                                      # sampling: proposals are drawn from the draft's q
+        self.uniform = uniform              # sampling: a NoiseStream of [B, 1] draws; proposals come from the draft's q
         B = len(x_ids)
         self.cache = self.sess.new_cache(B)
         self.valid = np.zeros((B, 0), np.int8)
@@ -108,7 +109,7 @@ class _Drafter:
         out, self.cache = self.sess.run({"input_ids": ids, "position_ids": pos,
                                          "attn_mask": _full_mask(self.valid, block)}, self.cache)
         self.valid = np.concatenate([self.valid, valid_blk], 1)
-        if self.rng is None:
+        if self.uniform is None:
             return out["next_token"].astype(np.int64)
         q = out["probs"].astype(np.float64)
         V = self.tvocab
@@ -116,7 +117,7 @@ class _Drafter:
             q = q[:, :V]
         q = q / q.sum(1, keepdims=True)
         cdf = np.cumsum(q, 1)
-        d = np.minimum((cdf <= self.rng.random((len(q), 1)) * cdf[:, -1:]).sum(1), q.shape[1] - 1)
+        d = np.minimum((cdf <= self.uniform.next() * cdf[:, -1:]).sum(1), q.shape[1] - 1)
         qf = np.zeros((len(q), V), np.float32)
         qf[:, :q.shape[1]] = q
         self.q.append(qf)
@@ -220,7 +221,13 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                         seed: int | None = None) -> GenerateResult:
     st = dec.manifest["strategy"]
     sampled = dec.manifest["sampling"]["kind"] == "sample"
-    noise = np.random.default_rng(dec.manifest["sampling"]["seed"] if seed is None else seed) if sampled else None
+    noise = {}
+    if sampled:     # three independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
+        streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(3)
+        B0, K0 = len(rows), st["k"]
+        noise = {"draft": NoiseStream("uniform", streams[0], (B0, 1)),
+                 "accept_uniform": NoiseStream("uniform", streams[1], (B0, K0)),
+                 "gumbel": NoiseStream("gumbel", streams[2], (B0, dec.vocab_size))}
     lookahead = st["kind"] == "lookahead"
     speculative = st["kind"] in ("speculative", "uag")
     if lookahead:
@@ -249,7 +256,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     seqs = [list(r) for r in rows]
     drafter = None
     if st["kind"] == "speculative":
-        drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise)
+        drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise.get("draft"))
     elif st["kind"] == "uag":
         drafter = _XTokDrafter(dec, seqs, K)
     pools = [_Pool(G, K) for _ in range(B)] if lookahead else None
@@ -291,9 +298,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         feeds.update(verify_ids=v_ids, verify_position_ids=v_pos, verify_mask=_full_mask(valid, v_block),
                      candidates=cands)
         if sampled:
-            u = noise.random((B, dec.vocab_size)).clip(1e-12)      # Gumbel noise for the one residual draw
-            feeds.update(draft_probs=np.stack(drafter.q, 1), accept_uniform=noise.random((B, K), np.float32),
-                         gumbel=(-np.log(-np.log(u))).astype(np.float32))
+            feeds.update(draft_probs=np.stack(drafter.q, 1), accept_uniform=noise["accept_uniform"].next(),
+                         gumbel=noise["gumbel"].next())                # gumbel: for the one residual draw
         levels = window.shape[1]
         if "lookahead_ids" in dec.session.inputs:
             cols = np.arange(W)
@@ -365,6 +371,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                 rest = list(chain[b, m[b] + 1:])
                 guess[b] = (rest + [rest[-1] if rest else last[b]] * K)[:K]
 
+    for stream in noise.values():
+        stream.close()
     for b in range(B):
         if reason[b] == "max_new_tokens" and len(out_ids[b]) < max_new_tokens:
             reason[b] = "max_seq_len"

@@ -13,7 +13,7 @@ _CHUNK_BYTES = 8 << 20
 
 
 class NoiseStream:
-    def __init__(self, kind: str, seed: int, shape: tuple[int, ...], max_chunk: int = 256):
+    def __init__(self, kind: str, seed: int | np.random.SeedSequence, shape: tuple[int, ...], max_chunk: int = 256):
         if kind not in ("uniform", "gumbel"):
             raise ValueError(f"unknown noise kind '{kind}'")
         self.kind, self.shape = kind, tuple(shape)
