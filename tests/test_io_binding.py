@@ -47,3 +47,15 @@ def test_bound_session_sampling_same_draws(tmp_path):
     a = dgopt.load(art).generate(PROMPTS[:3], max_new_tokens=24, seed=5)
     b = dgopt.load(art, io_binding=True).generate(PROMPTS[:3], max_new_tokens=24, seed=5)
     assert a.ids == b.ids
+
+
+def test_bound_session_uag_on_trained_pair(tmp_path):
+    """UAG cuts each row's draft cache back to a prefix (a commit with count 0) every step."""
+    spec = {"model": {"name": "code-tiny"}, "draft": {"name": "code-draft-xtok"}, "strategy": {"kind": "uag", "k": 3},
+            "target": {"max_seq_len": 256}}
+    art = dgopt.compile(spec, tmp_path / "uag")
+    plain, bound = dgopt.load(art), dgopt.load(art, io_binding=True)
+    assert isinstance(bound.draft_session, BoundSession)
+    rows = [plain.encode(t) for t in ("class Foo:\n    def ", "import os\n", "def main():\n    ")]
+    a, b = plain.generate(rows, max_new_tokens=40), bound.generate(rows, max_new_tokens=40)
+    assert a.ids == b.ids and a.stats["steps"] == b.stats["steps"]

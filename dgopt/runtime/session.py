@@ -77,10 +77,8 @@ def _kv_select_graph(n: int, heads: int, head_dim: int):
             for i in range(n)]
     inits = [numpy_helper.from_array(np.array([0, 1, -1, 1], np.int64), "shape4"),
              numpy_helper.from_array(np.array([1, heads, 1, head_dim], np.int64), "bcast")]
-    nodes = [helper.make_node("Reshape", ["idx", "shape4"], ["idx4"]),
-             helper.make_node("Shape", ["idx4"], ["idx_shape"]),
-             helper.make_node("Max", ["idx_shape", "bcast"], ["full_shape"]),
-             helper.make_node("Expand", ["idx4", "full_shape"], ["gidx"])]
+    nodes = [helper.make_node("Reshape", ["idx", "shape4"], ["idx4"]),                  # [B, 1, keep, 1]
+             helper.make_node("Expand", ["idx4", "bcast"], ["gidx"])]                   # [B, heads, keep, head_dim]
     nodes += [helper.make_node("GatherElements", [f"t{i}", "gidx"], [f"o{i}"], axis=2) for i in range(n)]
     graph = helper.make_graph(nodes, "dgopt_kv_select", [idx] + ins, outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="dgopt")
@@ -100,15 +98,14 @@ class BoundSession(OrtSession):
         import onnxruntime as ort
         self.device = device
         n = len(self.past["tensors"]) if self.past else 0
-        self._select = ort.InferenceSession(_kv_select_graph(max(n, 1), *self._kv_shape).SerializeToString(),
+        self._select = ort.InferenceSession(_kv_select_graph(n, *self._kv_shape).SerializeToString(),
                                             providers=providers) if n else None
         kv_out = set(self.present["tensors"]) if self.present else set()
         self._small_outs = [o for o in self._out_names if o not in kv_out]
 
-    def new_cache(self, batch: int):
-        return super().new_cache(batch)       # zero-length numpy arrays: bound as host inputs on the first step
-
-    def _bind(self, io, name, value):
+    @staticmethod
+    def _bind(io, name, value):
+        """The first step's cache is the base class's zero-length numpy arrays; later ones are device OrtValues."""
         if isinstance(value, np.ndarray):
             io.bind_cpu_input(name, value)
         else:
