@@ -55,11 +55,21 @@ def test_greedy_matches_transformers(name, compiled):
 
 
 def test_demo_spec_writes_python(tmp_path):
-    """The README demo's spec (specs/greedy.yaml: code-tiny, greedy with repetition penalty 1.2)."""
+    """The README demo's spec (specs/greedy.yaml: code-tiny, greedy with repetition penalty 1.2): Python-looking
+    text, token-identical to transformers generate with the same penalty."""
+    from transformers import AutoModelForCausalLM
     spec = Path(__file__).resolve().parents[1] / "specs" / "greedy.yaml"
-    res = dgopt.load(dgopt.compile(spec, tmp_path / "demo")).generate(["def __init__(self", "import "],
-                                                                     max_new_tokens=48)
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "demo"))
+    texts = ["def __init__(self", "import "]
+    res = dec.generate(texts, max_new_tokens=48)
     assert "self." in res.text[0] and " = " in res.text[0] and "\n" in res.text[1], res.text
+    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float32).eval()
+    for text, got in zip(texts, res.ids):
+        ids = torch.tensor([dec.encode(text)])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                                 repetition_penalty=1.2)
+        assert got == ref[0, ids.shape[1]:].tolist()
 
 
 def test_lookahead_compresses_code(compiled):
