@@ -212,6 +212,10 @@ def cmd_models(a) -> int:
         return 0
     if a.name not in train.RECIPES:
         raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(train.RECIPES)})")
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise DgoptError("models build --device cuda: no CUDA device here (or torch is the CPU build)")
     cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
         (["--steps", str(a.steps)] if a.steps else []) + (["--device", a.device] if a.device != "cpu" else []) + \
         (["--seed", str(a.seed)] if a.seed else [])

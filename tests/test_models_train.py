@@ -273,3 +273,22 @@ def test_code_small_recipe_smoke(tmp_path):
     from transformers import AutoTokenizer
     vocab = AutoModelForCausalLM.from_pretrained(str(out)).config.vocab_size
     assert vocab == build["vocab_size"] == len(AutoTokenizer.from_pretrained(str(out))) <= 4096
+
+
+def test_build_is_atomic(tmp_path, monkeypatch):
+    """A build that fails leaves the previous model dir untouched and no staging dir; one that succeeds replaces it."""
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+
+    def broken(recipe, staging, **kw):
+        (staging / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(T, "train_recipe", broken)
+    with pytest.raises(RuntimeError):
+        T.build_model("code-draft", out=out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and [p.name for p in out.iterdir()] == ["config.json"]
+    monkeypatch.undo()
+    T.build_model("code-draft", out=out, steps=2, limit_bytes=40_000, progress=False, threads=1,
+                  overrides={**MICRO, "eval_tokens": 1024})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (out / T.BUILD_INFO).is_file()

@@ -702,17 +702,33 @@ def build_model(
     out_dir = Path(out) if out is not None else cache_dir(name)
     if command is None:
         command = _default_command(name, out, steps, device, seed, limit_bytes)
-    info = train_recipe(
-        recipe,
-        out_dir,
-        steps=steps,
-        device=device,
-        seed=seed,
-        progress=progress,
-        limit_bytes=limit_bytes,
-        command=command,
-        threads=threads,
-    )
+    # train into a staging dir beside the target and swap it in at the end: an interrupted or failed build never
+    # leaves a half-written model where a complete one (e.g. a committed asset) was
+    import shutil
+    import tempfile
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging.chmod(0o755)
+    try:
+        info = train_recipe(
+            recipe,
+            staging,
+            steps=steps,
+            device=device,
+            seed=seed,
+            progress=progress,
+            limit_bytes=limit_bytes,
+            command=command,
+            threads=threads,
+        )
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if progress:
         _print_summary(info, out_dir)
     return out_dir
