@@ -80,3 +80,25 @@ def test_uag_needs_tokenizers(pair, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(SpecError, match="'draft'"):
         dgopt.compile(tiny_spec(strategy={"kind": "uag"}), tmp_path / "y")
+
+
+def test_incremental_translation_state_matches_full(pair):
+    """The drafter keeps the committed text and its draft encoding incrementally; after every step the text equals
+    a full decode and the draft ids decode back to exactly that text (multi-byte characters split across steps)."""
+    import random
+    from transformers import AutoTokenizer
+    from dgopt.runtime.multitoken import _XTokDrafter
+    d = object.__new__(_XTokDrafter)
+    d.tt = AutoTokenizer.from_pretrained(pair["target"]).backend_tokenizer
+    d.dt = AutoTokenizer.from_pretrained(pair["draft"]).backend_tokenizer
+    text = "def größe(self, naïve='∑ ✓'):\n    return {'π': 3.14}  # café\n\tx = [i for i in range(10)]\n" * 3
+    ids = d.tt.encode(text, add_special_tokens=False).ids
+    d.seqs, d.text, d.n_text, d.want, d.start = [[]], [""], [0], [[]], [[]]
+    rng, n = random.Random(0), 0
+    while n < len(ids):
+        n = min(len(ids), n + rng.randint(1, 5))
+        d.seqs[0] = ids[:n]
+        d._update_text(0)
+        full = d.tt.decode(ids[:n], skip_special_tokens=False)
+        assert d.text[0] == full
+        assert d.dt.decode(d._encode(0), skip_special_tokens=False) == full

@@ -157,7 +157,8 @@ class _Drafter:
 
 class _XTokDrafter:
     """Universal Assisted Generation: proposals from a draft with a different tokenizer, one draft cache per row.
-    Each step the row's committed target tokens are decoded to text and re-encoded with the draft's tokenizer; the
+    Each step the row's committed text is extended by its new target tokens and re-encoded with the draft's
+    tokenizer from the start of a recent word on (not from the beginning: that would cost O(length) per step); the
     draft cache is cut back to the longest common prefix with what it holds (so a boundary token that re-tokenizes
     differently is recomputed), the draft continues greedily for k of its tokens, and their text is re-encoded with
     the target tokenizer behind a look-behind window of the last committed target tokens. The target's verification
@@ -174,6 +175,34 @@ class _XTokDrafter:
         self.dmax = dec.manifest["draft"]["model"]["max_position_embeddings"] or dec.max_seq_len
         self.tvocab, self.pad = dec.vocab_size, dec.pad
         self.done = np.zeros(len(seqs), bool)
+        self.text = [""] * len(seqs)                        # decoded committed text per row ...
+        self.n_text = [0] * len(seqs)                       # ... covering this many target tokens
+        self.want: list[list[int]] = [[] for _ in seqs]     # its draft encoding ...
+        self.start: list[list[int]] = [[] for _ in seqs]    # ... and each draft token's char offset
+
+    def _update_text(self, b: int) -> None:
+        seq, n = self.seqs[b], self.n_text[b]
+        w = max(0, n - 4)                       # decode the new tokens behind a few old ones: merges at the seam
+        old = self.tt.decode(seq[w:n], skip_special_tokens=False)
+        new = self.tt.decode(seq[w:], skip_special_tokens=False)
+        if new.startswith(old) and not old.endswith("\ufffd"):
+            self.text[b] += new[len(old):]
+        else:                                   # a UTF-8 character split across the seam: decode everything
+            self.text[b] = self.tt.decode(seq, skip_special_tokens=False)
+        self.n_text[b] = len(seq)
+
+    def _encode(self, b: int) -> list[int]:
+        """The draft encoding of the row's text, re-encoded from the last word-initial token at least 8 draft
+        tokens back (byte-level BPE does not merge across a pre-token boundary, so the prefix before it stands)."""
+        text, want, start = self.text[b], self.want[b], self.start[b]
+        j = max(0, len(want) - 8)
+        while j > 0 and not (text[start[j]] in " \t\n" or text[start[j] - 1] == "\n"):
+            j -= 1
+        c = start[j] if j else 0
+        enc = self.dt.encode(text[c:], add_special_tokens=False)
+        self.want[b] = want[:j] + enc.ids
+        self.start[b] = start[:j] + [c + o[0] for o in enc.offsets]
+        return self.want[b]
 
     def _feed(self, b: int, ids: list[int]) -> int:
         p, q = len(self.held[b]), len(ids)
@@ -184,8 +213,8 @@ class _XTokDrafter:
         return int(out["next_token"][0])
 
     def _row(self, b: int) -> list[int]:
-        text = self.tt.decode(self.seqs[b], skip_special_tokens=False)
-        want = self.dt.encode(text, add_special_tokens=False).ids
+        self._update_text(b)
+        want = self._encode(b)
         if not want or len(want) + self.k > self.dmax:
             return []
         held, p = self.held[b], 0
