@@ -34,6 +34,18 @@ def hf_model(family, seed=0):
     return config_model(dict(TINY[family]), seed).eval()
 
 
+def noisy_draft_dir(root, name: str, scale: float, family: str = "llama") -> dict:
+    """A draft that agrees with the tiny target part of the time: the target's own weights plus Gaussian noise of
+    std `scale`, saved as a HF dir. Returns its spec block."""
+    model = hf_model(family)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(root / name)
+    return {"path": str(root / name)}
+
+
 def hf_greedy(model, prompt, max_new_tokens):
     ids = torch.tensor([prompt])
     with torch.no_grad():

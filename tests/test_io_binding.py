@@ -2,12 +2,10 @@
 CUDA artifact uses; here it runs on the CPU EP, same code path, and must give the plain session's tokens for every
 strategy, batch 1 and 4 (rows that accept different counts exercise the gather commit)."""
 import pytest
-import torch
 
 import dgopt
-from dgopt.models.hf import config_model
 from dgopt.runtime.session import BoundSession
-from conftest import PROMPTS, TINY, tiny_spec
+from conftest import PROMPTS, noisy_draft_dir, tiny_spec
 
 STRATEGIES = {
     "autoregressive": {"kind": "autoregressive"},
@@ -19,14 +17,7 @@ STRATEGIES = {
 
 @pytest.fixture(scope="module")
 def noisy_draft(tmp_path_factory):
-    m = config_model(dict(TINY["llama"]), 0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.002)
-    path = tmp_path_factory.mktemp("iob") / "noisy"
-    m.save_pretrained(path)
-    return {"path": str(path)}
+    return noisy_draft_dir(tmp_path_factory.mktemp("iob"), "noisy", 0.002)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -2,11 +2,9 @@
 always, never, or partly (rows accepting different counts in one batch), and for drafts whose vocabulary is
 larger or smaller than the target's."""
 import pytest
-import torch
 
 import dgopt
-from dgopt.models.hf import config_model
-from conftest import PROMPTS, TINY, hf_greedy, hf_model, tiny_spec
+from conftest import PROMPTS, TINY, hf_greedy, hf_model, noisy_draft_dir, tiny_spec
 
 NEW = 48
 
@@ -14,14 +12,8 @@ NEW = 48
 @pytest.fixture(scope="module")
 def drafts(tmp_path_factory):
     root = tmp_path_factory.mktemp("drafts")
-    noisy = config_model(dict(TINY["llama"]), 0)      # the target's weights plus noise: agrees part of the time
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.002)
-    noisy.save_pretrained(root / "noisy")
     return {
-        "noisy": {"path": str(root / "noisy")},
+        "noisy": noisy_draft_dir(root, "noisy", 0.002),
         "same": {"config": dict(TINY["llama"]), "seed": 0},
         "weak": {"config": {**TINY["llama"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                             "num_attention_heads": 2, "num_key_value_heads": 1}, "seed": 3},

@@ -8,8 +8,7 @@ from scipy.stats import chisquare
 
 import dgopt
 from dgopt.errors import SpecError
-from dgopt.models.hf import config_model
-from conftest import PROMPTS, TINY, hf_model, tiny_spec
+from conftest import PROMPTS, TINY, hf_model, noisy_draft_dir, tiny_spec
 
 PROMPT = [5, 17, 42, 99]
 SAMPLING = {"kind": "sample", "temperature": 0.8, "top_k": 6}
@@ -21,13 +20,7 @@ def drafts(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdrafts")
     out = {"other-vocab": {"config": {**TINY["llama"], "num_hidden_layers": 1, "vocab_size": 300}, "seed": 3}}
     for name, scale in (("noisy", 0.001), ("weak", 0.005)):   # the target's weights plus noise
-        m = config_model(dict(TINY["llama"]), 0)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-        m.save_pretrained(root / name)
-        out[name] = {"path": str(root / name)}
+        out[name] = noisy_draft_dir(root, name, scale)
     return out
 
 
