@@ -18,12 +18,9 @@ log = logging.getLogger("dgopt.runtime")
 class OrtSession:
     """onnxruntime on the host: KV cache as numpy arrays, `present` of one step becomes `past` of the next."""
 
-    def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None,
-                 spin: bool = True):
+    def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None):
         import onnxruntime as ort
         opts = ort.SessionOptions()
-        if not spin:    # two sessions taking turns (target, draft): spinning workers of one starve the other
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         if threads:
@@ -93,8 +90,8 @@ class BoundSession(OrtSession):
     Tested on the CPU EP here (same code path, device "cpu"); the CUDA EP run needs a GPU (tests/test_cuda.py)."""
 
     def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None,
-                 spin: bool = True, device: str = "cpu"):
-        super().__init__(step_path, manifest, providers, threads, spin)
+                 device: str = "cpu"):
+        super().__init__(step_path, manifest, providers, threads)
         import onnxruntime as ort
         self.device = device
         n = len(self.past["tensors"]) if self.past else 0
@@ -142,7 +139,7 @@ class BoundSession(OrtSession):
 
 
 def make_session(art_dir: Path, manifest: dict, device: str | None = None, threads: int | None = None,
-                 spin: bool = True, io_binding: bool | None = None):
+                 io_binding: bool | None = None):
     """io_binding: keep the KV cache on the device between steps (default: on for cuda, off for cpu, where plain
     numpy hand-over is as fast)."""
     import onnxruntime as ort
@@ -165,10 +162,10 @@ def make_session(art_dir: Path, manifest: dict, device: str | None = None, threa
         else:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             if io_binding is False:
-                return OrtSession(step, manifest, providers, threads, spin)
-            return BoundSession(step, manifest, providers, threads, spin, device="cuda")
+                return OrtSession(step, manifest, providers, threads)
+            return BoundSession(step, manifest, providers, threads, device="cuda")
     if device != "cpu":
         raise ArtifactError(f"unknown device '{device}' (cpu or cuda)")
     if io_binding:
-        return BoundSession(step, manifest, ["CPUExecutionProvider"], threads, spin, device="cpu")
-    return OrtSession(step, manifest, ["CPUExecutionProvider"], threads, spin)
+        return BoundSession(step, manifest, ["CPUExecutionProvider"], threads, device="cpu")
+    return OrtSession(step, manifest, ["CPUExecutionProvider"], threads)
