@@ -203,16 +203,18 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _compile_draft(spec: Spec, opt_level: int, stage):
-    """The draft's own step graph: an autoregressive greedy step of the draft model, through the same passes."""
+    """The draft's own step graph, through the same passes: for greedy speculative decoding and uag k chained greedy
+    steps (all k proposals in one call); for speculative sampling one step returning the draft's distribution q."""
     from dgopt.backends.onnx import lower_to_onnx
     from .models.hf import export_forward, load_model
     from .spec import SamplingSpec
-    from .strategies.autoregressive import expand_autoregressive, expand_draft_probs
+    from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
     sampled = spec.sampling.kind == "sample"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
                                     "sampling": spec.sampling if sampled else SamplingSpec(kind="greedy")})
-    g, _ = optimize((expand_draft_probs if sampled else expand_autoregressive)(dspec), dspec, opt_level)
+    g0 = expand_draft_probs(dspec) if sampled else expand_draft_chain(dspec, spec.strategy.k)
+    g, _ = optimize(g0, dspec, opt_level)
     with stage("loading draft model"):
         try:
             dm = load_model(spec.draft, spec.resolve)

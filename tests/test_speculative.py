@@ -74,3 +74,48 @@ def test_missing_draft_is_a_spec_error(tmp_path):
     from dgopt.spec import spec_from_dict
     with pytest.raises(SpecError, match="'draft'"):
         spec_from_dict(tiny_spec(strategy={"kind": "speculative"}))
+
+
+def test_draft_chain_one_call_equals_k_steps(drafts, tmp_path):
+    """The compiled greedy draft proposes k tokens in ONE call (k chained forwards, next_inputs between them); it
+    equals k one-token greedy steps of the draft model in torch, from a past with masked holes, batch 2, and its
+    cache equals theirs (pending block + d_1..d_{k-1})."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import DynamicCache
+
+    from dgopt.models.hf import config_model
+    k = 4
+    dec = compile_pair(tmp_path, drafts["weak"], k=k)
+    sess = ort.InferenceSession(str(dec.path / "draft.onnx"), providers=["CPUExecutionProvider"])
+    model = config_model(dict(drafts["weak"]["config"]), drafts["weak"]["seed"]).eval()
+    rng = np.random.default_rng(0)
+    B, P, q, L = 2, 6, 3, 1
+    H, D = 1, 16   # weak draft: 1 kv head of 32 / 2 heads
+    past = [rng.normal(size=(B, H, P, D)).astype(np.float32) for _ in range(2 * L)]
+    valid = np.ones((B, P + q), bool)
+    valid[0, 2] = valid[1, 4] = valid[1, P] = False           # holes in the past and in the fed block
+    mask = np.where(valid[:, None, None, :] & np.tril(np.ones((q, P + q), bool), P)[None, None],
+                    0.0, np.finfo(np.float32).min).astype(np.float32)
+    ids = rng.integers(0, 320, (B, q))
+    pos = np.stack([P + np.arange(q)] * B)
+    feeds = {"input_ids": ids, "position_ids": pos, "attn_mask": mask}
+    feeds |= {f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}": t for i, t in enumerate(past)}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    cache = DynamicCache(config=model.config)
+    for i in range(L):
+        cache.update(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1]), i)
+    x, p, m, props = torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask), []
+    with torch.no_grad():
+        for _ in range(k):
+            out = model(input_ids=x, position_ids=p, attention_mask=m, past_key_values=cache, use_cache=True)
+            props.append(out.logits[:, -1].argmax(-1))
+            x, p = props[-1][:, None], p[:, -1:] + 1
+            m = torch.cat([m[:, :, -1:], torch.zeros(B, 1, 1, 1)], 3)
+    assert outs["proposals"].tolist() == torch.stack(props, 1).tolist()
+    ref_kv = [cache.layers[0].keys, cache.layers[0].values]
+    assert outs["present.0.key"].shape == (B, H, P + q + k - 1, D)
+    for got, ref in zip((outs["present.0.key"], outs["present.0.value"]), ref_kv):
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)

@@ -297,6 +297,20 @@ def _merge_masks(b, node, ins):
     b.names[node.out()] = b.op("Concat", [row_a, row_b], axis=2)
 
 
+def _next_inputs(b, node, ins):
+    tok, pos, mask = ins
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    if _used(b, node, "ids"):
+        b.names[node.out("ids")] = b.op("Unsqueeze", [tok, i64([1])])
+    if _used(b, node, "positions"):
+        b.names[node.out("positions")] = b.op("Add", [b.op("Slice", [pos, i64([-1]), i64([INT_MAX]), i64([1])]),
+                                                      i64(1)])
+    if _used(b, node, "mask"):
+        row = b.op("Slice", [mask, i64([-1]), i64([INT_MAX]), i64([2])])                # [B, 1, 1, total]
+        zero = b.op("Mul", [b.op("Slice", [row, i64([-1]), i64([INT_MAX]), i64([3])]), b.const(0.0)])
+        b.names[node.out("mask")] = b.op("Concat", [row, zero], axis=3)
+
+
 def _used(b, node, out: str) -> bool:
     ref = node.out(out)
     return bool(b.g.users(ref)) or b.g.is_output(ref)
@@ -398,7 +412,7 @@ LOWERINGS = {
     "repetition_penalty": _repetition_penalty, "temperature": _temperature, "top_k": _top_k, "top_p": _top_p,
     "min_p": _min_p, "softmax": _softmax, "argmax": _argmax, "multinomial": _multinomial,
     "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
-    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "split_seq": _split_seq, "split_kv": _split_kv,
+    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "split_seq": _split_seq, "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
 }
 

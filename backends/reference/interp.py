@@ -106,6 +106,8 @@ RULES = {
     "gumbel_argmax": lambda n, i: (i[0] + i[1]).argmax(-1),
     "concat_seq": lambda n, i: torch.cat(i, 1),
     "merge_masks": _merge_masks,
+    "next_inputs": lambda n, i: {"ids": i[0][:, None], "positions": i[1][:, -1:] + 1,
+                                 "mask": torch.cat([i[2][:, :, -1:], torch.zeros_like(i[2][:, :, -1:, -1:])], 3)},
     "split_seq": lambda n, i: {"head": i[0][:, :i[1].shape[1]], "tail": i[0][:, i[1].shape[1]:]},
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy,

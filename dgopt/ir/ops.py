@@ -159,6 +159,12 @@ register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", 
                       "tokens = the best candidate's argmax chain [B, K+1], best = its index [B] (first maximum)."))
 register(OpSchema("concat_seq", (("a", ("tokens", "positions")), ("b", ("tokens", "positions"))), ("out",),
                   type_fn=lambda n: None, doc="Concatenate two token/position blocks along q."))
+register(OpSchema("next_inputs", (("token", ("token",)), ("positions", ("positions",)), ("mask", ("mask",))),
+                  ("ids", "positions", "mask"), ("tokens", "positions", "mask"),
+                  doc="The inputs of the one-token step that follows a block: ids = token[:, None], positions = the "
+                      "block's last position + 1, mask = the block's last mask row plus a visible column for the new "
+                      "token (it sees what the block's last token saw, and itself). Chains forwards inside one graph "
+                      "(a draft proposing k tokens in one call)."))
 register(OpSchema("merge_masks", (("a", ("mask",)), ("b", ("mask",))), ("out",), ("mask",),
                   doc="Two [B,1,q_i,P+q_i] masks over the same past -> one [B,1,qa+qb,P+qa+qb] block mask in which "
                       "the two blocks see the shared past and themselves, never each other."))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
+from functools import lru_cache
 
 import numpy as np
 
@@ -30,6 +31,22 @@ def _full_mask(past_valid: np.ndarray, block: np.ndarray) -> np.ndarray:
     return np.where(np.concatenate([past, block], 2), 0.0, MASK_MIN).astype(np.float32)[:, None]
 
 
+def _frozen(fn):
+    """Memoise a structure builder (called every step with a handful of distinct shapes); results read-only."""
+    @lru_cache(maxsize=64)
+    def wrapped(*args):
+        a = fn(*args)
+        a.setflags(write=False)
+        return a
+    return wrapped
+
+
+@_frozen
+def _causal(q: int) -> np.ndarray:
+    return np.tril(np.ones((q, q), bool))
+
+
+@_frozen
 def _verify_structure(k: int, G: int, K: int) -> np.ndarray:
     q = k + G * K
     s = np.zeros((q, q), bool)
@@ -41,6 +58,7 @@ def _verify_structure(k: int, G: int, K: int) -> np.ndarray:
     return s
 
 
+@_frozen
 def _lookahead_structure(k: int, levels: int, W: int) -> np.ndarray:
     """Window token (l, j) sees the x-block, level-0 tokens 0..j, and levels 1..l of its own column j
     (LookaheadDecoding's j_make_causal_mask_multilevel)."""
@@ -102,15 +120,15 @@ class _Drafter:
         self.dvocab = dec.manifest["draft"]["model"]["vocab_size"]
         self.dpad = dec.manifest["draft"]["model"]["pad_token_id"]
 
-    def _step(self, ids, valid_blk, pos):
+    def _step(self, ids, valid_blk, pos, out_name: str = "next_token"):
         ids = np.where(ids < self.dvocab, ids, self.dpad)   # a smaller draft vocabulary: out-of-range ids -> pad
         q = ids.shape[1]
-        block = _block_mask(valid_blk, np.tril(np.ones((q, q), bool)), q)
+        block = _block_mask(valid_blk, _causal(q), q)
         out, self.cache = self.sess.run({"input_ids": ids, "position_ids": pos,
                                          "attn_mask": _full_mask(self.valid, block)}, self.cache)
         self.valid = np.concatenate([self.valid, valid_blk], 1)
         if self.uniform is None:
-            return out["next_token"].astype(np.int64)
+            return out[out_name].astype(np.int64)
         q = out["probs"].astype(np.float64)
         V = self.tvocab
         if q.shape[1] > V:              # ids the target cannot embed: drop them; the renormalised q is the proposal
@@ -127,11 +145,15 @@ class _Drafter:
         B = len(self.pend)
         self.base = self.valid.shape[1] + self.pend.shape[1]
         self.q = []
-        d = [self._step(self.pend, self.pend_valid, self.pend_pos)]
-        last = self.pend_pos[:, -1]
-        for i in range(1, self.k):
-            d.append(self._step(d[-1][:, None], np.ones((B, 1), np.int8), (last + i)[:, None]))
-        props = np.stack(d, 1)
+        if "proposals" in self.sess.outputs:      # the compiled chain: all k proposals in one call
+            props = self._step(self.pend, self.pend_valid, self.pend_pos, "proposals")
+            self.valid = np.concatenate([self.valid, np.ones((B, self.k - 1), np.int8)], 1)
+        else:
+            d = [self._step(self.pend, self.pend_valid, self.pend_pos)]
+            last = self.pend_pos[:, -1]
+            for i in range(1, self.k):
+                d.append(self._step(d[-1][:, None], np.ones((B, 1), np.int8), (last + i)[:, None]))
+            props = np.stack(d, 1)
         # a draft vocabulary larger than the target's can propose ids the target cannot embed: such a proposal can
         # never equal the target's argmax, so any in-range stand-in keeps verification exact
         return np.where(props < self.tvocab, props, 0)[:, None, :]
@@ -204,13 +226,19 @@ class _XTokDrafter:
         self.start[b] = start[:j] + [c + o[0] for o in enc.offsets]
         return self.want[b]
 
-    def _feed(self, b: int, ids: list[int]) -> int:
+    def _feed(self, b: int, ids: list[int]) -> list[int]:
+        """Feed `ids` to row b's draft; returns its greedy continuation: k tokens from a compiled chain (whose
+        cache then also holds d_1..d_{k-1}), else the one next token."""
         p, q = len(self.held[b]), len(ids)
         out, self.cache[b] = self.sess.run({
             "input_ids": np.array([ids], np.int64), "position_ids": np.arange(p, p + q, dtype=np.int64)[None],
             "attn_mask": build_mask(np.ones((1, p + q), np.int8), p, q)}, self.cache[b])
+        if "proposals" in out:
+            props = [int(t) for t in out["proposals"][0]]
+            self.held[b].extend(ids + props[:-1])
+            return props
         self.held[b].extend(ids)
-        return int(out["next_token"][0])
+        return [int(out["next_token"][0])]
 
     def _row(self, b: int) -> list[int]:
         self._update_text(b)
@@ -224,9 +252,9 @@ class _XTokDrafter:
         if p < len(held):
             self.cache[b] = self.sess.commit(self.cache[b], p, np.array([p]), 0)
             del held[p:]
-        props = [self._feed(b, want[p:])]
-        for _ in range(self.k - 1):
-            props.append(self._feed(b, [props[-1]]))
+        props = self._feed(b, want[p:])
+        while len(props) < self.k:
+            props += self._feed(b, [props[-1]])
         # the proposals' text, decoded in context: byte-level merges and leading spaces depend on it
         base = self.dt.decode(want, skip_special_tokens=False)
         full = self.dt.decode(want + props, skip_special_tokens=False)

@@ -61,6 +61,25 @@ def expand_autoregressive(spec: Spec) -> Graph:
     return g
 
 
+def expand_draft_chain(spec: Spec, k: int) -> Graph:
+    """A greedy draft's step that proposes k tokens in ONE call: k chained forwards, each over the token the one
+    before chose (next_inputs). The cache it returns holds the fed block and d_1..d_{k-1}; d_k is never fed, as
+    when the host calls a one-token step k times, but without k-1 round trips through the host."""
+    g = Graph()
+    ids, pos, mask, kv = add_model_inputs(g)
+    props = None
+    for i in range(k):
+        fwd = g.add("forward", [ids, pos, mask, kv], {"model": "target"}, id=f"draft{i}")
+        last = g.add("last_position", [fwd.out("logits")], id=f"draft{i}/last_position")
+        tok = g.add("argmax", [last], id=f"draft{i}/argmax")
+        nxt = g.add("next_inputs", [tok, pos, mask], id=f"draft{i}/next")
+        ids, pos, mask, kv = nxt.out("ids"), nxt.out("positions"), nxt.out("mask"), fwd.out("kv")
+        props = ids if props is None else g.add("concat_seq", [props, ids], id=f"draft{i}/proposals")
+    g.set_output("proposals", props)
+    g.set_output("present", kv)
+    return g
+
+
 def expand_draft_probs(spec: Spec) -> Graph:
     """A draft's step for speculative sampling: its processed distribution q for the next token. The host draws the
     proposal from q and hands q to the target's verify_sample."""
