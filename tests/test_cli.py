@@ -74,6 +74,8 @@ BAD_SPECS = {
     "bad backend": (tiny_spec(target={"backend": "tvm"}), "target.backend"),
     "bad max_batch": (tiny_spec(target={"max_batch": 0}), "target.max_batch"),
     "fp16 on cpu": (tiny_spec(target={"precision": "fp16"}), "target.precision"),
+    "penalty with lookahead": (tiny_spec(strategy={"kind": "lookahead"}, sampling={"repetition_penalty": 1.2}),
+                               "sampling.repetition_penalty"),
     "seq len over model": (tiny_spec(target={"max_seq_len": 4096}), "target.max_seq_len"),
     "bad graph op": ({**tiny_spec(), "graph": {"nodes": [{"id": "a", "op": "softermax"}], "outputs": {"o": "a"}}},
                      "unknown op"),
