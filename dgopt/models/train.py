@@ -9,6 +9,7 @@ name                tokenizer    role
 ==================  ===========  ============================================
 ``code-tiny``       code-bpe-4k  target model for CPU work (5.0 M params)
 ``code-draft``      code-bpe-4k  draft for code-tiny / code-small (0.61 M)
+``code-draft-kd``   code-bpe-4k  code-draft distilled from code-tiny (0.61 M)
 ``code-draft-xtok`` code-bpe-1k  draft with a *different* tokenizer (0.32 M)
 ``code-small``      code-bpe-4k  larger target for a GPU (29.4 M params)
 ==================  ===========  ============================================
@@ -90,6 +91,10 @@ class Recipe:
     time_limit_s: float | None = None
     time_reserve_s: float = 45.0
     save_dtype: str = "float16"
+    # distillation: a built model (name or dir) with the same tokenizer; the loss becomes KL(teacher || student)
+    # per position, which trains for what speculative decoding needs (agreeing with the target), not for the data
+    teacher: str | None = None
+    init_from: str | None = None  # start from this built model's weights (same architecture) instead of random
     notes: dict[str, Any] = field(default_factory=dict)
 
     def llama_config(self, vocab_size: int):
@@ -150,6 +155,22 @@ RECIPES: dict[str, Recipe] = {
         warmup_steps=80,
         eval_every=200,
         time_limit_s=9.5 * 60,
+    ),
+    "code-draft-kd": Recipe(
+        name="code-draft-kd",
+        description="code-draft distilled from code-tiny (KL to the target per position): a draft that agrees more",
+        tokenizer="code-bpe-4k",
+        hidden_size=96,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=256,
+        steps=600,
+        lr=1.5e-3,
+        warmup_steps=20,
+        eval_every=100,
+        time_limit_s=13 * 60,
+        teacher="code-tiny",
+        init_from="code-draft",
     ),
     "code-draft-xtok": Recipe(
         name="code-draft-xtok",
@@ -343,6 +364,46 @@ def _evaluate(model, windows, device, batch_rows: int) -> float:
     return total / max(1, count)
 
 
+def _resolve_built(ref: str) -> Path:
+    """A built model's dir from a recipe name or a path."""
+    p = Path(ref)
+    return p if (p / "config.json").is_file() else model_dir(ref)
+
+
+def _load_built(ref: str, tok, role: str, device):
+    """A built model (float32, eval) for `role` ('teacher' / 'init_from'), refusing another tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    d = _resolve_built(ref)
+    try:
+        fp = json.loads((d / BUILD_INFO).read_text()).get("tokenizer_fingerprint")
+    except (OSError, ValueError):
+        fp = None
+    if fp is not None and fp != _tok.tokenizer_fingerprint(tok):
+        raise ValueError(f"recipe.{role}: {ref} was trained with another tokenizer than this recipe's")
+    m = LlamaForCausalLM.from_pretrained(str(d), dtype="float32").to(device)
+    if m.config.vocab_size != len(tok):
+        raise ValueError(f"recipe.{role}: {ref} has vocab {m.config.vocab_size}, this recipe's tokenizer {len(tok)}")
+    return m
+
+
+def _teacher_agreement(model, teacher, windows, device, batch_rows: int) -> float:
+    """Fraction of positions where student and teacher argmax agree (what greedy speculative decoding accepts)."""
+    import torch
+
+    model.eval()
+    same = count = 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_rows):
+            x = windows[i : i + batch_rows].to(device)
+            a = model(input_ids=x, use_cache=False).logits.argmax(-1)
+            b = teacher(input_ids=x, use_cache=False).logits.argmax(-1)
+            same += int((a == b).sum())
+            count += a.numel()
+    model.train()
+    return same / max(1, count)
+
+
 def _param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -469,6 +530,15 @@ def train_recipe(
     _set_seeds(seed)
     config = recipe.llama_config(vocab)
     model = LlamaForCausalLM(config).to(dev)
+    if recipe.init_from:
+        init = _load_built(recipe.init_from, tok, "init_from", dev)
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"recipe.init_from: {recipe.init_from} has another architecture: "
+                             f"{str(e).splitlines()[0]}") from None
+        del init
+    teacher = _load_built(recipe.teacher, tok, "teacher", dev).eval() if recipe.teacher else None
     n_params = sum(p.numel() for p in model.parameters())
     model.train()
     opt = torch.optim.AdamW(
@@ -546,7 +616,14 @@ def train_recipe(
                 g["lr"] = _lr_at(sched_step, recipe, total_steps)
             x = batch_for(step).to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                if teacher is None:
+                    loss = model(input_ids=x, labels=x, use_cache=False).loss
+                else:
+                    with torch.no_grad():
+                        t_logp = torch.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), -1)
+                    s_logp = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)
+                    loss = torch.nn.functional.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1),
+                                                      log_target=True, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -580,6 +657,7 @@ def train_recipe(
         val_loss = _evaluate(model, full, dev, eval_rows)
     val_ppl = math.exp(val_loss)
     uni_ppl = unigram_ppl(train_stream, full[:, 1:], vocab)
+    agreement = _teacher_agreement(model, teacher, periodic, dev, eval_rows) if teacher is not None else None
 
     # ---- save ---------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -640,6 +718,7 @@ def train_recipe(
         "val_loss": round(val_loss, 5),
         "val_ppl": round(val_ppl, 3),
         "unigram_ppl": round(uni_ppl, 3),
+        "teacher_agreement": None if agreement is None else round(agreement, 4),
         "val_eval": {"windows": int(full.shape[0]), "window_len": int(full.shape[1])},
         "evals": [[s, round(v, 5)] for s, v in evals],
         "train_loss_first": round(losses[0], 5) if losses else None,
