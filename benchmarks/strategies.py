@@ -5,6 +5,9 @@ decoding, assisted generation and UAG as external baselines. Greedy everywhere; 
 
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
     python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
+
+The dgopt rows are timed in interleaved rounds (every row once per round, --repeats rounds, best round kept): this
+machine's speed drifts by 10-40% over minutes, and rows timed minutes apart would compare the drift.
 """
 from __future__ import annotations
 
@@ -31,12 +34,12 @@ def main():
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--configs", nargs="*", default=["5,4,5", "7,4,7", "5,3,5"], help="lookahead W,N,G")
     ap.add_argument("--jacobi", nargs="*", type=int, default=[8], help="jacobi block sizes")
-    ap.add_argument("--draft", default="auto", help="draft for speculative rows: a built model name, a HF dir, "
-                    "'none'; auto: code-draft with code-tiny")
+    ap.add_argument("--draft", nargs="*", default=["auto"], help="drafts for speculative rows: built model names, "
+                    "HF dirs, or none; auto: code-draft and code-draft-kd with code-tiny")
     ap.add_argument("--xdraft", default="auto", help="draft with another tokenizer for uag rows: a built model name, "
                     "a HF dir, 'none'; auto: code-draft-xtok with code-tiny")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
@@ -70,20 +73,19 @@ def main():
                      "ms_per_step": 1e3 * secs / steps if steps else None,
                      "identical": outs == ref, **(extra or {})})
 
-    med = lambda f: min((f() for _ in range(a.repeats)), key=lambda r: r[1])
-    add("transformers greedy", *med(hf_run))
-    add("transformers prompt lookup (10)", *med(lambda: hf_run(prompt_lookup_num_tokens=10)))
-    draft = a.draft
-    if draft == "auto":
-        draft = "code-draft" if base["model"].get("name") == "code-tiny" else "none"
-    draft_spec = None
-    if draft != "none":
-        draft_spec = {"path": str(Path(draft).resolve())} if Path(draft).is_dir() else {"name": draft}
-        dlm = load_model(spec_from_dict({"model": draft_spec}).model, lambda p: Path(p))
-        add(f"transformers assisted ({draft})", *med(lambda: hf_run(assistant_model=dlm.model)))
+    add("transformers greedy", *hf_run())
+    add("transformers prompt lookup (10)", *hf_run(prompt_lookup_num_tokens=10))
 
     def as_model(name):
         return {"path": str(Path(name).resolve())} if Path(name).is_dir() else {"name": name}
+
+    drafts = a.draft
+    if drafts == ["auto"]:
+        drafts = ["code-draft", "code-draft-kd"] if base["model"].get("name") == "code-tiny" else []
+    drafts = [d for d in drafts if d != "none"]
+    for d in drafts:
+        dlm = load_model(spec_from_dict({"model": as_model(d)}).model, lambda p: Path(p))
+        add(f"transformers assisted ({d})", *hf_run(assistant_model=dlm.model))
 
     xdraft = a.xdraft
     if xdraft == "auto":
@@ -94,8 +96,8 @@ def main():
         xdraft_spec = as_model(xdraft)
         xlm = load_model(spec_from_dict({"model": xdraft_spec}).model, lambda p: Path(p))
         ttok, dtok = AutoTokenizer.from_pretrained(lm.tokenizer_dir), AutoTokenizer.from_pretrained(xlm.tokenizer_dir)
-        add(f"transformers UAG ({xdraft})", *med(lambda: hf_run(assistant_model=xlm.model, tokenizer=ttok,
-                                                                assistant_tokenizer=dtok)))
+        add(f"transformers UAG ({xdraft})", *hf_run(assistant_model=xlm.model, tokenizer=ttok,
+                                                    assistant_tokenizer=dtok))
 
     strategies = [("autoregressive", {"kind": "autoregressive"})]
     for c in a.configs:
@@ -103,41 +105,49 @@ def main():
         strategies.append((f"lookahead W{W} N{N} G{G}", {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}))
     for n in a.jacobi:
         strategies.append((f"jacobi n{n}", {"kind": "jacobi", "block": n}))
-    if draft_spec:
+    for d in drafts:
         for k in a.k:
-            strategies.append((f"speculative k{k}", {"kind": "speculative", "k": k}))
+            strategies.append((f"speculative k{k} ({d})", {"kind": "speculative", "k": k}, {"draft": as_model(d)}))
     if xdraft_spec:
         for k in a.k:
-            strategies.append((f"uag k{k}", {"kind": "uag", "k": k}))
-    for name, st in strategies:
+            strategies.append((f"uag k{k}", {"kind": "uag", "k": k}, {"draft": xdraft_spec}))
+    decs = []
+    for name, st, *extra in strategies:
         for lvl in ((0, 2) if st["kind"] == "lookahead" else (2,)):
-            extra = {"speculative": {"draft": draft_spec}, "uag": {"draft": xdraft_spec}}.get(st["kind"], {})
-            dec = dgopt.load(dgopt.compile({**base, **extra, "strategy": st}, tmp / f"{name}-{lvl}".replace(" ", "_"),
-                                           opt_level=lvl), threads=a.threads)
+            art = dgopt.compile({**base, **(extra[0] if extra else {}), "strategy": st},
+                                tmp / f"{len(decs)}-{name}-{lvl}".replace(" ", "_"), opt_level=lvl)
+            dec = dgopt.load(art, threads=a.threads)
             dec.generate(prompts[0], max_new_tokens=8)     # warm-up
+            decs.append((f"dgopt {name} -O{lvl}", dec))
 
-            def run():
-                outs, steps, acc, t = [], 0, [], time.perf_counter()
-                for p in prompts:
-                    r = dec.generate(p, max_new_tokens=a.new)
-                    outs.append(r.ids[0])
-                    steps += r.stats["steps"]
-                    acc.append(r.stats.get("acceptance_rate"))
-                return outs, time.perf_counter() - t, steps, acc
-            outs, secs, steps, acc = min((run() for _ in range(a.repeats)), key=lambda r: r[1])
-            extra = {"acceptance_rate": statistics.mean(acc)} if acc[0] is not None else {}
-            add(f"dgopt {name} -O{lvl}", outs, secs, steps, extra)
+    def run(dec):
+        outs, steps, acc, t = [], 0, [], time.perf_counter()
+        for p in prompts:
+            r = dec.generate(p, max_new_tokens=a.new)
+            outs.append(r.ids[0])
+            steps += r.stats["steps"]
+            acc.append(r.stats.get("acceptance_rate"))
+        return outs, time.perf_counter() - t, steps, acc
+    best = {}
+    for _ in range(a.repeats):
+        for name, dec in decs:
+            r = run(dec)
+            if name not in best or r[1] < best[name][1]:
+                best[name] = r
+    for name, _ in decs:
+        outs, secs, steps, acc = best[name]
+        add(name, outs, secs, steps, {"acceptance_rate": statistics.mean(acc)} if acc[0] is not None else {})
 
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
     print(f"machine: {machine()}; onnxruntime CPU, {a.threads} threads")
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
           f"new tokens, batch 1, greedy")
-    print(f"{'':38s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
+    print(f"{'':44s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
           "  identical")
     hf = rows[0]["tokens_per_s"]
     nan = float("nan")
     for r in rows:
-        print(f"{r['name']:38s} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / ar['tokens_per_s']:6.2f}x "
+        print(f"{r['name']:44s} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / ar['tokens_per_s']:6.2f}x "
               f"{r['tokens_per_s'] / hf:6.2f}x {r['tokens_per_step'] or nan:9.2f} "
               f"{r['ms_per_step'] or nan:8.2f} {r.get('acceptance_rate', nan):7.2f}  {r['identical']}")
     print("tok/step: tokens per target forward; accept: accepted draft tokens / proposed")
