@@ -103,9 +103,9 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     if spec.target.precision != "fp32" and spec.target.device == "cpu":
         raise SpecError(f"spec field 'target.precision': {spec.target.precision} needs device 'cuda' "
                         "(onnxruntime's CPU kernels run fp32)")
-    if spec.target.precision != "fp32" and spec.target.backend == "onnx":
-        raise SpecError(f"spec field 'target.precision': {spec.target.precision} ONNX export is not implemented "
-                        "yet (the tensorrt backend builds fp16/bf16 engines from the fp32 graph); use fp32")
+    if spec.target.precision == "bf16" and spec.target.backend == "onnx":
+        raise SpecError("spec field 'target.precision': bf16 ONNX export is not implemented (onnxruntime's CUDA EP "
+                        "covers few bf16 kernels); use fp16, or the tensorrt backend for bf16 engines")
     if spec.model.dtype != "fp32":
         raise SpecError(f"spec field 'model.dtype': {spec.model.dtype} is not supported yet; use fp32 "
                         "(set target.precision for the lowered step)")
@@ -122,13 +122,15 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
                         "(target or draft)")
     with stage("loading model"):
         lm = load_model(spec.model, spec.resolve)
+    kv_dtype = _kv_dtype(spec)
+    lm.info["kv_dtype"] = kv_dtype
     if spec.target.max_seq_len > lm.info["max_position_embeddings"] > 0:
         raise SpecError(f"spec field 'target.max_seq_len': {spec.target.max_seq_len} exceeds the model's "
                         f"max_position_embeddings {lm.info['max_position_embeddings']}")
     forwards = {}
     if models:
         with stage(f"exporting {lm.family} forward to ONNX"):
-            forwards["target"] = (export_forward(lm), lm.info)
+            forwards["target"] = (export_forward(lm, kv_dtype), lm.info)
     else:
         forwards["target"] = (None, lm.info)
 
@@ -202,6 +204,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             (dst / f.name).write_bytes(f.read_bytes())
 
 
+def _kv_dtype(spec: Spec) -> str:
+    """The exported forward's dtype (weights, KV cache): fp16 for an onnx fp16 target; the tensorrt backend lowers
+    fp32 and lets the engine builder choose fp16/bf16 kernels."""
+    return "float16" if spec.target.precision == "fp16" and spec.target.backend == "onnx" else "float32"
+
+
 def _compile_draft(spec: Spec, opt_level: int, stage):
     """The draft's own step graph, through the same passes: for greedy speculative decoding and uag k chained greedy
     steps (all k proposals in one call); for speculative sampling one step returning the draft's distribution q."""
@@ -220,8 +228,10 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
             dm = load_model(spec.draft, spec.resolve)
         except DgoptError as e:
             raise type(e)(str(e).replace("model.", "draft.", 1)) from None
+    dm.info["kv_dtype"] = _kv_dtype(spec)
     with stage(f"exporting draft {dm.family} forward to ONNX"):
-        step, io = lower_to_onnx(g, {"target": (export_forward(dm), dm.info)}, dm.info["vocab_size"])
+        step, io = lower_to_onnx(g, {"target": (export_forward(dm, dm.info["kv_dtype"]), dm.info)},
+                                 dm.info["vocab_size"])
     return step, dm, io, g.fingerprint()
 
 

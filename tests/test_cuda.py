@@ -31,3 +31,23 @@ def test_cuda_sampling_seeded_repeatable(tmp_path):
     dec = dgopt.load(art)
     assert dec.generate(PROMPTS[:2], max_new_tokens=16, seed=3).ids == \
         dec.generate(PROMPTS[:2], max_new_tokens=16, seed=3).ids
+
+
+def test_cuda_fp16_matches_transformers_fp16_on_gpu(tmp_path):
+    """precision fp16 on the CUDA EP: the trained code-tiny's greedy output equals transformers' fp16 model on the
+    GPU, and the fp16 KV cache stays on the device (the same artifact on the CPU EP is tests/test_fp16.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dgopt.models.train import model_dir
+    from dgopt.runtime.session import BoundSession
+    spec = {"model": {"name": "code-tiny"}, "target": {"device": "cuda", "precision": "fp16", "max_seq_len": 512}}
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "fp16"))
+    assert isinstance(dec.session, BoundSession) and dec.session.device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16).cuda().eval()
+    for text in ("def __init__(self", "import "):
+        ids = dec.encode(text)
+        t = torch.tensor([ids], device="cuda")
+        with torch.no_grad():
+            ref = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=40, do_sample=False)
+        assert dec.generate(ids, max_new_tokens=40).ids[0] == ref[0, len(ids):].tolist()

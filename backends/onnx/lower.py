@@ -16,7 +16,15 @@ __all__ = ["lower_to_onnx", "OPSET", "LOWERINGS"]
 
 OPSET = 18
 NEG_INF = float("-inf")
-F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+F32, I64, F16 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT16
+# an fp16 forward gets the additive mask clamped to this before the cast, which would turn the host's fp32 minimum
+# into -inf: a finite mask far below any score, as transformers' fp16 masks are finite (finfo.min), so a fully masked
+# pad row stays a finite softmax instead of -inf - -inf = NaN
+FP16_MASK_MIN = -30000.0
+
+
+def _kv_et(info: dict) -> int:
+    return F16 if info.get("kv_dtype") == "float16" else F32
 
 
 class _Builder:
@@ -88,7 +96,7 @@ class _Builder:
                     name = f"{oname}.{i}.{kv}"
                     self.nodes.append(self._identity(src, name))
                     self.outputs.append(helper.make_tensor_value_info(
-                        name, F32, ["batch", info["num_kv_heads"], f"{oname}_len", info["head_dim"]]))
+                        name, _kv_et(info), ["batch", info["num_kv_heads"], f"{oname}_len", info["head_dim"]]))
                 self.io["outputs"].append({"name": oname, "type": "kv", "tensors": [
                     f"{oname}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]})
             else:
@@ -127,7 +135,7 @@ def _input(b: _Builder, node, ins):
         names = [f"{name}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]
         for n in names:
             b.inputs.append(helper.make_tensor_value_info(
-                n, F32, ["batch", info["num_kv_heads"], "past", info["head_dim"]]))
+                n, _kv_et(info), ["batch", info["num_kv_heads"], "past", info["head_dim"]]))
         b.names[node.out()] = names
         b.io["inputs"].append({"name": name, "type": "kv", "tensors": names})
         return
@@ -151,6 +159,9 @@ def _forward(b: _Builder, node, ins):
     fg = proto.graph
     model = node.attrs["model"]
     ids, pos, mask, past = ins
+    half = _kv_et(info) == F16
+    if half:    # the step's mask stays fp32 (one host format); the fp16 forward gets a clamped half copy
+        mask = b.op("Cast", [b.op("Max", [mask, b.const(FP16_MASK_MIN)])], to=F16)
     rename = {"input_ids": ids, "position_ids": pos, "attn_mask": mask}
     rename |= dict(zip([i.name for i in fg.input[3:]], past))
     for init in fg.initializer:
@@ -183,7 +194,8 @@ def _forward(b: _Builder, node, ins):
         b._stamp(nd, node)
         b.nodes.append(nd)
     outs = [nm(o.name) for o in fg.output]
-    b.names[node.out("logits")] = outs[0]
+    # processors and samplers run on fp32 scores, as transformers' generate upcasts the next-token logits
+    b.names[node.out("logits")] = b.op("Cast", [outs[0]], to=F32) if half else outs[0]
     b.names[node.out("kv")] = outs[1:]
 
 

@@ -146,20 +146,27 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
-def export_forward(lm: LoadedModel):
+def export_forward(lm: LoadedModel, dtype: str = "float32"):
     """ONNX ModelProto of one forward: (input_ids, position_ids, attn_mask, past.*) -> (logits, present.*).
     Traced at batch 2, q 3, past 4 with every such axis dynamic: the legacy tracer bakes size-1 dims and transformers'
-    `q_length == 1` branches into the graph otherwise (seen: a q=1 trace failed at prefill)."""
+    `q_length == 1` branches into the graph otherwise (seen: a q=1 trace failed at prefill).
+    dtype float16: a half copy of the model is traced, so weights, mask, KV and logits are fp16 and the upcasts
+    transformers does itself (RMSNorm, softmax in fp32) are in the graph as in its fp16 inference."""
+    import copy
+
     import onnx
     import torch
     info = lm.info
+    half = dtype == "float16"
+    model = copy.deepcopy(lm.model).half() if half else lm.model
+    fdt = torch.float16 if half else torch.float32
     L, H, D = info["num_layers"], info["num_kv_heads"], info["head_dim"]
     B, q, P = 2, 3, 4
-    step = _step_module(lm.model, L)
+    step = _step_module(model, L)
     ids = torch.randint(0, info["vocab_size"], (B, q))
     pos = torch.arange(P, P + q).expand(B, q).contiguous()
-    mask = torch.zeros(B, 1, q, P + q)
-    past = [torch.zeros(B, H, P, D) for _ in range(2 * L)]
+    mask = torch.zeros(B, 1, q, P + q, dtype=fdt)
+    past = [torch.zeros(B, H, P, D, dtype=fdt) for _ in range(2 * L)]
     in_names = ["input_ids", "position_ids", "attn_mask"] + kv_names(L, "past")
     out_names = ["logits"] + kv_names(L, "present")
     dyn = {"input_ids": {0: "batch", 1: "q"}, "position_ids": {0: "batch", 1: "q"},

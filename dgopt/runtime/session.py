@@ -37,12 +37,13 @@ class OrtSession:
         self.present = next((o for o in io["outputs"] if o["type"] == "kv"), None)
         m = manifest["model"]
         self._kv_shape = (m["num_kv_heads"], m["head_dim"])
+        self._kv_dtype = np.dtype(m.get("kv_dtype", "float32"))
         self._out_names = [o for o in self.sess.get_outputs()]
         self._out_names = [o.name for o in self._out_names]
 
     def new_cache(self, batch: int):
         h, d = self._kv_shape
-        return [np.zeros((batch, h, 0, d), np.float32) for _ in self.past["tensors"]] if self.past else []
+        return [np.zeros((batch, h, 0, d), self._kv_dtype) for _ in self.past["tensors"]] if self.past else []
 
     def commit(self, cache, prefix: int, src: np.ndarray, count: int):
         """KV commit after verification: row b keeps slots [0, prefix) then `count` slots from src[b].
@@ -64,13 +65,14 @@ class OrtSession:
         return out, new_cache
 
 
-def _kv_select_graph(n: int, heads: int, head_dim: int):
+def _kv_select_graph(n: int, heads: int, head_dim: int, dtype=np.float32):
     """out_i = t_i[:, :, idx[b], :] per row b: the device-side KV commit (GatherElements along the sequence axis)."""
     from onnx import TensorProto, helper, numpy_helper
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", "keep"])
-    ins = [helper.make_tensor_value_info(f"t{i}", TensorProto.FLOAT, ["batch", heads, "len", head_dim])
+    ins = [helper.make_tensor_value_info(f"t{i}", et, ["batch", heads, "len", head_dim])
            for i in range(n)]
-    outs = [helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT, ["batch", heads, "keep", head_dim])
+    outs = [helper.make_tensor_value_info(f"o{i}", et, ["batch", heads, "keep", head_dim])
             for i in range(n)]
     inits = [numpy_helper.from_array(np.array([0, 1, -1, 1], np.int64), "shape4"),
              numpy_helper.from_array(np.array([1, heads, 1, head_dim], np.int64), "bcast")]
@@ -95,7 +97,7 @@ class BoundSession(OrtSession):
         import onnxruntime as ort
         self.device = device
         n = len(self.past["tensors"]) if self.past else 0
-        self._select = ort.InferenceSession(_kv_select_graph(n, *self._kv_shape).SerializeToString(),
+        self._select = ort.InferenceSession(_kv_select_graph(n, *self._kv_shape, self._kv_dtype).SerializeToString(),
                                             providers=providers) if n else None
         kv_out = set(self.present["tensors"]) if self.present else set()
         self._small_outs = [o for o in self._out_names if o not in kv_out]
