@@ -2,6 +2,7 @@
 
     python benchmarks/ar_decode.py                       # the trained code-tiny if built, else a random 6.5M Llama
     python benchmarks/ar_decode.py --model code-tiny --new 128 --repeats 5
+    python benchmarks/ar_decode.py --device cuda [--precision fp16]   # ORT CUDA EP vs transformers on the GPU
 
 Prints the machine, model size, compile time, tokens/s medians and ratios; writes JSON (+ PNG with matplotlib) to
 benchmarks/results/."""
@@ -43,8 +44,17 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", action="store_true",
                     help="sampled decoding (temperature 0.8, top-k 50): shows the Gumbel fusion's whole-step effect")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the artifact on ORT's CUDA EP (IO binding, KV on the GPU) vs transformers on the GPU")
+    ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                    help="fp16 (cuda only): fp16 artifact vs transformers in fp16")
+    ap.add_argument("--bandwidth-gbs", type=float, default=3350.0,
+                    help="GPU memory bandwidth for the latency floor (default: H100 SXM, 3350 GB/s)")
+    ap.add_argument("--launch-us", type=float, default=2.5, help="assumed cost of one kernel launch for the floor")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
+    if a.precision == "fp16" and a.device != "cuda":
+        ap.error("--precision fp16 needs --device cuda")
     torch.set_num_threads(a.threads)
 
     import dgopt
@@ -56,7 +66,12 @@ def main():
     if a.sample:
         spec["sampling"] = {"kind": "sample", "temperature": 0.8, "top_k": 50}
         gen_kw = dict(do_sample=True, temperature=0.8, top_k=50, top_p=1.0)
+    spec["target"] = {"device": a.device, "precision": a.precision}
     lm = load_model(spec_from_dict(spec).model, lambda p: Path(p))
+    dev = torch.device(a.device)
+    if a.precision == "fp16":
+        lm.model.half()
+    lm.model.to(dev)
     prompts = prompts_for(lm, a.prompts)
     tmp = Path(tempfile.mkdtemp())
     compile_s = {}
@@ -75,30 +90,37 @@ def main():
 
     def hf():
         for p in prompts:
-            ids = torch.tensor([p])
+            ids = torch.tensor([p], device=dev)
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new, **gen_kw,
                                min_new_tokens=a.new, pad_token_id=0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     def dg(lvl):
         return lambda: [decs[lvl].generate(p, max_new_tokens=a.new) for p in prompts]
 
     # exactness on the benchmark itself
     same = a.sample or all(decs[2].generate(p, max_new_tokens=32).ids[0] ==
-               model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+               model.generate(torch.tensor([p], device=dev), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                                                                                      device=dev),
                               max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                for p in prompts[:3])
     total = a.new * len(prompts)
     res = {"hf_generate": median_time(hf, a.repeats), "dgopt_O0": median_time(dg(0), a.repeats),
            "dgopt_O2": median_time(dg(2), a.repeats)}
     tps = {k: total / v for k, v in res.items()}
-    report = {"machine": machine(), "backend": "onnxruntime CPU", "model": lm.source,
+    backend = f"onnxruntime {decs[2].session.providers[0]}, {a.precision}"
+    report = {"machine": machine(), "backend": backend, "model": lm.source,
               "params": lm.info["num_parameters"], "prompts": len(prompts), "new_tokens": a.new,
               "compile_s": {f"O{k}": round(v, 2) for k, v in compile_s.items()},
               "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
               "ratio_vs_hf": {k: round(v / tps["hf_generate"], 2) for k, v in tps.items()},
               "greedy_identical_to_hf": same}
-    print(f"machine: {report['machine']}")
+    if a.device == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+        report["floor"] = _floor(decs[2], lm, a)
+    print(f"machine: {report['machine']}; {backend}" + (f"; {report['gpu']}" if a.device == "cuda" else ""))
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params), {len(prompts)} prompts x "
           f"{a.new} new tokens, batch 1, {a.threads} threads, median of {a.repeats}")
     print(f"compile: -O0 {compile_s[0]:.2f}s, -O2 {compile_s[2]:.2f}s")
@@ -106,6 +128,12 @@ def main():
         print(f"  {k:12s} {tps[k]:9.1f} tokens/s   x{tps[k] / tps['hf_generate']:.2f} vs transformers generate")
     if not a.sample:
         print(f"greedy tokens identical to transformers: {same}")
+    if a.device == "cuda":
+        f = report["floor"]
+        ms = 1e3 / tps["dgopt_O2"]
+        print(f"per token: dgopt -O2 {ms:.3f} ms; floor {f['floor_ms']:.3f} ms = weights {f['weight_mb']:.1f} MB / "
+              f"{a.bandwidth_gbs:.0f} GB/s ({f['bytes_ms']:.4f} ms) + {f['kernels']} kernels x {a.launch_us} us "
+              f"({f['launch_ms']:.3f} ms); dgopt is {ms / f['floor_ms']:.2f}x the floor")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report["mode"] = "sample" if a.sample else "greedy"
@@ -122,6 +150,24 @@ def main():
         fig.savefig(out / f"ar_decode_{report['mode']}.png", dpi=120)
     except ImportError:
         pass
+
+
+def _floor(dec, lm, a) -> dict:
+    """Per-token latency floor on the GPU: the weights read once at full bandwidth plus one launch per kernel of the
+    step as ORT runs it (node count of its optimised graph)."""
+    import onnx
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as d:
+        opts.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        ort.InferenceSession(str(dec.path / dec.manifest["step"]), opts, providers=dec.session.providers)
+        kernels = len(onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node)
+    weight_mb = lm.info["num_parameters"] * (2 if a.precision == "fp16" else 4) / 1e6
+    bytes_ms = weight_mb / 1e3 / a.bandwidth_gbs * 1e3
+    launch_ms = kernels * a.launch_us / 1e3
+    return {"kernels": kernels, "weight_mb": weight_mb, "bytes_ms": bytes_ms, "launch_ms": launch_ms,
+            "floor_ms": bytes_ms + launch_ms}
 
 
 if __name__ == "__main__":
