@@ -94,13 +94,13 @@ class _Builder:
                 for src, i, kv in zip(self.names[ref], *zip(*[(i, kv) for i in range(info["num_layers"])
                                                               for kv in ("key", "value")])):
                     name = f"{oname}.{i}.{kv}"
-                    self.nodes.append(self._identity(src, name))
+                    self._name_output(src, name)
                     self.outputs.append(helper.make_tensor_value_info(
                         name, _kv_et(info), ["batch", info["num_kv_heads"], f"{oname}_len", info["head_dim"]]))
                 self.io["outputs"].append({"name": oname, "type": "kv", "tensors": [
                     f"{oname}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]})
             else:
-                self.nodes.append(self._identity(self.names[ref], oname))
+                self._name_output(self.names[ref], oname)
                 et, shape = self.dims(vt)
                 shape = [f"{oname}_{d}" if d in ("q", "total") else d for d in shape]
                 if oname == "accept_tokens":
@@ -111,6 +111,26 @@ class _Builder:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dgopt")
         model.ir_version = 10
         return model
+
+    def _name_output(self, src: str, dst: str) -> None:
+        """Give the step output its public name by renaming the value that holds it: an Identity would be a real copy
+        at run time (ORT keeps Identity nodes that feed graph outputs), e.g. of the whole KV cache every step.
+        Graph inputs, weights and a value that is already another output still get an Identity."""
+        producers = [nd for nd in self.nodes if src in nd.output]
+        taken = {o.name for o in self.outputs} | {i.name for i in self.inputs}
+        if len(producers) != 1 or src in taken or src in self.inits:
+            self.nodes.append(self._identity(src, dst))
+            return
+        for nd in self.nodes:
+            for seq in (nd.input, nd.output):
+                for i, x in enumerate(seq):
+                    if x == src:
+                        seq[i] = dst
+        for ref, v in self.names.items():   # later outputs may name the same value
+            if v == src:
+                self.names[ref] = dst
+            elif isinstance(v, list) and src in v:
+                self.names[ref] = [dst if x == src else x for x in v]
 
     def _identity(self, src: str, dst: str):
         nd = helper.make_node("Identity", [src], [dst], name=f"output/{dst}")
