@@ -25,14 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, model_spec, prompts_for  # noqa: E402
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up
-    ts = []
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per function, timed in rounds (each once per round): the machine's speed drifts over minutes,
+    and timing one system's repeats back to back would compare the drift, not the systems."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ts = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def main():
@@ -40,7 +44,7 @@ def main():
     ap.add_argument("--model", default="auto", help="a built model name (code-tiny), a HF dir, or 'random'")
     ap.add_argument("--new", type=int, default=128, help="new tokens per prompt")
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample", action="store_true",
                     help="sampled decoding (temperature 0.8, top-k 50): shows the Gumbel fusion's whole-step effect")
@@ -107,8 +111,7 @@ def main():
                               max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                for p in prompts[:3])
     total = a.new * len(prompts)
-    res = {"hf_generate": median_time(hf, a.repeats), "dgopt_O0": median_time(dg(0), a.repeats),
-           "dgopt_O2": median_time(dg(2), a.repeats)}
+    res = interleaved_medians({"hf_generate": hf, "dgopt_O0": dg(0), "dgopt_O2": dg(2)}, a.repeats)
     tps = {k: total / v for k, v in res.items()}
     backend = f"onnxruntime {decs[2].session.providers[0]}, {a.precision}"
     report = {"machine": machine(), "backend": backend, "model": lm.source,
@@ -122,7 +125,7 @@ def main():
         report["floor"] = _floor(decs[2], lm, a)
     print(f"machine: {report['machine']}; {backend}" + (f"; {report['gpu']}" if a.device == "cuda" else ""))
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params), {len(prompts)} prompts x "
-          f"{a.new} new tokens, batch 1, {a.threads} threads, median of {a.repeats}")
+          f"{a.new} new tokens, batch 1, {a.threads} threads, median of {a.repeats} interleaved rounds")
     print(f"compile: -O0 {compile_s[0]:.2f}s, -O2 {compile_s[2]:.2f}s")
     for k in res:
         print(f"  {k:12s} {tps[k]:9.1f} tokens/s   x{tps[k] / tps['hf_generate']:.2f} vs transformers generate")
