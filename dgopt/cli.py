@@ -219,8 +219,11 @@ def cmd_models(a) -> int:
     cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
         (["--steps", str(a.steps)] if a.steps else []) + (["--device", a.device] if a.device != "cpu" else []) + \
         (["--seed", str(a.seed)] if a.seed else [])
-    path = train.build_model(a.name, out=a.out, steps=a.steps, device=a.device, seed=a.seed, threads=a.threads,
-                             command=" ".join(cmd))
+    try:
+        path = train.build_model(a.name, out=a.out, steps=a.steps, device=a.device, seed=a.seed, threads=a.threads,
+                                 command=" ".join(cmd))
+    except ValueError as e:     # a recipe's teacher / init_from model that does not fit (tokenizer, architecture)
+        raise DgoptError(str(e)) from None
     print(path)
     return 0
 
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="build or list the project's own locally trained models")
     msub = m.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
-    mb = msub.add_parser("build", help="train a model recipe (code-tiny, code-draft, code-draft-xtok, code-small)")
+    mb = msub.add_parser("build", help="train a model recipe (code-tiny, code-draft, code-draft-kd, code-draft-xtok, "
+                                       "code-small)")
     mb.add_argument("name")
     mb.add_argument("--out", help="output dir (default: the user cache, ~/.cache/dgopt/models/NAME)")
     mb.add_argument("--steps", type=int, help="training steps (default: the recipe's)")

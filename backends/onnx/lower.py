@@ -444,7 +444,8 @@ LOWERINGS = {
     "repetition_penalty": _repetition_penalty, "temperature": _temperature, "top_k": _top_k, "top_p": _top_p,
     "min_p": _min_p, "softmax": _softmax, "argmax": _argmax, "multinomial": _multinomial,
     "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
-    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "split_seq": _split_seq, "split_kv": _split_kv,
+    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "split_seq": _split_seq,
+    "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
 }
 
