@@ -44,7 +44,8 @@ def test_cuda_fp16_matches_transformers_fp16_on_gpu(tmp_path):
     spec = {"model": {"name": "code-tiny"}, "target": {"device": "cuda", "precision": "fp16", "max_seq_len": 512}}
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "fp16"))
     assert isinstance(dec.session, BoundSession) and dec.session.device == "cuda"
-    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16,
+                                                 attn_implementation="eager").cuda().eval()
     for text in ("def __init__(self", "import "):
         ids = dec.encode(text)
         t = torch.tensor([ids], device="cuda")

@@ -40,7 +40,8 @@ def test_fp16_code_tiny_matches_transformers_fp16(tmp_path):
     from dgopt.models.train import model_dir
     spec = {"model": {"name": "code-tiny"}, "target": {**FP16, "max_seq_len": 512}}
     dec = dgopt.load(_compile(tmp_path, spec, "tiny16"), device="cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16,
+                                                 attn_implementation="eager").eval()
     for text in ("def __init__(self", "import "):
         ids = dec.encode(text)
         t = torch.tensor([ids])
@@ -66,3 +67,41 @@ def test_bf16_onnx_is_a_one_line_spec_error(tmp_path):
     from dgopt.errors import SpecError
     with pytest.raises(SpecError, match="target.precision"):
         _compile(tmp_path, tiny_spec(target={"device": "cuda", "precision": "bf16"}), "bf16")
+
+
+def test_fp16_forward_keeps_fp32_buffers_and_matches_transformers_fp16():
+    """The fp16 forward keeps buffers fp32 as transformers' fp16 model does (the rotary frequencies: rounded to half
+    they shift every position's angle), and its logits at positions 900-907 are within a few fp16 ulps of
+    transformers' fp16 model (eager attention)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from transformers import AutoModelForCausalLM
+
+    from dgopt.models.hf import export_forward, load_model
+    from dgopt.models.train import model_dir
+    from dgopt.spec import spec_from_dict
+    lm = load_model(spec_from_dict({"model": {"name": "code-tiny"}}).model)
+    half = export_forward(lm, "float16")
+
+    def rotary(m):
+        consts = [numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant"]
+        consts += [numpy_helper.to_array(t) for t in m.graph.initializer]
+        return [c for c in consts if c.size == lm.info["head_dim"] // 2 and c.dtype.kind == "f"]
+    inv32 = rotary(export_forward(lm))
+    assert inv32 and all(c.dtype == np.float32 for c in rotary(half))
+    assert all(any(np.array_equal(c, r) for r in inv32) for c in rotary(half))
+
+    sess = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16,
+                                               attn_implementation="eager").eval()
+    ids = np.array([[5, 17, 42, 99, 3, 7, 8, 100]])
+    pos = np.arange(900, 908)[None]
+    mask = np.where(np.tril(np.ones((8, 8), bool)), 0.0, -30000.0).astype(np.float16)[None, None]
+    H, D = lm.info["num_kv_heads"], lm.info["head_dim"]
+    feeds = {"input_ids": ids, "position_ids": pos, "attn_mask": mask}
+    feeds |= {i.name: np.zeros((1, H, 0, D), np.float16) for i in sess.get_inputs()[3:]}
+    got = sess.run(["logits"], feeds)[0].astype(np.float32)
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
+                   attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+    assert np.abs(got - want).max() < 0.04, np.abs(got - want).max()

@@ -150,15 +150,21 @@ def export_forward(lm: LoadedModel, dtype: str = "float32"):
     """ONNX ModelProto of one forward: (input_ids, position_ids, attn_mask, past.*) -> (logits, present.*).
     Traced at batch 2, q 3, past 4 with every such axis dynamic: the legacy tracer bakes size-1 dims and transformers'
     `q_length == 1` branches into the graph otherwise (seen: a q=1 trace failed at prefill).
-    dtype float16: a half copy of the model is traced, so weights, mask, KV and logits are fp16 and the upcasts
-    transformers does itself (RMSNorm, softmax in fp32) are in the graph as in its fp16 inference."""
+    dtype float16: a copy with half parameters is traced, so weights, mask, KV and logits are fp16 and the upcasts
+    transformers does itself (RMSNorm in fp32) are in the graph as in its fp16 inference. Buffers stay fp32 as
+    from_pretrained(dtype=float16) keeps them: a half rotary inv_freq would shift every position's angle (logits
+    0.07 off transformers' fp16 model at position ~1000 instead of 0)."""
     import copy
 
     import onnx
     import torch
     info = lm.info
     half = dtype == "float16"
-    model = copy.deepcopy(lm.model).half() if half else lm.model
+    model = lm.model
+    if half:
+        model = copy.deepcopy(lm.model)
+        for p in model.parameters():
+            p.data = p.data.half()
     fdt = torch.float16 if half else torch.float32
     L, H, D = info["num_layers"], info["num_kv_heads"], info["head_dim"]
     B, q, P = 2, 3, 4
