@@ -292,3 +292,22 @@ def test_build_is_atomic(tmp_path, monkeypatch):
     T.build_model("code-draft", out=out, steps=2, limit_bytes=40_000, progress=False, threads=1,
                   overrides={**MICRO, "eval_tokens": 1024})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (out / T.BUILD_INFO).is_file()
+
+
+def test_distillation_from_a_teacher(tmp_path):
+    """recipe.teacher trains on KL(teacher || student): a student initialised from the teacher itself (init_from)
+    starts at KL 0 and agreement 1; a fresh student's KL falls. A teacher with another tokenizer is refused."""
+    recipe = dataclasses.replace(T.RECIPES["code-draft"], **MICRO)
+    kw = dict(limit_bytes=SLICE, vocab_size=512, progress=False, threads=1)
+    teacher = tmp_path / "teacher"
+    T.train_recipe(recipe, teacher, steps=15, **kw)
+    same = T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher), init_from=str(teacher), lr=1e-9),
+                          tmp_path / "same", steps=2, **kw)
+    assert same["losses"][0] < 1e-5 and same["teacher_agreement"] == 1.0
+    assert same["train_loss_kind"] == "kl_to_teacher"
+    fresh = T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher)), tmp_path / "fresh", steps=20, **kw)
+    assert sum(fresh["losses"][-3:]) < sum(fresh["losses"][:3]) - 0.1, fresh["losses"]
+    assert 0.0 <= fresh["teacher_agreement"] < 1.0
+    with pytest.raises(ValueError, match="recipe.teacher"):
+        T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher)), tmp_path / "other", steps=1,
+                       **{**kw, "vocab_size": 400})

@@ -93,6 +93,7 @@ class Recipe:
     save_dtype: str = "float16"
     # distillation: a built model (name or dir) with the same tokenizer; the loss becomes KL(teacher || student)
     # per position, which trains for what speculative decoding needs (agreeing with the target), not for the data
+    # (checkpoints are still selected by validation cross-entropy; build info's train losses are then KL values)
     teacher: str | None = None
     init_from: str | None = None  # start from this built model's weights (same architecture) instead of random
     notes: dict[str, Any] = field(default_factory=dict)
@@ -636,7 +637,8 @@ def train_recipe(
                 val = do_eval(done)
                 el = time.time() - t_train
                 bar.log(
-                    f"step {done:>5}/{total_steps}  train {lv:.3f}  val {val:.3f} "
+                    f"step {done:>5}/{total_steps}  train {'KL' if teacher is not None else 'CE'} {lv:.3f}  "
+                    f"val CE {val:.3f} "
                     f"(ppl {math.exp(val):.1f})  {el/done:.2f}s/step"
                 )
                 say(f"step={done} train_loss={lv:.4f} val_loss={val:.4f} elapsed={el:.0f}s")
@@ -719,6 +721,7 @@ def train_recipe(
         "val_ppl": round(val_ppl, 3),
         "unigram_ppl": round(uni_ppl, 3),
         "teacher_agreement": None if agreement is None else round(agreement, 4),
+        "train_loss_kind": "kl_to_teacher" if teacher is not None else "cross_entropy",
         "val_eval": {"windows": int(full.shape[0]), "window_len": int(full.shape[1])},
         "evals": [[s, round(v, 5)] for s, v in evals],
         "train_loss_first": round(losses[0], 5) if losses else None,
