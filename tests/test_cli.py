@@ -115,6 +115,12 @@ def artifact(tmp_path, artifacts):
     return dst
 
 
+def _edit_model(a, **kw):
+    m = json.loads((a / "manifest.json").read_text())
+    m["model"].update(kw)
+    (a / "manifest.json").write_text(json.dumps(m))
+
+
 @pytest.mark.parametrize("damage, needle", [
     (lambda a: (a / "manifest.json").write_text("{not json"), "corrupt manifest.json"),
     (lambda a: (a / "manifest.json").write_text(json.dumps({"schema_version": "1.0"})), "missing key"),
@@ -123,6 +129,8 @@ def artifact(tmp_path, artifacts):
     (lambda a: (a / "step.onnx").write_bytes((a / "step.onnx").read_bytes()[:-10] + b"0123456789"), "sha256"),
     (lambda a: (a / "step.onnx").unlink(), "artifact file missing: step.onnx"),
     (lambda a: (a / "manifest.json").unlink(), "not a dgopt artifact"),
+    (lambda a: _edit_model(a, kv_dtype="float16"), "model.kv_dtype 'float16' does not match"),
+    (lambda a: _edit_model(a, kv_dtype="int8"), "model.kv_dtype 'int8'"),
 ])
 def test_damaged_artifact_one_line_error(artifact, damage, needle, capsys):
     damage(artifact)

@@ -37,7 +37,13 @@ class OrtSession:
         self.present = next((o for o in io["outputs"] if o["type"] == "kv"), None)
         m = manifest["model"]
         self._kv_shape = (m["num_kv_heads"], m["head_dim"])
-        self._kv_dtype = np.dtype(m.get("kv_dtype", "float32"))
+        kv_dtype = m.get("kv_dtype", "float32")
+        declared = {i.name: i.type for i in self.sess.get_inputs()}
+        want = {"float32": "tensor(float)", "float16": "tensor(float16)"}.get(kv_dtype)
+        if want is None or any(declared.get(t) != want for t in (self.past or {}).get("tensors", [])):
+            raise ArtifactError(f"corrupt manifest: model.kv_dtype '{kv_dtype}' does not match the KV inputs of "
+                                f"{step_path.name}")
+        self._kv_dtype = np.dtype(kv_dtype)
         self._out_names = [o for o in self.sess.get_outputs()]
         self._out_names = [o.name for o in self._out_names]
 
