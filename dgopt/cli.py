@@ -121,8 +121,9 @@ def cmd_run(a) -> int:
     hist = s.get("accepted_hist")
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
     if "acceptance_rate" in s:
-        accepted += (f"; draft acceptance {s['acceptance_rate']:.2f}, draft {s['draft_s']:.3f}s vs target "
-                     f"{s['target_s']:.3f}s")
+        accepted += f"; draft acceptance {s['acceptance_rate']:.2f}, " + (
+            "draft and target fused in one call per step" if s.get("fused")
+            else f"draft {s['draft_s']:.3f}s vs target {s['target_s']:.3f}s")
     _console().print(f"[dim]{s['new_tokens']} tokens in {s['steps']} steps ({s['tokens_per_step']:.2f} tokens/step, "
                      f"{dec.manifest['strategy']['kind']}), {s['tokens_per_s']:.1f} tokens/s, "
                      f"stop: {', '.join(sorted(set(s['stop'])))}{accepted}[/]")
@@ -144,6 +145,7 @@ def cmd_inspect(a) -> int:
     if m.get("draft"):
         d = m["draft"]["model"]
         tok = " · own tokenizer (draft_tokenizer/)" if m["draft"].get("tokenizer") else ""
+        tok += " · fused into step.onnx" if m["draft"].get("fused") else " · draft.onnx"
         t.add_row("draft", f"{d['family']} · {d['num_parameters']:,} params · vocab {d['vocab_size']} · "
                            f"{d['source']}{tok}")
     t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"

@@ -133,21 +133,28 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             forwards["target"] = (export_forward(lm, kv_dtype), lm.info)
     else:
         forwards["target"] = (None, lm.info)
+    if spec.draft is not None and spec.target.backend == "tensorrt":
+        raise BackendError("target.backend tensorrt: draft models are not supported by the engine build yet")
+    dm = None
+    if "draft" in models:       # a fused step (speculative greedy): the draft's forwards are inlined beside the target's
+        if spec.draft is None:
+            raise SpecError("spec field 'draft': the graph calls model 'draft' but the spec defines no draft model")
+        dm = _load_draft(spec, stage)
+        with stage(f"exporting draft {dm.family} forward to ONNX"):
+            forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"]), dm.info)
 
     from dgopt.backends.onnx import lower_to_onnx
     with stage("lowering to ONNX"):
         step, io = lower_to_onnx(g, forwards, lm.info["vocab_size"])
 
     draft = None
-    if spec.draft is not None:
+    if spec.draft is not None and dm is None:
         draft = _compile_draft(spec, opt_level, stage)
         if spec.strategy.kind == "uag" and not (lm.tokenizer_dir and draft[1].tokenizer_dir):
             which = "model" if not lm.tokenizer_dir else "draft"
             raise SpecError(f"spec field '{which}': strategy uag translates between the two models' tokenizers, "
                             f"but the {'target' if which == 'model' else 'draft'} model has none (random-init "
                             "config?); give a model dir with tokenizer files")
-        if spec.target.backend == "tensorrt":
-            raise BackendError("target.backend tensorrt: draft models are not supported by the engine build yet")
 
     if spec.target.backend == "tensorrt":
         return _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage)
@@ -170,6 +177,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         "step": "step.onnx",
         "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
     }
+    if dm is not None:
+        manifest["draft"] = {"fused": True, "model": {**dm.info, "source": dm.source}}
     if draft is not None:
         manifest["draft"] = {"step": "draft.onnx", "model": {**draft[1].info, "source": draft[1].source},
                              "io": draft[2], "ir_fingerprint": draft[3]}
@@ -214,7 +223,7 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     """The draft's own step graph, through the same passes: for greedy speculative decoding and uag k chained greedy
     steps (all k proposals in one call); for speculative sampling one step returning the draft's distribution q."""
     from dgopt.backends.onnx import lower_to_onnx
-    from .models.hf import export_forward, load_model
+    from .models.hf import export_forward
     from .spec import SamplingSpec
     from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
     sampled = spec.sampling.kind == "sample"
@@ -223,16 +232,22 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
                                     "sampling": spec.sampling if sampled else SamplingSpec(kind="greedy")})
     g0 = expand_draft_probs(dspec) if sampled else expand_draft_chain(dspec, spec.strategy.k)
     g, _ = optimize(g0, dspec, opt_level)
+    dm = _load_draft(spec, stage)
+    with stage(f"exporting draft {dm.family} forward to ONNX"):
+        step, io = lower_to_onnx(g, {"target": (export_forward(dm, dm.info["kv_dtype"]), dm.info)},
+                                 dm.info["vocab_size"])
+    return step, dm, io, g.fingerprint()
+
+
+def _load_draft(spec: Spec, stage):
+    from .models.hf import load_model
     with stage("loading draft model"):
         try:
             dm = load_model(spec.draft, spec.resolve)
         except DgoptError as e:
             raise type(e)(str(e).replace("model.", "draft.", 1)) from None
     dm.info["kv_dtype"] = _kv_dtype(spec)
-    with stage(f"exporting draft {dm.family} forward to ONNX"):
-        step, io = lower_to_onnx(g, {"target": (export_forward(dm, dm.info["kv_dtype"]), dm.info)},
-                                 dm.info["vocab_size"])
-    return step, dm, io, g.fingerprint()
+    return dm
 
 
 def _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage) -> Path:

@@ -58,6 +58,9 @@ class StrategySpec(_Strict):
     # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
     # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
     k: int = Field(4, ge=1)
+    # speculative, greedy: draft chain and target verification in one step graph (one call per step); false keeps
+    # the draft in its own draft.onnx, called before the target (two calls per step)
+    fused: bool = True
 
     @model_validator(mode="after")
     def _degenerate(self):

@@ -11,7 +11,8 @@ STRATEGIES = {
     "autoregressive": {"kind": "autoregressive"},
     "lookahead": {"kind": "lookahead", "window": 4, "ngram": 3, "guesses": 3},
     "jacobi": {"kind": "jacobi", "block": 4},
-    "speculative": {"kind": "speculative", "k": 3},
+    "speculative": {"kind": "speculative", "k": 3},                    # fused: two caches in one step
+    "speculative-unfused": {"kind": "speculative", "k": 3, "fused": False},
 }
 
 
@@ -23,7 +24,7 @@ def noisy_draft(tmp_path_factory):
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_bound_session_matches_plain_session(name, noisy_draft, tmp_path):
     spec = tiny_spec("llama", strategy=STRATEGIES[name])
-    if name == "speculative":
+    if name.startswith("speculative"):
         spec["draft"] = noisy_draft
     art = dgopt.compile(spec, tmp_path / name)
     plain, bound = dgopt.load(art), dgopt.load(art, io_binding=True)

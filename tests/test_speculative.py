@@ -1,6 +1,7 @@
 """Speculative decoding (greedy): token-identical to target-only transformers generate for drafts that agree
 always, never, or partly (rows accepting different counts in one batch), and for drafts whose vocabulary is
-larger or smaller than the target's."""
+larger or smaller than the target's; with the draft fused into the target's step graph (the default) and with the
+draft in its own draft.onnx (strategy.fused false)."""
 import pytest
 
 import dgopt
@@ -28,15 +29,17 @@ def refs():
     return [hf_greedy(m, p, NEW) for p in PROMPTS]
 
 
-def compile_pair(tmp_path, draft, k=3, opt_level=2):
-    spec = tiny_spec("llama", strategy={"kind": "speculative", "k": k})
+def compile_pair(tmp_path, draft, k=3, opt_level=2, fused=True):
+    spec = tiny_spec("llama", strategy={"kind": "speculative", "k": k, "fused": fused})
     spec["draft"] = draft
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"spec-{k}-{opt_level}", opt_level=opt_level))
+    return dgopt.load(dgopt.compile(spec, tmp_path / f"spec-{k}-{opt_level}-{fused}", opt_level=opt_level))
 
 
-@pytest.mark.parametrize("name", ["noisy", "same", "weak", "bigger-vocab", "smaller-vocab"])
-def test_greedy_exact_batch1_and_batch4(name, drafts, refs, tmp_path):
-    dec = compile_pair(tmp_path, drafts[name])
+@pytest.mark.parametrize("name,fused", [("noisy", True), ("same", True), ("weak", True), ("bigger-vocab", True),
+                                        ("smaller-vocab", True), ("noisy", False), ("bigger-vocab", False)])
+def test_greedy_exact_batch1_and_batch4(name, fused, drafts, refs, tmp_path):
+    dec = compile_pair(tmp_path, drafts[name], fused=fused)
+    assert bool(dec.manifest["draft"].get("fused")) == fused
     for p, ref in zip(PROMPTS, refs):
         assert dec.generate(p, max_new_tokens=NEW).ids[0] == ref
     res = dec.generate(PROMPTS[:4], max_new_tokens=NEW)
@@ -49,24 +52,34 @@ def test_greedy_exact_batch1_and_batch4(name, drafts, refs, tmp_path):
 
 
 @pytest.mark.parametrize("k", [1, 5])
-def test_k_values_and_O0_equals_O2(k, drafts, refs, tmp_path):
-    d0 = compile_pair(tmp_path, drafts["noisy"], k, 0)
+def test_k_values_O0_equals_O2_fused_equals_unfused(k, drafts, refs, tmp_path):
+    d0 = compile_pair(tmp_path, drafts["noisy"], k, 0, fused=False)
     d2 = compile_pair(tmp_path, drafts["noisy"], k, 2)
     r0, r2 = d0.generate(PROMPTS[:4], max_new_tokens=NEW), d2.generate(PROMPTS[:4], max_new_tokens=NEW)
     assert r0.ids == r2.ids == refs[:4] and r0.stats["steps"] == r2.stats["steps"]
 
 
-def test_repeated_calls_identical(drafts, tmp_path):
-    dec = compile_pair(tmp_path, drafts["noisy"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_repeated_calls_identical(fused, drafts, tmp_path):
+    dec = compile_pair(tmp_path, drafts["noisy"], fused=fused)
     a, b = dec.generate(PROMPTS[:3], max_new_tokens=NEW), dec.generate(PROMPTS[:3], max_new_tokens=NEW)
     assert a.ids == b.ids and a.stats["steps"] == b.stats["steps"]
-    assert {"draft_s", "target_s", "acceptance_rate"} <= set(a.stats)
+    assert {"fused", "acceptance_rate"} <= set(a.stats) if fused else {"draft_s", "target_s", "acceptance_rate"} <= set(a.stats)
 
 
-def test_artifact_holds_both_step_graphs(drafts, tmp_path):
-    dec = compile_pair(tmp_path, drafts["weak"])
+def test_artifact_step_graphs(drafts, tmp_path):
+    """Unfused: draft.onnx beside step.onnx. Fused: one step.onnx with both models' weights and both caches."""
+    import onnx
+    dec = compile_pair(tmp_path, drafts["weak"], fused=False)
     assert (dec.path / "draft.onnx").is_file() and "draft.onnx" in dec.manifest["files"]
     assert dec.manifest["draft"]["model"]["num_layers"] == 1
+    dec = compile_pair(tmp_path, drafts["weak"])
+    assert not (dec.path / "draft.onnx").exists() and dec.draft_session is None
+    assert dec.manifest["draft"]["model"]["num_layers"] == 1
+    kv = {i["name"]: len(i["tensors"]) for i in dec.manifest["io"]["inputs"] if i["type"] == "kv"}
+    assert kv == {"past": 2 * TINY["llama"]["num_hidden_layers"], "draft_past": 2}
+    inits = {t.name.split("/")[0] for t in onnx.load(str(dec.path / "step.onnx")).graph.initializer}
+    assert {"target", "draft"} <= inits
 
 
 def test_missing_draft_is_a_spec_error(tmp_path):
@@ -87,7 +100,7 @@ def test_draft_chain_one_call_equals_k_steps(drafts, tmp_path):
 
     from dgopt.models.hf import config_model
     k = 4
-    dec = compile_pair(tmp_path, drafts["weak"], k=k)
+    dec = compile_pair(tmp_path, drafts["weak"], k=k, fused=False)
     sess = ort.InferenceSession(str(dec.path / "draft.onnx"), providers=["CPUExecutionProvider"])
     model = config_model(dict(drafts["weak"]["config"]), drafts["weak"]["seed"]).eval()
     rng = np.random.default_rng(0)

@@ -150,12 +150,14 @@ def _dtname(et: int) -> str:
 # -- lowering rules, one per IR op ---------------------------------------------------------------------------------
 def _input(b: _Builder, node, ins):
     vt, name = node.attrs["type"], node.attrs["name"]
-    if vt == "kv":
-        info = b.forwards["target"][1]
+    if vt == "kv":     # the cache of the model whose forward reads it (a fused step has target and draft caches)
+        models = [u.attrs["model"] for u in b.g.users(node.out()) if u.op == "forward"]
+        info = b.forwards[models[0] if models else "target"][1]
         names = [f"{name}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]
         for n in names:
             b.inputs.append(helper.make_tensor_value_info(
-                n, _kv_et(info), ["batch", info["num_kv_heads"], "past", info["head_dim"]]))
+                n, _kv_et(info), ["batch", info["num_kv_heads"], "past" if name == "past" else f"{name}_len",
+                                  info["head_dim"]]))
         b.names[node.out()] = names
         b.io["inputs"].append({"name": name, "type": "kv", "tensors": names})
         return
@@ -343,6 +345,13 @@ def _next_inputs(b, node, ins):
         b.names[node.out("mask")] = b.op("Concat", [row, zero], axis=3)
 
 
+def _to_candidates(b, node, ins):
+    props = ins[0]
+    ids = b.op("Where", [b.op("Less", [props, b.const(b.V, np.int64)]), props, b.const(0, np.int64)])
+    b.names[node.out("ids")] = ids
+    b.names[node.out("candidates")] = b.op("Unsqueeze", [ids, b.const([1], np.int64)])
+
+
 def _used(b, node, out: str) -> bool:
     ref = node.out(out)
     return bool(b.g.users(ref)) or b.g.is_output(ref)
@@ -444,7 +453,8 @@ LOWERINGS = {
     "repetition_penalty": _repetition_penalty, "temperature": _temperature, "top_k": _top_k, "top_p": _top_p,
     "min_p": _min_p, "softmax": _softmax, "argmax": _argmax, "multinomial": _multinomial,
     "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
-    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "split_seq": _split_seq,
+    "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "to_candidates": _to_candidates,
+    "split_seq": _split_seq,
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
 }

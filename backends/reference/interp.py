@@ -134,6 +134,9 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
         elif node.op == "forward":
             for k, v in _forward(node, ins, models or {}).items():
                 env[node.out(k)] = v
+        elif node.op == "to_candidates":     # the target's vocabulary bounds the ids it can embed
+            ids = torch.where(ins[0] < models["target"].info["vocab_size"], ins[0], 0)
+            env[node.out("ids")], env[node.out("candidates")] = ids, ids[:, None]
         elif node.op == "random_uniform":
             env[node.out()] = torch.rand(ins[0].shape[0], generator=generator)
         elif node.op == "random_gumbel":

@@ -165,6 +165,10 @@ register(OpSchema("next_inputs", (("token", ("token",)), ("positions", ("positio
                       "block's last position + 1, mask = the block's last mask row plus a visible column for the new "
                       "token (it sees what the block's last token saw, and itself). Chains forwards inside one graph "
                       "(a draft proposing k tokens in one call)."))
+register(OpSchema("to_candidates", (("proposals", ("tokens",)),), ("ids", "candidates"), ("tokens", "candidates"),
+                  doc="A draft's proposals [B,K] as the target's input: ids [B,K] (ids the target cannot embed, from a "
+                      "larger draft vocabulary, become 0: such a proposal can never equal the target's argmax, so "
+                      "verification stays exact) and the same tokens as one candidate [B,1,K] for verify_greedy."))
 register(OpSchema("merge_masks", (("a", ("mask",)), ("b", ("mask",))), ("out",), ("mask",),
                   doc="Two [B,1,q_i,P+q_i] masks over the same past -> one [B,1,qa+qb,P+qa+qb] block mask in which "
                       "the two blocks see the shared past and themselves, never each other."))

@@ -105,15 +105,20 @@ class _Pool:
 
 
 class _Drafter:
-    """Speculative proposals from the draft model's own step graph. Its cache holds the committed tokens it has
-    seen; `pending` are committed tokens it has not (the prompt at first, then the bonus token, or d_k and the bonus
-    when all k proposals were accepted). After verification its cache is cut back to the accepted prefix."""
+    """Speculative proposals from the draft model. Its cache holds the committed tokens it has seen; `pending` are
+    committed tokens it has not (the prompt at first, then the bonus token, or d_k and the bonus when all k proposals
+    were accepted). After verification its cache is cut back to the accepted prefix.
+    With its own step graph (draft.onnx) it runs before the target (`propose`); in a fused step (no draft session)
+    its chain runs inside the target's step: it only supplies the draft's inputs (`feeds`) and commits the draft's
+    part of the shared cache (`accept`)."""
 
     def __init__(self, dec, x_ids, x_valid, x_pos, k: int, uniform=None):
-        self.dec, self.sess, self.k = dec, dec.draft_session, k
+        self.dec, self.k = dec, k
+        self.fused = dec.draft_session is None
+        self.sess = dec.session if self.fused else dec.draft_session
         self.uniform = uniform              # sampling: a NoiseStream of [B, 1] draws; proposals come from the draft's q
         B = len(x_ids)
-        self.cache = self.sess.new_cache(B)
+        self.cache = None if self.fused else self.sess.new_cache(B)
         self.valid = np.zeros((B, 0), np.int8)
         self.pend, self.pend_valid, self.pend_pos = x_ids, x_valid, x_pos
         self.tvocab = dec.vocab_size
@@ -141,6 +146,16 @@ class _Drafter:
         self.q.append(qf)
         return d.astype(np.int64)
 
+    def feeds(self) -> dict:
+        """Fused step: the draft's inputs (pending block, its positions, its mask over the draft cache)."""
+        B = len(self.pend)
+        self.base = self.valid.shape[1] + self.pend.shape[1]
+        q = self.pend.shape[1]
+        mask = _full_mask(self.valid, _block_mask(self.pend_valid, _causal(q), q))
+        self.valid = np.concatenate([self.valid, self.pend_valid, np.ones((B, self.k - 1), np.int8)], 1)
+        return {"draft_ids": np.where(self.pend < self.dvocab, self.pend, self.dpad),
+                "draft_position_ids": self.pend_pos, "draft_mask": mask}
+
     def propose(self) -> np.ndarray:
         B = len(self.pend)
         self.base = self.valid.shape[1] + self.pend.shape[1]
@@ -158,10 +173,14 @@ class _Drafter:
         # never equal the target's argmax, so any in-range stand-in keeps verification exact
         return np.where(props < self.tvocab, props, 0)[:, None, :]
 
-    def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray) -> None:
+    def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray, cache=None):
+        """Cut the draft cache back to the accepted prefix; fused: in the step's shared `cache`, returned."""
         kept = np.minimum(m, self.k - 1)                    # draft tokens d1..d_{k-1} are in its cache
         M = int(kept.max())
-        self.cache = self.sess.commit(self.cache, self.base, np.full(len(m), self.base), M)
+        if self.fused:
+            cache = self.sess.commit(cache, self.base, np.full(len(m), self.base), M, part="draft_past")
+        else:
+            self.cache = self.sess.commit(self.cache, self.base, np.full(len(m), self.base), M)
         self.valid = np.concatenate([self.valid[:, :self.base],
                                      (np.arange(M)[None, :] < kept[:, None]).astype(np.int8)], 1)
         B = len(m)
@@ -175,6 +194,7 @@ class _Drafter:
             self.pend[:, 0] = proposals[:, 0, -1]
             self.pend_valid[:, 0] = full
             self.pend_pos[:, 0] = new_x_pos - 1
+        return cache
 
 
 class _XTokDrafter:
@@ -316,6 +336,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise.get("draft"))
     elif st["kind"] == "uag":
         drafter = _XTokDrafter(dec, seqs, K)
+    fused = isinstance(drafter, _Drafter) and drafter.fused
     pools = [_Pool(G, K) for _ in range(B)] if lookahead else None
     if pools:
         for b, r in enumerate(rows):
@@ -342,6 +363,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         feeds = {}
         if lookahead:
             cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
+        elif fused:
+            feeds.update(drafter.feeds(), x_ids=x_ids)
         elif speculative:
             td = time.perf_counter()
             cands = drafter.propose()
@@ -349,11 +372,11 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         else:
             cands = guess[:, None, :]
         offs = np.arange(1, K + 1)
-        v_ids = np.concatenate([x_ids, cands.reshape(B, -1)], 1)
         v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(offs, G)[None]], 1)
         v_block = _block_mask(x_valid, _verify_structure(k, G, K), k)
-        feeds.update(verify_ids=v_ids, verify_position_ids=v_pos, verify_mask=_full_mask(valid, v_block),
-                     candidates=cands)
+        feeds.update(verify_position_ids=v_pos, verify_mask=_full_mask(valid, v_block))
+        if not fused:
+            feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
         if sampled:
             feeds.update(draft_probs=np.stack(drafter.q, 1), accept_uniform=noise["accept_uniform"].next(),
                          gumbel=noise["gumbel"].next())                # gumbel: for the one residual draw
@@ -366,6 +389,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                          lookahead_mask=_full_mask(valid, _block_mask(x_valid, _lookahead_structure(k, levels, W), k)))
         out, present = dec.session.run(feeds, cache)
         steps += 1
+        if fused:
+            cands = out["proposals"][:, None, :].astype(np.int64)
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
 
@@ -422,7 +447,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         elif isinstance(drafter, _XTokDrafter):
             drafter.accept(done)
         elif speculative:
-            drafter.accept(m, chain, x_pos[:, 0], cands)
+            cache = drafter.accept(m, chain, x_pos[:, 0], cands, cache)
         elif not lookahead:
             for b in range(B):
                 rest = list(chain[b, m[b] + 1:])
@@ -446,5 +471,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     if speculative:
         proposed = sum(c * K for c in hist.values())
         stats["acceptance_rate"] = round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4)
-        stats["draft_s"], stats["target_s"] = round(t_draft, 6), round(elapsed - t_draft, 6)
+        if fused:       # draft and target run in one call: no split of the time
+            stats["fused"] = True
+        else:
+            stats["draft_s"], stats["target_s"] = round(t_draft, 6), round(elapsed - t_draft, 6)
     return GenerateResult(out_ids, None, stats)

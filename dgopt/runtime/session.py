@@ -33,33 +33,46 @@ class OrtSession:
         io = manifest["io"]
         self.inputs = {i["name"]: i for i in io["inputs"]}
         self.outputs = {o["name"]: o for o in io["outputs"]}
-        self.past = next((i for i in io["inputs"] if i["type"] == "kv"), None)
-        self.present = next((o for o in io["outputs"] if o["type"] == "kv"), None)
-        m = manifest["model"]
-        self._kv_shape = (m["num_kv_heads"], m["head_dim"])
-        kv_dtype = m.get("kv_dtype", "float32")
-        declared = {i.name: i.type for i in self.sess.get_inputs()}
+        # the cache is one flat list over every kv input (a fused speculative step has the target's `past`, then
+        # the draft's `draft_past`); `parts` says which slice belongs to which, for commits of one model's cache
+        kv_in = [i for i in io["inputs"] if i["type"] == "kv"]
+        kv_out = [o for o in io["outputs"] if o["type"] == "kv"]
+        self.past = {"tensors": [t for i in kv_in for t in i["tensors"]]} if kv_in else None
+        self.present = {"tensors": [t for o in kv_out for t in o["tensors"]]} if kv_out else None
+        self.parts, n = {}, 0
+        for i in kv_in:
+            self.parts[i["name"]] = slice(n, n + len(i["tensors"]))
+            n += len(i["tensors"])
+        kv_dtype = manifest["model"].get("kv_dtype", "float32")
+        declared = {i.name: i for i in self.sess.get_inputs()}
         want = {"float32": "tensor(float)", "float16": "tensor(float16)"}.get(kv_dtype)
-        if want is None or any(declared.get(t) != want for t in (self.past or {}).get("tensors", [])):
+        kv_names = (self.past or {}).get("tensors", [])
+        if want is None or any(t not in declared or declared[t].type != want for t in kv_names):
             raise ArtifactError(f"corrupt manifest: model.kv_dtype '{kv_dtype}' does not match the KV inputs of "
                                 f"{step_path.name}")
         self._kv_dtype = np.dtype(kv_dtype)
+        # [batch, heads, len, head_dim]: heads and head_dim are fixed in the graph, per model
+        self._kv_shapes = [tuple(declared[t].shape[i] for i in (1, 3)) for t in kv_names]
         self._out_names = [o for o in self.sess.get_outputs()]
         self._out_names = [o.name for o in self._out_names]
 
     def new_cache(self, batch: int):
-        h, d = self._kv_shape
-        return [np.zeros((batch, h, 0, d), self._kv_dtype) for _ in self.past["tensors"]] if self.past else []
+        return [np.zeros((batch, h, 0, d), self._kv_dtype) for h, d in self._kv_shapes]
 
-    def commit(self, cache, prefix: int, src: np.ndarray, count: int):
-        """KV commit after verification: row b keeps slots [0, prefix) then `count` slots from src[b].
-        Only the few accepted slots move (in place); then one contiguous copy, no gather over the whole cache."""
-        out = []
-        for t in cache:
+    def _part_name(self, part: str | None) -> str:
+        return part or ("past" if "past" in self.parts else next(iter(self.parts)))
+
+    def commit(self, cache, prefix: int, src: np.ndarray, count: int, part: str | None = None):
+        """KV commit after verification: row b keeps slots [0, prefix) then `count` slots from src[b], in the
+        tensors of kv input `part` (default: the first, the target's). Only the few accepted slots move (in place);
+        then one contiguous copy, no gather over the whole cache."""
+        out = list(cache)
+        sl = self.parts[self._part_name(part)]
+        for j, t in enumerate(cache[sl], sl.start):
             for b, s in enumerate(src):
                 if s != prefix and count:
                     t[b, :, prefix:prefix + count] = t[b, :, s:s + count].copy()
-            out.append(np.ascontiguousarray(t[:, :, :prefix + count]))
+            out[j] = np.ascontiguousarray(t[:, :, :prefix + count])
         return out
 
     def run(self, feeds: dict, cache) -> tuple[dict, object]:
@@ -102,9 +115,10 @@ class BoundSession(OrtSession):
         super().__init__(step_path, manifest, providers, threads)
         import onnxruntime as ort
         self.device = device
-        n = len(self.past["tensors"]) if self.past else 0
-        self._select = ort.InferenceSession(_kv_select_graph(n, *self._kv_shape, self._kv_dtype).SerializeToString(),
-                                            providers=providers) if n else None
+        self._select = {}       # per kv part (they differ in heads / head_dim): the gather graph of its commit
+        for name, sl in self.parts.items():
+            g = _kv_select_graph(sl.stop - sl.start, *self._kv_shapes[sl.start], self._kv_dtype)
+            self._select[name] = ort.InferenceSession(g.SerializeToString(), providers=providers)
         kv_out = set(self.present["tensors"]) if self.present else set()
         self._small_outs = [o for o in self._out_names if o not in kv_out]
 
@@ -133,17 +147,21 @@ class BoundSession(OrtSession):
         out = {o: vals[o].numpy() for o in self._small_outs}
         return out, ([vals[o] for o in kv] if kv else cache)
 
-    def commit(self, cache, prefix: int, src: np.ndarray, count: int):
+    def commit(self, cache, prefix: int, src: np.ndarray, count: int, part: str | None = None):
         B = len(src)
         idx = np.concatenate([np.broadcast_to(np.arange(prefix), (B, prefix)),
                               np.asarray(src)[:, None] + np.arange(count)[None, :]], 1).astype(np.int64)
-        io = self._select.io_binding()
+        part = self._part_name(part)
+        sl, sel = self.parts[part], self._select[part]
+        io = sel.io_binding()
         io.bind_cpu_input("idx", idx)
-        for i, t in enumerate(cache):
+        for i, t in enumerate(cache[sl]):
             self._bind(io, f"t{i}", t)
             io.bind_output(f"o{i}", self.device)
-        self._select.run_with_iobinding(io)
-        return io.get_outputs()
+        sel.run_with_iobinding(io)
+        out = list(cache)
+        out[sl] = io.get_outputs()
+        return out
 
 
 def make_session(art_dir: Path, manifest: dict, device: str | None = None, threads: int | None = None,

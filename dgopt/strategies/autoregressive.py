@@ -6,7 +6,8 @@ from __future__ import annotations
 from ..ir import Graph
 from ..spec import Spec
 
-__all__ = ["expand_autoregressive", "add_model_inputs", "add_processors", "add_sampler"]
+__all__ = ["expand_autoregressive", "add_model_inputs", "add_processors", "add_sampler", "add_draft_chain",
+           "expand_draft_chain", "expand_draft_probs"]
 
 
 def add_model_inputs(g: Graph):
@@ -61,20 +62,25 @@ def expand_autoregressive(spec: Spec) -> Graph:
     return g
 
 
-def expand_draft_chain(spec: Spec, k: int) -> Graph:
-    """A greedy draft's step that proposes k tokens in ONE call: k chained forwards, each over the token the one
-    before chose (next_inputs). The cache it returns holds the fed block and d_1..d_{k-1}; d_k is never fed, as
-    when the host calls a one-token step k times, but without k-1 round trips through the host."""
-    g = Graph()
-    ids, pos, mask, kv = add_model_inputs(g)
+def add_draft_chain(g: Graph, ids, pos, mask, kv, k: int, model: str = "target", prefix: str = "draft"):
+    """k chained greedy forwards of `model`, each over the token the one before chose (next_inputs). Returns the
+    proposals [B, k] and the cache, which holds the fed block and d_1..d_{k-1}; d_k is never fed, as when the host
+    calls a one-token step k times, but without k-1 round trips through the host."""
     props = None
     for i in range(k):
-        fwd = g.add("forward", [ids, pos, mask, kv], {"model": "target"}, id=f"draft{i}")
-        last = g.add("last_position", [fwd.out("logits")], id=f"draft{i}/last_position")
-        tok = g.add("argmax", [last], id=f"draft{i}/argmax")
-        nxt = g.add("next_inputs", [tok, pos, mask], id=f"draft{i}/next")
+        fwd = g.add("forward", [ids, pos, mask, kv], {"model": model}, id=f"{prefix}{i}")
+        last = g.add("last_position", [fwd.out("logits")], id=f"{prefix}{i}/last_position")
+        tok = g.add("argmax", [last], id=f"{prefix}{i}/argmax")
+        nxt = g.add("next_inputs", [tok, pos, mask], id=f"{prefix}{i}/next")
         ids, pos, mask, kv = nxt.out("ids"), nxt.out("positions"), nxt.out("mask"), fwd.out("kv")
-        props = ids if props is None else g.add("concat_seq", [props, ids], id=f"draft{i}/proposals")
+        props = ids if props is None else g.add("concat_seq", [props, ids], id=f"{prefix}{i}/proposals")
+    return props, kv
+
+
+def expand_draft_chain(spec: Spec, k: int) -> Graph:
+    """A greedy draft's own step that proposes k tokens in ONE call (draft.onnx beside the target's step)."""
+    g = Graph()
+    props, kv = add_draft_chain(g, *add_model_inputs(g), k)
     g.set_output("proposals", props)
     g.set_output("present", kv)
     return g

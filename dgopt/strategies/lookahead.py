@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..ir import Graph
 from ..spec import Spec
 
-__all__ = ["expand_lookahead", "expand_jacobi", "expand_speculative"]
+__all__ = ["expand_lookahead", "expand_jacobi", "expand_speculative", "fuses_draft"]
 
 
 def _branch_inputs(g: Graph, name: str):
@@ -53,12 +53,45 @@ def expand_jacobi(spec: Spec) -> Graph:
     return g
 
 
+def fuses_draft(spec: Spec) -> bool:
+    """Greedy speculative decoding compiles draft and target into one step graph unless strategy.fused is off."""
+    return spec.strategy.kind == "speculative" and spec.sampling.kind == "greedy" and spec.strategy.fused
+
+
+def _fused_speculative(g: Graph, past, k: int) -> Graph:
+    """Draft chain and verification in ONE step graph: the draft (model "draft", its own cache draft_past) reads the
+    committed tokens it has not seen yet and proposes d_1..d_k by k chained greedy forwards; the target verifies
+    [x-block, d_1..d_k] in one forward. One call per step instead of a draft call and a target call; the host still
+    builds both models' masks and positions (they do not depend on the proposals' values) and commits both caches."""
+    from .autoregressive import add_draft_chain
+    dpast = g.add("input", attrs={"name": "draft_past", "type": "kv"}, id="draft_past")
+    d_ids, d_pos, d_mask = _branch_inputs(g, "draft")
+    props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft")
+    cand = g.add("to_candidates", [props], id="draft/candidates")
+    x = g.add("input", attrs={"name": "x_ids", "type": "tokens"}, id="x_ids")
+    pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
+    mask = g.add("input", attrs={"name": "verify_mask", "type": "mask"}, id="verify_mask")
+    ids = g.add("concat_seq", [x, cand.out("ids")], id="verify_ids")
+    fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
+    v = g.add("verify_greedy", [fwd.out("logits"), cand.out("candidates")], {"guesses": 1, "length": k},
+              id="verify/accept")
+    g.set_output("accept_len", v.out("accept_len"))
+    g.set_output("accept_tokens", v.out("tokens"))
+    g.set_output("best", v.out("best"))
+    g.set_output("present", fwd.out("kv"))
+    g.set_output("proposals", cand.out("ids"))
+    g.set_output("draft_present", dkv)
+    return g
+
+
 def expand_speculative(spec: Spec) -> Graph:
     """The target's step: verify the draft's k proposals (one candidate of k tokens) after the x-block. The draft's
     own step graph is compiled beside it (draft.onnx): an autoregressive greedy step, or for sampling its processed
     distribution, which verify_sample needs for rejection sampling."""
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
+    if spec.sampling.kind == "greedy" and fuses_draft(spec):
+        return _fused_speculative(g, past, spec.strategy.k)
     if spec.sampling.kind == "greedy":
         _verify(g, past, 1, spec.strategy.k)
         return g
