@@ -18,7 +18,8 @@ CALLS, BATCH = 40, 500                       # 20,000 draws
 @pytest.fixture(scope="module")
 def drafts(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdrafts")
-    out = {"other-vocab": {"config": {**TINY["llama"], "num_hidden_layers": 1, "vocab_size": 300}, "seed": 3}}
+    out = {"other-vocab": {"config": {**TINY["llama"], "num_hidden_layers": 1, "vocab_size": 300}, "seed": 3},
+           "bigger-vocab": {"config": {**TINY["llama"], "num_hidden_layers": 1, "vocab_size": 400}, "seed": 4}}
     for name, scale in (("noisy", 0.001), ("weak", 0.005)):   # the target's weights plus noise
         out[name] = noisy_draft_dir(root, name, scale)
     return out
@@ -42,10 +43,11 @@ def exact():
     return p1.numpy(), joint
 
 
-def compile_sampler(tmp_path, draft, opt_level=2, k=3):
-    spec = tiny_spec("llama", strategy={"kind": "speculative", "k": k}, sampling=SAMPLING, target={"max_batch": BATCH})
+def compile_sampler(tmp_path, draft, opt_level=2, k=3, fused=True):
+    spec = tiny_spec("llama", strategy={"kind": "speculative", "k": k, "fused": fused}, sampling=SAMPLING,
+                     target={"max_batch": BATCH})
     spec["draft"] = draft
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"ss-{opt_level}-{k}", opt_level=opt_level))
+    return dgopt.load(dgopt.compile(spec, tmp_path / f"ss-{opt_level}-{k}-{fused}", opt_level=opt_level))
 
 
 def _chi2(counts: dict, probs: dict, n: int) -> float:
@@ -59,9 +61,11 @@ def _chi2(counts: dict, probs: dict, n: int) -> float:
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-@pytest.mark.parametrize("name", ["noisy", "weak"])
-def test_first_token_and_joint_match_target_distribution(name, drafts, exact, tmp_path):
-    dec = compile_sampler(tmp_path, drafts[name])
+@pytest.mark.parametrize("name,fused", [("noisy", True), ("weak", True), ("noisy", False)])
+def test_first_token_and_joint_match_target_distribution(name, fused, drafts, exact, tmp_path):
+    """fused: the draft draws d_i in the step graph (Gumbel-max over q_i); unfused: on the host from draft.onnx's q."""
+    dec = compile_sampler(tmp_path, drafts[name], fused=fused)
+    assert dec.draft_session is None if fused else dec.draft_session is not None
     first, pairs, acc = {}, {}, []
     for seed in range(CALLS):
         res = dec.generate([PROMPT] * BATCH, max_new_tokens=2, seed=seed)
@@ -88,11 +92,18 @@ def test_seeded_repeatable_and_O0_equals_O2(drafts, tmp_path):
     assert len(a.stats["accepted_hist"]) > 1, a.stats
 
 
-def test_draft_with_another_vocab_size(drafts, exact, tmp_path):
-    dec = compile_sampler(tmp_path, drafts["other-vocab"])
-    res = dec.generate([PROMPT] * BATCH, max_new_tokens=1, seed=0)
+@pytest.mark.parametrize("name,fused", [("other-vocab", True), ("bigger-vocab", True), ("other-vocab", False),
+                                        ("bigger-vocab", False)])
+def test_draft_with_another_vocab_size(name, fused, drafts, exact, tmp_path):
+    """A draft vocabulary smaller (300) or larger (400) than the target's (320): proposals the target cannot embed
+    are never drawn, ids the draft lacks have q = 0; the first token still follows the target's distribution."""
+    dec = compile_sampler(tmp_path, drafts[name], fused=fused)
+    first = {}
+    for seed in range(CALLS):
+        for r in dec.generate([PROMPT] * BATCH, max_new_tokens=1, seed=seed).ids:
+            first[r[0]] = first.get(r[0], 0) + 1
     p1, _ = exact
-    assert all(p1[r[0]] > 0 for r in res.ids)        # only tokens in the target's top-k support
+    assert _chi2(first, {i: p for i, p in enumerate(p1) if p > 0}, CALLS * BATCH) > 1e-3
 
 
 def test_unsupported_sampling_options_are_spec_errors(drafts, tmp_path):

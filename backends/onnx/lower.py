@@ -352,6 +352,19 @@ def _to_candidates(b, node, ins):
     b.names[node.out("candidates")] = b.op("Unsqueeze", [ids, b.const([1], np.int64)])
 
 
+def _as_seq(b, node, ins):
+    b.names[node.out()] = b.op("Unsqueeze", [ins[0], b.const([1], np.int64)])
+
+
+def _to_target_vocab(b, node, ins):
+    x, V = ins[0], b.V
+    short = b.op("Max", [b.op("Sub", [b.const([V], np.int64), _dim(b, x, 1)]), b.const([0], np.int64)])
+    pads = b.op("Concat", [b.const([0, 0, 0], np.int64), short], axis=0)
+    padded = b.op("Pad", [x, pads, b.const(NEG_INF)], mode="constant")
+    b.names[node.out()] = b.op("Slice", [padded, b.const([0], np.int64), b.const([V], np.int64),
+                                         b.const([1], np.int64)])
+
+
 def _used(b, node, out: str) -> bool:
     ref = node.out(out)
     return bool(b.g.users(ref)) or b.g.is_output(ref)
@@ -454,6 +467,7 @@ LOWERINGS = {
     "min_p": _min_p, "softmax": _softmax, "argmax": _argmax, "multinomial": _multinomial,
     "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
     "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "to_candidates": _to_candidates,
+    "as_seq": _as_seq, "to_target_vocab": _to_target_vocab,
     "split_seq": _split_seq,
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,

@@ -105,6 +105,7 @@ RULES = {
     "multinomial": _multinomial,
     "gumbel_argmax": lambda n, i: (i[0] + i[1]).argmax(-1),
     "concat_seq": lambda n, i: torch.cat(i, 1),
+    "as_seq": lambda n, i: i[0][:, None],
     "merge_masks": _merge_masks,
     "next_inputs": lambda n, i: {"ids": i[0][:, None], "positions": i[1][:, -1:] + 1,
                                  "mask": torch.cat([i[2][:, :, -1:], torch.zeros_like(i[2][:, :, -1:, -1:])], 3)},
@@ -137,6 +138,10 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
         elif node.op == "to_candidates":     # the target's vocabulary bounds the ids it can embed
             ids = torch.where(ins[0] < models["target"].info["vocab_size"], ins[0], 0)
             env[node.out("ids")], env[node.out("candidates")] = ids, ids[:, None]
+        elif node.op == "to_target_vocab":
+            V = models["target"].info["vocab_size"]
+            x = ins[0][:, :V]
+            env[node.out()] = torch.cat([x, x.new_full((x.shape[0], V - x.shape[1]), float("-inf"))], 1)
         elif node.op == "random_uniform":
             env[node.out()] = torch.rand(ins[0].shape[0], generator=generator)
         elif node.op == "random_gumbel":

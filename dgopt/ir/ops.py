@@ -157,8 +157,14 @@ register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", 
                       "K tokens. The argmax after the x-block is always accepted; candidate g then keeps its longest "
                       "prefix equal to the model's own argmax chain. Outputs: accept_len = 1 + best prefix [B], "
                       "tokens = the best candidate's argmax chain [B, K+1], best = its index [B] (first maximum)."))
-register(OpSchema("concat_seq", (("a", ("tokens", "positions")), ("b", ("tokens", "positions"))), ("out",),
-                  type_fn=lambda n: None, doc="Concatenate two token/position blocks along q."))
+_SEQS = ("tokens", "positions", "probs_seq")
+register(OpSchema("concat_seq", (("a", _SEQS), ("b", _SEQS)), ("out",), type_fn=lambda n: None,
+                  doc="Concatenate two token/position blocks (or two runs of distributions) along q."))
+register(OpSchema("as_seq", (("x", ("probs",)),), ("out",), ("probs_seq",),
+                  doc="One distribution [B,V] as a run of one [B,1,V] (a draft's q for its first proposal)."))
+register(OpSchema("to_target_vocab", (("x", ("logits",)),), ("out",), ("logits",),
+                  doc="A draft's scores [B,Vd] over the target's vocabulary [B,V]: ids >= V dropped, ids the draft "
+                      "lacks (Vd < V) at -inf. Its distribution then proposes only tokens the target can verify."))
 register(OpSchema("next_inputs", (("token", ("token",)), ("positions", ("positions",)), ("mask", ("mask",))),
                   ("ids", "positions", "mask"), ("tokens", "positions", "mask"),
                   doc="The inputs of the one-token step that follows a block: ids = token[:, None], positions = the "

@@ -302,7 +302,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     if sampled:     # three independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
         streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(3)
         B0, K0 = len(rows), st["k"]
-        noise = {"draft": NoiseStream("uniform", streams[0], (B0, 1)),
+        fused_draw = dec.draft_session is None      # a fused step draws the draft's proposals in-graph (Gumbel-max)
+        noise = {"draft": NoiseStream("gumbel", streams[0], (B0, K0, dec.vocab_size)) if fused_draw
+                 else NoiseStream("uniform", streams[0], (B0, 1)),
                  "accept_uniform": NoiseStream("uniform", streams[1], (B0, K0)),
                  "gumbel": NoiseStream("gumbel", streams[2], (B0, dec.vocab_size))}
     lookahead = st["kind"] == "lookahead"
@@ -333,7 +335,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     seqs = [list(r) for r in rows]
     drafter = None
     if st["kind"] == "speculative":
-        drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise.get("draft"))
+        drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise.get("draft") if dec.draft_session else None)
     elif st["kind"] == "uag":
         drafter = _XTokDrafter(dec, seqs, K)
     fused = isinstance(drafter, _Drafter) and drafter.fused
@@ -378,8 +380,13 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         if not fused:
             feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
         if sampled:
-            feeds.update(draft_probs=np.stack(drafter.q, 1), accept_uniform=noise["accept_uniform"].next(),
+            feeds.update(accept_uniform=noise["accept_uniform"].next(),
                          gumbel=noise["gumbel"].next())                # gumbel: for the one residual draw
+            if fused:
+                dg = noise["draft"].next()
+                feeds.update({f"draft_gumbel_{i}": dg[:, i] for i in range(K)})
+            else:
+                feeds["draft_probs"] = np.stack(drafter.q, 1)
         levels = window.shape[1]
         if "lookahead_ids" in dec.session.inputs:
             cols = np.arange(W)

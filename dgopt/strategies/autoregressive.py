@@ -62,15 +62,17 @@ def expand_autoregressive(spec: Spec) -> Graph:
     return g
 
 
-def add_draft_chain(g: Graph, ids, pos, mask, kv, k: int, model: str = "target", prefix: str = "draft"):
-    """k chained greedy forwards of `model`, each over the token the one before chose (next_inputs). Returns the
+def add_draft_chain(g: Graph, ids, pos, mask, kv, k: int, model: str = "target", prefix: str = "draft",
+                    pick=None):
+    """k chained forwards of `model`, each over the token the one before chose (next_inputs). Returns the
     proposals [B, k] and the cache, which holds the fed block and d_1..d_{k-1}; d_k is never fed, as when the host
-    calls a one-token step k times, but without k-1 round trips through the host."""
+    calls a one-token step k times, but without k-1 round trips through the host.
+    pick(last_logits, i) chooses d_i; default greedy (argmax)."""
     props = None
     for i in range(k):
         fwd = g.add("forward", [ids, pos, mask, kv], {"model": model}, id=f"{prefix}{i}")
         last = g.add("last_position", [fwd.out("logits")], id=f"{prefix}{i}/last_position")
-        tok = g.add("argmax", [last], id=f"{prefix}{i}/argmax")
+        tok = pick(last, i) if pick else g.add("argmax", [last], id=f"{prefix}{i}/argmax")
         nxt = g.add("next_inputs", [tok, pos, mask], id=f"{prefix}{i}/next")
         ids, pos, mask, kv = nxt.out("ids"), nxt.out("positions"), nxt.out("mask"), fwd.out("kv")
         props = ids if props is None else g.add("concat_seq", [props, ids], id=f"{prefix}{i}/proposals")

@@ -54,27 +54,48 @@ def expand_jacobi(spec: Spec) -> Graph:
 
 
 def fuses_draft(spec: Spec) -> bool:
-    """Greedy speculative decoding compiles draft and target into one step graph unless strategy.fused is off."""
-    return spec.strategy.kind == "speculative" and spec.sampling.kind == "greedy" and spec.strategy.fused
+    """Speculative decoding compiles draft and target into one step graph unless strategy.fused is off."""
+    return spec.strategy.kind == "speculative" and spec.strategy.fused
 
 
-def _fused_speculative(g: Graph, past, k: int) -> Graph:
+def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     """Draft chain and verification in ONE step graph: the draft (model "draft", its own cache draft_past) reads the
-    committed tokens it has not seen yet and proposes d_1..d_k by k chained greedy forwards; the target verifies
-    [x-block, d_1..d_k] in one forward. One call per step instead of a draft call and a target call; the host still
-    builds both models' masks and positions (they do not depend on the proposals' values) and commits both caches."""
-    from .autoregressive import add_draft_chain
+    committed tokens it has not seen yet and proposes d_1..d_k by k chained forwards; the target verifies
+    [x-block, d_1..d_k] in one forward. One call per step instead of a draft call (k for a sampled draft) and a
+    target call; the host still builds both models' masks and positions (they do not depend on the proposals'
+    values) and commits both caches.
+    Sampling: the draft's scores are restricted to the target's vocabulary, processed like the target's, and d_i is
+    drawn from their softmax q_i by Gumbel-max (noise input draft_gumbel_i); verify_sample gets q_1..q_k."""
+    from .autoregressive import add_draft_chain, add_processors
+    k, sampled = spec.strategy.k, spec.sampling.kind == "sample"
     dpast = g.add("input", attrs={"name": "draft_past", "type": "kv"}, id="draft_past")
     d_ids, d_pos, d_mask = _branch_inputs(g, "draft")
-    props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft")
+    qs = []
+
+    def sample(last, i):
+        x = add_processors(g, g.add("to_target_vocab", [last], id=f"draft{i}/to_target_vocab"), spec.sampling,
+                           prefix=f"draft{i}")
+        q = g.add("as_seq", [g.add("softmax", [x], id=f"draft{i}/softmax")], id=f"draft{i}/q")
+        qs.append(q if not qs else g.add("concat_seq", [qs[-1], q], id=f"draft{i}/q_seq"))
+        noise = g.add("input", attrs={"name": f"draft_gumbel_{i}", "type": "gumbel"}, id=f"draft_gumbel_{i}")
+        return g.add("gumbel_argmax", [x, noise], id=f"draft{i}/gumbel_argmax")
+
+    props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=sample if sampled else None)
     cand = g.add("to_candidates", [props], id="draft/candidates")
     x = g.add("input", attrs={"name": "x_ids", "type": "tokens"}, id="x_ids")
     pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
     mask = g.add("input", attrs={"name": "verify_mask", "type": "mask"}, id="verify_mask")
     ids = g.add("concat_seq", [x, cand.out("ids")], id="verify_ids")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
-    v = g.add("verify_greedy", [fwd.out("logits"), cand.out("candidates")], {"guesses": 1, "length": k},
-              id="verify/accept")
+    if sampled:
+        u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
+        gum = g.add("input", attrs={"name": "gumbel", "type": "gumbel"}, id="gumbel")
+        tail = g.add("tail_positions", [fwd.out("logits")], {"length": k}, id="verify/tail")
+        px = add_processors(g, tail, spec.sampling, prefix="verify")
+        v = g.add("verify_sample", [px, cand.out("candidates"), qs[-1], u, gum], {"length": k}, id="verify/accept")
+    else:
+        v = g.add("verify_greedy", [fwd.out("logits"), cand.out("candidates")], {"guesses": 1, "length": k},
+                  id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
     g.set_output("accept_tokens", v.out("tokens"))
     g.set_output("best", v.out("best"))
@@ -90,8 +111,8 @@ def expand_speculative(spec: Spec) -> Graph:
     distribution, which verify_sample needs for rejection sampling."""
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
-    if spec.sampling.kind == "greedy" and fuses_draft(spec):
-        return _fused_speculative(g, past, spec.strategy.k)
+    if fuses_draft(spec):
+        return _fused_speculative(g, past, spec)
     if spec.sampling.kind == "greedy":
         _verify(g, past, 1, spec.strategy.k)
         return g
