@@ -229,7 +229,8 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     sampled = spec.sampling.kind == "sample"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
-                                    "sampling": spec.sampling if sampled else SamplingSpec(kind="greedy")})
+                                    "sampling": spec.sampling.model_copy(update={"repetition_penalty": 1.0})
+                                    if sampled else SamplingSpec(kind="greedy")})
     g0 = expand_draft_probs(dspec) if sampled else expand_draft_chain(dspec, spec.strategy.k)
     g, _ = optimize(g0, dspec, opt_level)
     dm = _load_draft(spec, stage)

@@ -133,10 +133,6 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind in GREEDY_ONLY and spec.sampling.kind != "greedy":
         raise SpecError(f"spec field 'sampling.kind': strategy '{spec.strategy.kind}' is exact for greedy decoding "
                         "only; use sampling.kind greedy")
-    if spec.strategy.kind != "autoregressive" and spec.sampling.repetition_penalty != 1.0:
-        raise SpecError(f"spec field 'sampling.repetition_penalty': not supported with strategy "
-                        f"'{spec.strategy.kind}' yet (the penalty state differs per verified position); "
-                        "use strategy autoregressive or penalty 1.0")
     if spec.strategy.kind == "speculative" and spec.sampling.kind == "sample":
         if spec.sampling.noise != "precomputed":
             raise SpecError("spec field 'sampling.noise': speculative sampling draws its noise on the host; use "

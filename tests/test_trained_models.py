@@ -118,3 +118,25 @@ def test_distilled_draft_is_accepted_more(compiled):
     plain = _run_prompts(compiled("code-tiny", "code-draft", kind="speculative", k=4), ref, prompts)
     kd = _run_prompts(compiled("code-tiny", "code-draft-kd", kind="speculative", k=4), ref, prompts)
     assert kd > plain + 0.05, (plain, kd)
+
+
+@pytest.mark.parametrize("draft,kind", [("code-draft-kd", "speculative"), ("code-draft-xtok", "uag")])
+def test_demo_penalty_with_a_draft_matches_transformers(draft, kind, tmp_path):
+    """The demo's sampling (greedy, repetition penalty 1.2) with speculative decoding and UAG on the trained pairs:
+    token-identical to transformers generate with the same penalty, with more than one token per target forward."""
+    from transformers import AutoModelForCausalLM
+    spec = {"model": {"name": "code-tiny"}, "draft": {"name": draft}, "strategy": {"kind": kind, "k": 3},
+            "sampling": {"kind": "greedy", "repetition_penalty": 1.2}, "target": {"max_seq_len": 512}}
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / kind))
+    model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float32).eval()
+    steps = tokens = 0
+    for text in PY_PROMPTS[:4]:
+        ids = dec.encode(text)
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            ref = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=48, do_sample=False,
+                                 repetition_penalty=1.2)[0, len(ids):].tolist()
+        res = dec.generate(ids, max_new_tokens=48)
+        assert res.ids[0] == ref
+        steps, tokens = steps + res.stats["steps"], tokens + len(ref)
+    assert tokens / steps > 1.3, tokens / steps

@@ -345,6 +345,23 @@ def _next_inputs(b, node, ins):
         b.names[node.out("mask")] = b.op("Concat", [row, zero], axis=3)
 
 
+def _repetition_penalty_seq(b, node, ins):
+    x, seen, cands = ins
+    p, i64 = node.attrs["penalty"], (lambda v: b.const(v, np.int64))  # noqa: E731
+    # candidate tokens seen so far along each guess: cumulative one-hot [B, G, K, V] -> [B, G*K, V]
+    hot = b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [cands, i64([3])]), i64(np.arange(b.V))])], to=F32)
+    along = b.op("Reshape", [b.op("CumSum", [hot, i64(2)]), i64([0, -1, b.V])])
+    nc = b.op("Shape", [along], start=1, end=2)                                   # G*K
+    head_end = b.op("Sub", [_dim(b, x, 1), b.op("Add", [nc, i64([1])])])          # rows before the verified tail
+    zero_row = b.op("Mul", [b.op("Unsqueeze", [seen, i64([1])]), b.const(0.0)])    # [B, 1, V] zeros
+    tail_seen = b.op("Add", [b.op("Concat", [zero_row, along], axis=1), b.op("Unsqueeze", [seen, i64([1])])])
+    tail = b.op("Slice", [x, head_end, i64([INT_MAX]), i64([1])])
+    pen = b.op("Where", [b.op("Greater", [tail, b.const(0.0)]), b.op("Div", [tail, b.const(p)]),
+                         b.op("Mul", [tail, b.const(p)])])
+    tail = b.op("Where", [b.op("Greater", [tail_seen, b.const(0.0)]), pen, tail])
+    b.names[node.out()] = b.op("Concat", [b.op("Slice", [x, i64([0]), head_end, i64([1])]), tail], axis=1)
+
+
 def _to_candidates(b, node, ins):
     props = ins[0]
     ids = b.op("Where", [b.op("Less", [props, b.const(b.V, np.int64)]), props, b.const(0, np.int64)])
@@ -468,6 +485,7 @@ LOWERINGS = {
     "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
     "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs, "to_candidates": _to_candidates,
     "as_seq": _as_seq, "to_target_vocab": _to_target_vocab,
+    "repetition_penalty_seq": _repetition_penalty_seq,
     "split_seq": _split_seq,
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,

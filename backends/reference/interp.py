@@ -37,6 +37,17 @@ def _rep(node, ins):
     return torch.where(seen.bool(), pen, x)
 
 
+def _rep_seq(node, ins):
+    x, seen, cands = ins
+    B, G, K = cands.shape
+    hot = torch.nn.functional.one_hot(cands, x.shape[-1]).float().cumsum(2).reshape(B, G * K, -1)
+    s = torch.cat([torch.zeros_like(seen)[:, None], hot], 1) + seen[:, None]
+    n = G * K + 1
+    tail = x[:, -n:]
+    return torch.cat([x[:, :-n], torch.where(s > 0, torch.where(tail > 0, tail / node.attrs["penalty"],
+                                                                 tail * node.attrs["penalty"]), tail)], 1)
+
+
 def _multinomial(node, ins):
     probs, u = ins
     cdf = probs.cumsum(-1)
@@ -96,6 +107,7 @@ def _split_kv(node, ins):
 RULES = {
     "last_position": lambda n, i: i[0][:, -1, :],
     "repetition_penalty": _rep,
+    "repetition_penalty_seq": _rep_seq,
     "temperature": lambda n, i: _hf("TemperatureLogitsWarper", n.attrs["value"])(None, i[0]),
     "top_k": lambda n, i: _hf("TopKLogitsWarper", n.attrs["k"])(None, i[0]),
     "top_p": lambda n, i: _hf("TopPLogitsWarper", n.attrs["p"])(None, i[0]),

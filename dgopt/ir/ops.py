@@ -171,6 +171,14 @@ register(OpSchema("next_inputs", (("token", ("token",)), ("positions", ("positio
                       "block's last position + 1, mask = the block's last mask row plus a visible column for the new "
                       "token (it sees what the block's last token saw, and itself). Chains forwards inside one graph "
                       "(a draft proposing k tokens in one call)."))
+register(OpSchema("repetition_penalty_seq", (("logits", ("logits_seq",)), ("seen", ("seen",)),
+                                             ("candidates", ("candidates",))), ("out",), ("logits_seq",),
+                  {"penalty": Attr(float, required=True, check=_pos)},
+                  doc="The repetition penalty at every verified position, as generate applies it one token at a time: "
+                      "logits [B, k + G*K, V] over an x-block and G candidates of K tokens; the last x position is "
+                      "penalised by `seen` (the committed tokens), candidate g's position j by `seen` plus its tokens "
+                      "0..j (the sequence it would continue). Earlier x positions, which no verifier reads, are left "
+                      "as they are."))
 register(OpSchema("to_candidates", (("proposals", ("tokens",)),), ("ids", "candidates"), ("tokens", "candidates"),
                   doc="A draft's proposals [B,K] as the target's input: ids [B,K] (ids the target cannot embed, from a "
                       "larger draft vocabulary, become 0: such a proposal can never equal the target's argmax, so "

@@ -348,6 +348,11 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     window = init[:, None, :W] if lookahead and levels_max else np.zeros((B, 0, W), np.int64)
     guess = init[:, :K]
 
+    seen = None                     # repetition penalty: the tokens of each row so far (prompt + committed)
+    if "seen" in dec.session.inputs:
+        seen = np.zeros((B, dec.vocab_size), np.float32)
+        for b, r in enumerate(rows):
+            seen[b, r] = 1.0
     valid = np.zeros((B, 0), np.int8)
     cache = dec.session.new_cache(B)
     t_draft = 0.0
@@ -377,6 +382,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(offs, G)[None]], 1)
         v_block = _block_mask(x_valid, _verify_structure(k, G, K), k)
         feeds.update(verify_position_ids=v_pos, verify_mask=_full_mask(valid, v_block))
+        if seen is not None:
+            feeds["seen"] = seen
         if not fused:
             feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
         if sampled:
@@ -429,6 +436,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                     break
             emitted[b] = got
             seqs[b].extend(got)
+            if seen is not None:
+                seen[b, got] = 1.0
             if pools:
                 pools[b].add_sequence(seqs[b], start=len(seqs[b]) - len(got))
         if on_token:

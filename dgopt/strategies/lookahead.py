@@ -23,11 +23,22 @@ def _branch_inputs(g: Graph, name: str):
     return ids, pos, mask
 
 
-def _verify(g: Graph, past, guesses: int, length: int):
+def _penalized(g: Graph, logits, cands, spec: Spec):
+    """The verify forward's scores with the repetition penalty of every verified position (generate applies it at
+    each step to the sequence so far: the committed tokens plus the candidate's own prefix)."""
+    p = spec.sampling.repetition_penalty
+    if p == 1.0:
+        return logits
+    seen = g.add("input", attrs={"name": "seen", "type": "seen"}, id="seen")
+    return g.add("repetition_penalty_seq", [logits, seen, cands], {"penalty": p}, id="verify/repetition_penalty")
+
+
+def _verify(g: Graph, past, guesses: int, length: int, spec: Spec):
     ids, pos, mask = _branch_inputs(g, "verify")
     cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
-    v = g.add("verify_greedy", [fwd.out("logits"), cands], {"guesses": guesses, "length": length}, id="verify/accept")
+    v = g.add("verify_greedy", [_penalized(g, fwd.out("logits"), cands, spec), cands],
+              {"guesses": guesses, "length": length}, id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
     g.set_output("accept_tokens", v.out("tokens"))
     g.set_output("best", v.out("best"))
@@ -42,14 +53,14 @@ def expand_lookahead(spec: Spec) -> Graph:
         ids, pos, mask = _branch_inputs(g, "lookahead")
         fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="lookahead/target")
         g.set_output("lookahead_tokens", g.add("argmax", [fwd.out("logits")], id="lookahead/argmax"))
-    _verify(g, past, st.guesses, st.ngram - 1)
+    _verify(g, past, st.guesses, st.ngram - 1, spec)
     return g
 
 
 def expand_jacobi(spec: Spec) -> Graph:
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
-    _verify(g, past, 1, spec.strategy.block)
+    _verify(g, past, 1, spec.strategy.block, spec)
     return g
 
 
@@ -72,8 +83,11 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     d_ids, d_pos, d_mask = _branch_inputs(g, "draft")
     qs = []
 
+    plain = spec.sampling.model_copy(update={"repetition_penalty": 1.0})   # penalised once, on the whole tail
+
     def sample(last, i):
-        x = add_processors(g, g.add("to_target_vocab", [last], id=f"draft{i}/to_target_vocab"), spec.sampling,
+        # any proposal distribution keeps verification exact: the draft's q skips the penalty (no seen state)
+        x = add_processors(g, g.add("to_target_vocab", [last], id=f"draft{i}/to_target_vocab"), plain,
                            prefix=f"draft{i}")
         q = g.add("as_seq", [g.add("softmax", [x], id=f"draft{i}/softmax")], id=f"draft{i}/q")
         qs.append(q if not qs else g.add("concat_seq", [qs[-1], q], id=f"draft{i}/q_seq"))
@@ -87,15 +101,15 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     mask = g.add("input", attrs={"name": "verify_mask", "type": "mask"}, id="verify_mask")
     ids = g.add("concat_seq", [x, cand.out("ids")], id="verify_ids")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
+    logits = _penalized(g, fwd.out("logits"), cand.out("candidates"), spec)
     if sampled:
         u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
         gum = g.add("input", attrs={"name": "gumbel", "type": "gumbel"}, id="gumbel")
-        tail = g.add("tail_positions", [fwd.out("logits")], {"length": k}, id="verify/tail")
-        px = add_processors(g, tail, spec.sampling, prefix="verify")
+        tail = g.add("tail_positions", [logits], {"length": k}, id="verify/tail")
+        px = add_processors(g, tail, plain, prefix="verify")
         v = g.add("verify_sample", [px, cand.out("candidates"), qs[-1], u, gum], {"length": k}, id="verify/accept")
     else:
-        v = g.add("verify_greedy", [fwd.out("logits"), cand.out("candidates")], {"guesses": 1, "length": k},
-                  id="verify/accept")
+        v = g.add("verify_greedy", [logits, cand.out("candidates")], {"guesses": 1, "length": k}, id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
     g.set_output("accept_tokens", v.out("tokens"))
     g.set_output("best", v.out("best"))
@@ -114,7 +128,7 @@ def expand_speculative(spec: Spec) -> Graph:
     if fuses_draft(spec):
         return _fused_speculative(g, past, spec)
     if spec.sampling.kind == "greedy":
-        _verify(g, past, 1, spec.strategy.k)
+        _verify(g, past, 1, spec.strategy.k, spec)
         return g
     from .autoregressive import add_processors
     K = spec.strategy.k
@@ -124,8 +138,8 @@ def expand_speculative(spec: Spec) -> Graph:
     u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
     gum = g.add("input", attrs={"name": "gumbel", "type": "gumbel"}, id="gumbel")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
-    tail = g.add("tail_positions", [fwd.out("logits")], {"length": K}, id="verify/tail")
-    x = add_processors(g, tail, spec.sampling, prefix="verify")
+    tail = g.add("tail_positions", [_penalized(g, fwd.out("logits"), cands, spec)], {"length": K}, id="verify/tail")
+    x = add_processors(g, tail, spec.sampling.model_copy(update={"repetition_penalty": 1.0}), prefix="verify")
     v = g.add("verify_sample", [x, cands, q, u, gum], {"length": K}, id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
     g.set_output("accept_tokens", v.out("tokens"))
