@@ -1,7 +1,9 @@
 """Decoding strategies side by side on one model and one prompt set, in one run: autoregressive, lookahead at several
 (W, N, G), jacobi, each at -O0 (separate forwards) and -O2 (merged), speculative with a draft of the same tokenizer
-and UAG with a draft of another tokenizer (several k), plus transformers generate greedy, with prompt lookup
-decoding, assisted generation and UAG as external baselines. Greedy everywhere; every dgopt row is checked token-identical.
+(several k; draft and target fused in one step graph, and for --unfused-k in two) and UAG with a draft of another
+tokenizer, plus transformers generate greedy, with prompt lookup decoding, assisted generation and UAG as external
+baselines. Greedy rows are checked token-identical; speculative sampling rows (--sample-k) are timed against
+autoregressive sampling only.
 
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
     python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
@@ -39,6 +41,10 @@ def main():
     ap.add_argument("--xdraft", default="auto", help="draft with another tokenizer for uag rows: a built model name, "
                     "a HF dir, 'none'; auto: code-draft-xtok with code-tiny")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
+    ap.add_argument("--unfused-k", nargs="*", type=int, default=[3], help="also time these k with the draft in its "
+                    "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
+    ap.add_argument("--sample-k", nargs="*", type=int, default=[3], help="speculative sampling rows (temperature "
+                    "0.8, top-k 50; fused and unfused) beside autoregressive sampling; tokens are not compared")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -108,6 +114,17 @@ def main():
     for d in drafts:
         for k in a.k:
             strategies.append((f"speculative k{k} ({d})", {"kind": "speculative", "k": k}, {"draft": as_model(d)}))
+        for k in a.unfused_k:
+            strategies.append((f"speculative k{k} ({d}, unfused)", {"kind": "speculative", "k": k, "fused": False},
+                               {"draft": as_model(d)}))
+    sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
+    if drafts and a.sample_k:
+        strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))
+        for k in a.sample_k:
+            for fused in (True, False):
+                strategies.append((f"speculative k{k} ({drafts[-1]}, sample{'' if fused else ', unfused'})",
+                                   {"kind": "speculative", "k": k, "fused": fused},
+                                   {"draft": as_model(drafts[-1]), "sampling": sample}))
     if xdraft_spec:
         for k in a.k:
             strategies.append((f"uag k{k}", {"kind": "uag", "k": k}, {"draft": xdraft_spec}))
@@ -139,18 +156,23 @@ def main():
         add(name, outs, secs, steps, {"acceptance_rate": statistics.mean(acc)} if acc[0] is not None else {})
 
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
+    ar_s = next((r for r in rows if r["name"].startswith("dgopt autoregressive (sample)")), None)
     print(f"machine: {machine()}; onnxruntime CPU, {a.threads} threads")
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
           f"new tokens, batch 1, greedy")
-    print(f"{'':44s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
+    print(f"{'':52s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
           "  identical")
     hf = rows[0]["tokens_per_s"]
     nan = float("nan")
     for r in rows:
-        print(f"{r['name']:44s} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / ar['tokens_per_s']:6.2f}x "
+        sampled = "sample" in r["name"]
+        base = ar_s if sampled else ar
+        print(f"{r['name']:52s} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
               f"{r['tokens_per_s'] / hf:6.2f}x {r['tokens_per_step'] or nan:9.2f} "
-              f"{r['ms_per_step'] or nan:8.2f} {r.get('acceptance_rate', nan):7.2f}  {r['identical']}")
-    print("tok/step: tokens per target forward; accept: accepted draft tokens / proposed")
+              f"{r['ms_per_step'] or nan:8.2f} {r.get('acceptance_rate', nan):7.2f}  "
+              f"{'(sampled)' if sampled else r['identical']}")
+    print("tok/step: tokens per target forward; accept: accepted draft tokens / proposed; sampled rows: 'vs AR' is "
+          "against autoregressive sampling, tokens not compared (distributions are tested in tests/)")
     for r in rows:
         if r["name"].endswith("-O2") and "lookahead" in r["name"]:
             r0 = next(x for x in rows if x["name"] == r["name"][:-3] + "-O0")

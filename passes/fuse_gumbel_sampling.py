@@ -3,7 +3,9 @@
 Exact in distribution, not per seed: P(argmax_i x_i + g_i = k) = softmax(x)_k for i.i.d. Gumbel(0,1) g. Processors
 that remove tokens (top-k, top-p, min-p) set them to -inf, so -inf + g never wins: the noise acts over the kept
 tokens only. No softmax and no cumulative sum remain on the critical path, and the noise does not depend on the
-logits, so the runtime draws it ahead of time (`precomputed`, a [B, V] input) or the graph draws it (`in_graph`)."""
+logits, so the runtime draws it ahead of time (`precomputed`, a [B, V] input) or the graph draws it (`in_graph`).
+Skipped where the softmax has other users (a speculative draft's q feeds verification): the softmax stays anyway,
+and [B, V] noise would replace a [B] uniform for nothing."""
 from dgopt.passmgr import Pass
 
 
@@ -14,7 +16,9 @@ class FuseGumbelSampling(Pass):
         modified = False
         for m in g.find("multinomial"):
             sm = g.node(m.inputs[0].node)
-            if sm.op != "softmax":
+            # another reader of the softmax (besides a random_uniform that only takes its shape) keeps it alive
+            others = [n for n in g.users(m.inputs[0]) if n.id not in (m.id, m.inputs[1].node)]
+            if sm.op != "softmax" or others:
                 continue
             u = g.node(m.inputs[1].node)
             prefix = m.id.rsplit("/", 1)[0] + "/" if "/" in m.id else ""

@@ -102,6 +102,15 @@ def test_fuse_gumbel_structure():
     assert ig.node("sampler/random_gumbel").attrs["seed"] == 9
 
 
+def test_fuse_gumbel_leaves_a_shared_softmax_alone():
+    """A speculative draft's softmax is also its q for verification: fusing would keep the softmax and only trade a
+    [B] uniform for [B, V] noise, so the pass leaves it."""
+    g = sampler("precomputed", temperature=0.5)
+    sm = g.find("softmax")[0]
+    g.set_output("q", g.add("as_seq", [sm.out()], id="q"))
+    assert not FuseGumbelSampling()(g).modified
+
+
 def test_fuse_gumbel_leaves_greedy_alone():
     g = Graph()
     x = g.add("input", attrs={"name": "logits", "type": "logits"}, id="logits")

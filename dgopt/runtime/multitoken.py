@@ -302,9 +302,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     if sampled:     # three independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
         streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(3)
         B0, K0 = len(rows), st["k"]
-        fused_draw = dec.draft_session is None      # a fused step draws the draft's proposals in-graph (Gumbel-max)
-        noise = {"draft": NoiseStream("gumbel", streams[0], (B0, K0, dec.vocab_size)) if fused_draw
-                 else NoiseStream("uniform", streams[0], (B0, 1)),
+        # the draft's proposals: drawn in a fused step's graph (k uniforms per row) or on the host (one per call)
+        noise = {"draft": NoiseStream("uniform", streams[0], (B0, K0) if dec.draft_session is None else (B0, 1)),
                  "accept_uniform": NoiseStream("uniform", streams[1], (B0, K0)),
                  "gumbel": NoiseStream("gumbel", streams[2], (B0, dec.vocab_size))}
     lookahead = st["kind"] == "lookahead"
@@ -390,8 +389,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             feeds.update(accept_uniform=noise["accept_uniform"].next(),
                          gumbel=noise["gumbel"].next())                # gumbel: for the one residual draw
             if fused:
-                dg = noise["draft"].next()
-                feeds.update({f"draft_gumbel_{i}": dg[:, i] for i in range(K)})
+                du = noise["draft"].next()
+                feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(K)})
             else:
                 feeds["draft_probs"] = np.stack(drafter.q, 1)
         levels = window.shape[1]

@@ -76,7 +76,8 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     target call; the host still builds both models' masks and positions (they do not depend on the proposals'
     values) and commits both caches.
     Sampling: the draft's scores are restricted to the target's vocabulary, processed like the target's, and d_i is
-    drawn from their softmax q_i by Gumbel-max (noise input draft_gumbel_i); verify_sample gets q_1..q_k."""
+    drawn from their softmax q_i by inverse CDF (noise input draft_uniform_i: q is computed for verification
+    anyway, so Gumbel-max would only trade a [B] uniform for [B, V] noise); verify_sample gets q_1..q_k."""
     from .autoregressive import add_draft_chain, add_processors
     k, sampled = spec.strategy.k, spec.sampling.kind == "sample"
     dpast = g.add("input", attrs={"name": "draft_past", "type": "kv"}, id="draft_past")
@@ -89,10 +90,11 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
         # any proposal distribution keeps verification exact: the draft's q skips the penalty (no seen state)
         x = add_processors(g, g.add("to_target_vocab", [last], id=f"draft{i}/to_target_vocab"), plain,
                            prefix=f"draft{i}")
-        q = g.add("as_seq", [g.add("softmax", [x], id=f"draft{i}/softmax")], id=f"draft{i}/q")
+        probs = g.add("softmax", [x], id=f"draft{i}/softmax")
+        q = g.add("as_seq", [probs], id=f"draft{i}/q")
         qs.append(q if not qs else g.add("concat_seq", [qs[-1], q], id=f"draft{i}/q_seq"))
-        noise = g.add("input", attrs={"name": f"draft_gumbel_{i}", "type": "gumbel"}, id=f"draft_gumbel_{i}")
-        return g.add("gumbel_argmax", [x, noise], id=f"draft{i}/gumbel_argmax")
+        u = g.add("input", attrs={"name": f"draft_uniform_{i}", "type": "uniform"}, id=f"draft_uniform_{i}")
+        return g.add("multinomial", [probs, u], id=f"draft{i}/multinomial")
 
     props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=sample if sampled else None)
     cand = g.add("to_candidates", [props], id="draft/candidates")
