@@ -8,8 +8,9 @@ autoregressive sampling only.
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
     python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
 
-The dgopt rows are timed in interleaved rounds (every row once per round, --repeats rounds, best round kept): this
-machine's speed drifts by 10-40% over minutes, and rows timed minutes apart would compare the drift.
+The dgopt rows are timed in interleaved rounds: each prompt runs through every row back to back, --repeats rounds;
+a row's "vs AR" is the median over rounds of its ratio to autoregressive in that round, tok/s the median round.
+This machine's speed drifts by 10-40% over minutes: rows timed minutes apart would compare the drift.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def main():
                     "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
     ap.add_argument("--sample-k", nargs="*", type=int, default=[3], help="speculative sampling rows (temperature "
                     "0.8, top-k 50; fused and unfused) beside autoregressive sampling; tokens are not compared")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds of the dgopt rows")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
@@ -137,23 +138,33 @@ def main():
             dec.generate(prompts[0], max_new_tokens=8)     # warm-up
             decs.append((f"dgopt {name} -O{lvl}", dec))
 
-    def run(dec):
-        outs, steps, acc, t = [], 0, [], time.perf_counter()
-        for p in prompts:
-            r = dec.generate(p, max_new_tokens=a.new)
-            outs.append(r.ids[0])
-            steps += r.stats["steps"]
-            acc.append(r.stats.get("acceptance_rate"))
-        return outs, time.perf_counter() - t, steps, acc
-    best = {}
+    # every row on the same prompt back to back, prompt after prompt: rows see the same machine phase; per round the
+    # ratio to autoregressive (greedy or sampled) is taken, and its median over rounds is reported
+    base_of = {name: ("dgopt autoregressive (sample) -O2" if "sample" in name else "dgopt autoregressive -O2")
+               for name, _ in decs}
+    rounds = []
     for _ in range(a.repeats):
-        for name, dec in decs:
-            r = run(dec)
-            if name not in best or r[1] < best[name][1]:
-                best[name] = r
+        res = {name: {"outs": [], "secs": 0.0, "steps": 0, "acc": []} for name, _ in decs}
+        for p in prompts:
+            for name, dec in decs:
+                t = time.perf_counter()
+                r = dec.generate(p, max_new_tokens=a.new)
+                res[name]["secs"] += time.perf_counter() - t
+                res[name]["outs"].append(r.ids[0])
+                res[name]["steps"] += r.stats["steps"]
+                res[name]["acc"].append(r.stats.get("acceptance_rate"))
+        rounds.append(res)
+
+    def tps(r):
+        return sum(len(o) for o in r["outs"]) / r["secs"]
     for name, _ in decs:
-        outs, secs, steps, acc = best[name]
-        add(name, outs, secs, steps, {"acceptance_rate": statistics.mean(acc)} if acc[0] is not None else {})
+        last = rounds[-1][name]
+        ratio = statistics.median(tps(rd[name]) / tps(rd[base_of[name]]) for rd in rounds)
+        secs = statistics.median(rd[name]["secs"] for rd in rounds)
+        extra = {"ratio": ratio}
+        if last["acc"][0] is not None:
+            extra["acceptance_rate"] = statistics.mean(last["acc"])
+        add(name, last["outs"], secs, last["steps"], extra)
 
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
     ar_s = next((r for r in rows if r["name"].startswith("dgopt autoregressive (sample)")), None)
@@ -167,7 +178,8 @@ def main():
     for r in rows:
         sampled = "sample" in r["name"]
         base = ar_s if sampled else ar
-        print(f"{r['name']:52s} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
+        ratio = r.get("ratio", r["tokens_per_s"] / base["tokens_per_s"])
+        print(f"{r['name']:52s} {r['tokens_per_s']:8.1f} {ratio:6.2f}x "
               f"{r['tokens_per_s'] / hf:6.2f}x {r['tokens_per_step'] or nan:9.2f} "
               f"{r['ms_per_step'] or nan:8.2f} {r.get('acceptance_rate', nan):7.2f}  "
               f"{'(sampled)' if sampled else r['identical']}")

@@ -136,7 +136,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     if spec.draft is not None and spec.target.backend == "tensorrt":
         raise BackendError("target.backend tensorrt: draft models are not supported by the engine build yet")
     dm = None
-    if "draft" in models:       # a fused step (speculative greedy): the draft's forwards are inlined beside the target's
+    if "draft" in models:       # a fused speculative step: the draft's forwards are inlined beside the target's
         if spec.draft is None:
             raise SpecError("spec field 'draft': the graph calls model 'draft' but the spec defines no draft model")
         dm = _load_draft(spec, stage)
