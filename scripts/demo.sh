@@ -17,6 +17,10 @@ $DG compile specs/lookahead.yaml -o out/lookahead -q >/dev/null
 echo "----- lookahead (W5 N4 G5, plain greedy: token-identical to transformers greedy, in fewer steps)"
 $DG run out/lookahead --prompt "class Foo:
     def " --max-new-tokens 64
+$DG compile specs/speculative.yaml -o out/speculative -q >/dev/null
+echo "----- speculative: code-draft proposes 4 tokens, code-tiny verifies them, both in ONE step graph (greedy, same tokens)"
+$DG run out/speculative --prompt "class Foo:
+    def " --max-new-tokens 64
 $DG compile specs/uag.yaml -o out/uag -q >/dev/null
 echo "----- UAG: proposals from code-draft-xtok, a draft with another tokenizer (greedy, same tokens)"
 $DG run out/uag --prompt "class Foo:
