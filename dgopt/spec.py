@@ -58,14 +58,16 @@ class StrategySpec(_Strict):
     # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
     # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
     k: int = Field(4, ge=1)
-    # speculative, greedy: draft chain and target verification in one step graph (one call per step); false keeps
-    # the draft in its own draft.onnx, called before the target (two calls per step)
+    # speculative (greedy and sampling): draft chain and target verification in one step graph (one call per step);
+    # false keeps the draft in its own draft.onnx, called before the target
     fused: bool = True
 
     @model_validator(mode="after")
     def _degenerate(self):
         if self.kind == "lookahead" and self.ngram == 1 and self.guesses:
             raise ValueError("ngram 1 has no n-grams to verify: set guesses to 0 (autoregressive)")
+        if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
+            raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         return self
 
 

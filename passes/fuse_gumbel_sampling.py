@@ -18,7 +18,7 @@ class FuseGumbelSampling(Pass):
             sm = g.node(m.inputs[0].node)
             # another reader of the softmax (besides a random_uniform that only takes its shape) keeps it alive
             others = [n for n in g.users(m.inputs[0]) if n.id not in (m.id, m.inputs[1].node)]
-            if sm.op != "softmax" or others:
+            if sm.op != "softmax" or others or g.is_output(m.inputs[0]):
                 continue
             u = g.node(m.inputs[1].node)
             prefix = m.id.rsplit("/", 1)[0] + "/" if "/" in m.id else ""

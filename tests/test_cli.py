@@ -77,6 +77,7 @@ BAD_SPECS = {
     "sampling with lookahead": (tiny_spec(strategy={"kind": "lookahead"}, sampling={"kind": "sample"}),
                                 "sampling.kind"),
     "zero penalty": (tiny_spec(sampling={"repetition_penalty": 0}), "sampling.repetition_penalty"),
+    "unfused uag": (tiny_spec(strategy={"kind": "uag", "fused": False}), "strategy"),
     "seq len over model": (tiny_spec(target={"max_seq_len": 4096}), "target.max_seq_len"),
     "bad graph op": ({**tiny_spec(), "graph": {"nodes": [{"id": "a", "op": "softermax"}], "outputs": {"o": "a"}}},
                      "unknown op"),

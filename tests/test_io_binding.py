@@ -5,7 +5,7 @@ import pytest
 
 import dgopt
 from dgopt.runtime.session import BoundSession
-from conftest import PROMPTS, noisy_draft_dir, tiny_spec
+from conftest import PROMPTS, TINY, noisy_draft_dir, tiny_spec
 
 STRATEGIES = {
     "autoregressive": {"kind": "autoregressive"},
@@ -13,7 +13,11 @@ STRATEGIES = {
     "jacobi": {"kind": "jacobi", "block": 4},
     "speculative": {"kind": "speculative", "k": 3},                    # fused: two caches in one step
     "speculative-unfused": {"kind": "speculative", "k": 3, "fused": False},
+    "speculative-small-draft": {"kind": "speculative", "k": 3},        # two kv parts of different shapes
+    "speculative-sampling": {"kind": "speculative", "k": 3},
 }
+SMALL_DRAFT = {"config": {**TINY["llama"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "num_key_value_heads": 1}, "seed": 3}
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +27,15 @@ def noisy_draft(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_bound_session_matches_plain_session(name, noisy_draft, tmp_path):
-    spec = tiny_spec("llama", strategy=STRATEGIES[name])
+    sampling = {"kind": "sample", "top_k": 20} if name.endswith("sampling") else {"kind": "greedy"}
+    spec = tiny_spec("llama", strategy=STRATEGIES[name], sampling=sampling)
     if name.startswith("speculative"):
-        spec["draft"] = noisy_draft
+        spec["draft"] = SMALL_DRAFT if name.endswith("small-draft") else noisy_draft
     art = dgopt.compile(spec, tmp_path / name)
     plain, bound = dgopt.load(art), dgopt.load(art, io_binding=True)
     assert isinstance(bound.session, BoundSession) and not isinstance(plain.session, BoundSession)
     for rows in ([PROMPTS[0]], PROMPTS[:4]):
-        a, b = plain.generate(rows, max_new_tokens=40), bound.generate(rows, max_new_tokens=40)
+        a, b = plain.generate(rows, max_new_tokens=40, seed=3), bound.generate(rows, max_new_tokens=40, seed=3)
         assert a.ids == b.ids and a.stats["steps"] == b.stats["steps"]
 
 

@@ -54,9 +54,24 @@ def test_greedy_exact_batch1_and_batch4(name, fused, drafts, refs, tmp_path):
 @pytest.mark.parametrize("k", [1, 5])
 def test_k_values_O0_equals_O2_fused_equals_unfused(k, drafts, refs, tmp_path):
     d0 = compile_pair(tmp_path, drafts["noisy"], k, 0, fused=False)
+    f0 = compile_pair(tmp_path, drafts["noisy"], k, 0)
     d2 = compile_pair(tmp_path, drafts["noisy"], k, 2)
     r0, r2 = d0.generate(PROMPTS[:4], max_new_tokens=NEW), d2.generate(PROMPTS[:4], max_new_tokens=NEW)
-    assert r0.ids == r2.ids == refs[:4] and r0.stats["steps"] == r2.stats["steps"]
+    rf = f0.generate(PROMPTS[:4], max_new_tokens=NEW)
+    assert r0.ids == rf.ids == r2.ids == refs[:4] and r0.stats["steps"] == rf.stats["steps"] == r2.stats["steps"]
+
+
+def test_fused_graph_with_outputs_in_another_order(drafts, refs, tmp_path):
+    """An explicit `graph:` spec may list draft_present before present: caches pair with inputs by name."""
+    import yaml
+    dec = compile_pair(tmp_path, drafts["noisy"])
+    d = yaml.safe_load((dec.path / "ir.yaml").read_text())
+    outs = d["graph"]["outputs"]
+    d["graph"]["outputs"] = {n: outs[n] for n in ["draft_present", "accept_len", "accept_tokens", "best",
+                                                   "proposals", "present"]}
+    d["draft"] = drafts["noisy"]
+    again = dgopt.load(dgopt.compile(d, tmp_path / "reordered"))
+    assert again.generate(PROMPTS[:4], max_new_tokens=NEW).ids == refs[:4]
 
 
 @pytest.mark.parametrize("fused", [True, False])

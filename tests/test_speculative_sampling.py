@@ -71,7 +71,7 @@ def _chi2(counts: dict, probs: dict, n: int) -> float:
 @pytest.mark.parametrize("name,fused,penalty", [("noisy", True, 1.0), ("weak", True, 1.0), ("noisy", False, 1.0),
                                                 ("noisy", True, 3.0), ("noisy", False, 3.0)])
 def test_first_token_and_joint_match_target_distribution(name, fused, penalty, drafts, exact, tmp_path):
-    """fused: the draft draws d_i in the step graph (Gumbel-max over q_i); unfused: on the host from draft.onnx's q.
+    """fused: the draft draws d_i in the step graph (inverse CDF of q_i); unfused: on the host from draft.onnx's q.
     With a repetition penalty the second token's distribution depends on the first (it is penalised once drawn):
     the joint checks that the verified position after d_1 sees d_1."""
     dec = compile_sampler(tmp_path, drafts[name], fused=fused, penalty=penalty)

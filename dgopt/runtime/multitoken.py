@@ -448,7 +448,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         # next x-block: the last accepted token of each row
         last = chain[np.arange(B), m]
         x_ids = np.where(done, dec.pad, last)[:, None].astype(np.int64)
-        x_pos = (pos_last + m + 1)[:, None].astype(np.int64)
+        # finished rows stay where they are: their positions must not run past the model's position table
+        x_pos = np.where(done, pos_last, pos_last + m + 1)[:, None].astype(np.int64)
         x_valid = np.ones((B, 1), np.int8)
         if lookahead and levels_max:
             la = out["lookahead_tokens"][:, k:].reshape(B, levels, W).astype(np.int64)

@@ -36,7 +36,14 @@ class OrtSession:
         # the cache is one flat list over every kv input (a fused speculative step has the target's `past`, then
         # the draft's `draft_past`); `parts` says which slice belongs to which, for commits of one model's cache
         kv_in = [i for i in io["inputs"] if i["type"] == "kv"]
-        kv_out = [o for o in io["outputs"] if o["type"] == "kv"]
+        kv_out = {o["name"]: o for o in io["outputs"] if o["type"] == "kv"}
+        if kv_out:      # each cache output pairs with its input by name (past/present, draft_past/draft_present)
+            pair = {i["name"]: kv_out.get(i["name"].replace("past", "present")) for i in kv_in}
+            if any(o is None or len(o["tensors"]) != len(i["tensors"]) for i, o in zip(kv_in, pair.values())) \
+                    or len(kv_out) != len(kv_in):
+                raise ArtifactError(f"corrupt manifest: the kv outputs {sorted(kv_out)} of {step_path.name} do not "
+                                    f"pair with its kv inputs {[i['name'] for i in kv_in]} (X_past -> X_present)")
+            kv_out = [pair[i["name"]] for i in kv_in]
         self.past = {"tensors": [t for i in kv_in for t in i["tensors"]]} if kv_in else None
         self.present = {"tensors": [t for o in kv_out for t in o["tensors"]]} if kv_out else None
         self.parts, n = {}, 0
