@@ -79,3 +79,46 @@ def test_lowering_equals_reference():
     x0 = feeds["logits_seq"][0, row]
     np.testing.assert_allclose(got[0, row], np.where(s > 0, np.where(x0 > 0, x0 / 1.5, x0 * 1.5), x0), rtol=1e-6)
     np.testing.assert_array_equal(got[:, :k - 1], feeds["logits_seq"][:, :k - 1])      # unread x rows untouched
+
+
+def test_rows_that_finish_early_stay_inside_the_position_table(tmp_path):
+    """GPT-2 has learned positions (48 here): with a penalty the rows accept different counts and finish at
+    different steps; a finished row's positions must stop advancing (they ran past 47 and crashed ORT's Gather).
+    Every row still equals transformers with the same penalty."""
+    from dgopt.models.hf import config_model
+    from conftest import TINY
+    cfg = {**TINY["gpt2"], "n_positions": 48}
+    spec = {"model": {"config": cfg, "seed": 0}, "draft": {"config": {**cfg, "n_layer": 1}, "seed": 0},
+            "strategy": {"kind": "speculative", "k": 4}, "sampling": {"repetition_penalty": 1.5},
+            "target": {"max_seq_len": 48}}
+    res = dgopt.load(dgopt.compile(spec, tmp_path / "a")).generate(PROMPTS, max_new_tokens=100)
+    assert len(res.stats["accepted_hist"]) > 2
+    model = config_model(dict(cfg), 0).eval()
+    for p, got in zip(PROMPTS, res.ids):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(got), do_sample=False,
+                                 repetition_penalty=1.5, pad_token_id=0)
+        assert got == ref[0, len(p):].tolist()
+
+
+def test_fused_draft_proposes_under_the_penalty(tmp_path):
+    """In the fused step the draft penalises the committed tokens and its own earlier proposals (mark_seen) as the
+    target will: with penalty 1.5 a near-copy draft keeps > 2 tokens per target forward (1.67 when it ignored the
+    penalty), and the output is still exact."""
+    spec = tiny_spec("llama", strategy={"kind": "speculative", "k": 3},
+                     sampling={"kind": "greedy", "repetition_penalty": 1.5})
+    spec["draft"] = noisy_draft_dir(tmp_path, "noisy", 0.002)
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "a"))
+    import yaml
+    ops = [n["op"] for n in yaml.safe_load((dec.path / "ir.yaml").read_text())["graph"]["nodes"]]
+    assert ops.count("mark_seen") == 2 and ops.count("repetition_penalty") == 3
+    res = dec.generate(PROMPTS[:4], max_new_tokens=NEW)
+    model = hf_model("llama")
+    for p, got in zip(PROMPTS[:4], res.ids):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                                 repetition_penalty=1.5)
+        assert got == ref[0, len(p):].tolist()
+    assert res.stats["tokens_per_step"] > 2.0, res.stats

@@ -362,6 +362,13 @@ def _repetition_penalty_seq(b, node, ins):
     b.names[node.out()] = b.op("Concat", [b.op("Slice", [x, i64([0]), head_end, i64([1])]), tail], axis=1)
 
 
+def _mark_seen(b, node, ins):
+    seen, tok = ins
+    idx = b.op("Unsqueeze", [tok, b.const([1], np.int64)])                                 # [B, 1]
+    ones = b.op("Add", [b.op("Mul", [b.op("Cast", [idx], to=F32), b.const(0.0)]), b.const(1.0)])
+    b.names[node.out()] = b.op("ScatterElements", [seen, idx, ones], axis=1)
+
+
 def _to_candidates(b, node, ins):
     props = ins[0]
     ids = b.op("Where", [b.op("Less", [props, b.const(b.V, np.int64)]), props, b.const(0, np.int64)])
@@ -486,7 +493,7 @@ LOWERINGS = {
     "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs,
     "to_candidates": _to_candidates,
     "as_seq": _as_seq, "to_target_vocab": _to_target_vocab,
-    "repetition_penalty_seq": _repetition_penalty_seq,
+    "repetition_penalty_seq": _repetition_penalty_seq, "mark_seen": _mark_seen,
     "split_seq": _split_seq,
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,

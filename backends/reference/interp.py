@@ -40,7 +40,7 @@ def _rep(node, ins):
 def _rep_seq(node, ins):
     x, seen, cands = ins
     B, G, K = cands.shape
-    hot = torch.nn.functional.one_hot(cands, x.shape[-1]).float().cumsum(2).reshape(B, G * K, -1)
+    hot = torch.nn.functional.one_hot(cands, x.shape[-1]).float().cumsum(2).reshape(B, G * K, x.shape[-1])
     s = torch.cat([torch.zeros_like(seen)[:, None], hot], 1) + seen[:, None]
     n = G * K + 1
     tail = x[:, -n:]
@@ -118,6 +118,7 @@ RULES = {
     "gumbel_argmax": lambda n, i: (i[0] + i[1]).argmax(-1),
     "concat_seq": lambda n, i: torch.cat(i, 1),
     "as_seq": lambda n, i: i[0][:, None],
+    "mark_seen": lambda n, i: i[0].clone().scatter_(1, i[1][:, None], 1.0),
     "merge_masks": _merge_masks,
     "next_inputs": lambda n, i: {"ids": i[0][:, None], "positions": i[1][:, -1:] + 1,
                                  "mask": torch.cat([i[2][:, :, -1:], torch.zeros_like(i[2][:, :, -1:, -1:])], 3)},

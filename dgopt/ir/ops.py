@@ -179,6 +179,8 @@ register(OpSchema("repetition_penalty_seq", (("logits", ("logits_seq",)), ("seen
                       "penalised by `seen` (the committed tokens), candidate g's position j by `seen` plus its tokens "
                       "0..j (the sequence it would continue). Earlier x positions, which no verifier reads, are left "
                       "as they are."))
+register(OpSchema("mark_seen", (("seen", ("seen",)), ("token", ("token",))), ("out",), ("seen",),
+                  doc="seen with each row's token marked (the repetition penalty's state one token later)."))
 register(OpSchema("to_candidates", (("proposals", ("tokens",)),), ("ids", "candidates"), ("tokens", "candidates"),
                   doc="A draft's proposals [B,K] as the target's input: ids [B,K] (ids the target cannot embed, from a "
                       "larger draft vocabulary, become 0: such a proposal can never equal the target's argmax, so "

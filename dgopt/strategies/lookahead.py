@@ -29,8 +29,12 @@ def _penalized(g: Graph, logits, cands, spec: Spec):
     p = spec.sampling.repetition_penalty
     if p == 1.0:
         return logits
-    seen = g.add("input", attrs={"name": "seen", "type": "seen"}, id="seen")
-    return g.add("repetition_penalty_seq", [logits, seen, cands], {"penalty": p}, id="verify/repetition_penalty")
+    return g.add("repetition_penalty_seq", [logits, _seen(g), cands], {"penalty": p}, id="verify/repetition_penalty")
+
+
+def _seen(g: Graph):
+    """The step's `seen` input (committed tokens per row), shared by the draft chain and the verifier."""
+    return g.node("seen") if "seen" in g else g.add("input", attrs={"name": "seen", "type": "seen"}, id="seen")
 
 
 def _verify(g: Graph, past, guesses: int, length: int, spec: Spec):
@@ -84,19 +88,30 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     d_ids, d_pos, d_mask = _branch_inputs(g, "draft")
     qs = []
 
-    plain = spec.sampling.model_copy(update={"repetition_penalty": 1.0})   # penalised once, on the whole tail
+    plain = spec.sampling.model_copy(update={"repetition_penalty": 1.0})   # the penalty is applied explicitly
+    pen = spec.sampling.repetition_penalty
+    seen = [_seen(g)] if pen != 1.0 else []
 
-    def sample(last, i):
-        # any proposal distribution keeps verification exact: the draft's q skips the penalty (no seen state)
-        x = add_processors(g, g.add("to_target_vocab", [last], id=f"draft{i}/to_target_vocab"), plain,
-                           prefix=f"draft{i}")
-        probs = g.add("softmax", [x], id=f"draft{i}/softmax")
-        q = g.add("as_seq", [probs], id=f"draft{i}/q")
-        qs.append(q if not qs else g.add("concat_seq", [qs[-1], q], id=f"draft{i}/q_seq"))
-        u = g.add("input", attrs={"name": f"draft_uniform_{i}", "type": "uniform"}, id=f"draft_uniform_{i}")
-        return g.add("multinomial", [probs, u], id=f"draft{i}/multinomial")
+    def pick(last, i):
+        # the draft proposes from the target's vocabulary and, with a penalty, penalises the committed tokens and
+        # its own d_1..d_{i-1} as the target will: better agreement; any proposal keeps verification exact
+        x = g.add("to_target_vocab", [last], id=f"draft{i}/to_target_vocab")
+        if seen:
+            x = g.add("repetition_penalty", [x, seen[-1]], {"penalty": pen}, id=f"draft{i}/repetition_penalty")
+        if sampled:
+            x = add_processors(g, x, plain, prefix=f"draft{i}")
+            probs = g.add("softmax", [x], id=f"draft{i}/softmax")
+            q = g.add("as_seq", [probs], id=f"draft{i}/q")
+            qs.append(q if not qs else g.add("concat_seq", [qs[-1], q], id=f"draft{i}/q_seq"))
+            u = g.add("input", attrs={"name": f"draft_uniform_{i}", "type": "uniform"}, id=f"draft_uniform_{i}")
+            tok = g.add("multinomial", [probs, u], id=f"draft{i}/multinomial")
+        else:
+            tok = g.add("argmax", [x], id=f"draft{i}/argmax")
+        if seen and i < k - 1:
+            seen.append(g.add("mark_seen", [seen[-1], tok], id=f"draft{i}/mark_seen"))
+        return tok
 
-    props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=sample if sampled else None)
+    props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=pick)
     cand = g.add("to_candidates", [props], id="draft/candidates")
     x = g.add("input", attrs={"name": "x_ids", "type": "tokens"}, id="x_ids")
     pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
