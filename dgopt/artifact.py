@@ -4,7 +4,8 @@
     step.onnx       the lowered decode step (+ step.onnx.data when the weights are large)
     ir.yaml         the optimised IR as a complete spec (valid input to `dgopt compile`); ir.O0.yaml before passes
     tokenizer/      the model's tokenizer files, when it has one
-    draft.onnx      the draft model's step graph (speculative, uag)
+    draft.onnx      the draft model's step graph (uag, and speculative with strategy.fused false; a fused
+                    speculative step has the draft inside step.onnx)
     draft_tokenizer/  the draft's own tokenizer (uag: the two models tokenize differently)
 
 Written atomically: everything goes to a staging dir beside the target, the manifest last, then one rename.

@@ -137,8 +137,9 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
 
 
 def expand_speculative(spec: Spec) -> Graph:
-    """The target's step: verify the draft's k proposals (one candidate of k tokens) after the x-block. The draft's
-    own step graph is compiled beside it (draft.onnx): an autoregressive greedy step, or for sampling its processed
+    """The target's step: verify the draft's k proposals (one candidate of k tokens) after the x-block. Speculative
+    (strategy.fused, the default) has the draft chain inside this graph; otherwise (fused false, and uag) the draft's
+    own step graph is compiled beside it (draft.onnx): k chained greedy steps, or for sampling its processed
     distribution, which verify_sample needs for rejection sampling."""
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
