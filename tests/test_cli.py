@@ -117,6 +117,12 @@ def artifact(tmp_path, artifacts):
     return dst
 
 
+def _rename_kv_output(a, new: str):
+    m = json.loads((a / "manifest.json").read_text())
+    next(o for o in m["io"]["outputs"] if o["type"] == "kv")["name"] = new
+    (a / "manifest.json").write_text(json.dumps(m))
+
+
 def _edit_model(a, **kw):
     m = json.loads((a / "manifest.json").read_text())
     m["model"].update(kw)
@@ -133,6 +139,7 @@ def _edit_model(a, **kw):
     (lambda a: (a / "manifest.json").unlink(), "not a dgopt artifact"),
     (lambda a: _edit_model(a, kv_dtype="float16"), "model.kv_dtype 'float16' does not match"),
     (lambda a: _edit_model(a, kv_dtype="int8"), "model.kv_dtype 'int8'"),
+    (lambda a: _rename_kv_output(a, "draft_present"), "do not pair with its kv inputs"),
 ])
 def test_damaged_artifact_one_line_error(artifact, damage, needle, capsys):
     damage(artifact)
