@@ -125,13 +125,17 @@ class _Drafter:
         self.dvocab = dec.manifest["draft"]["model"]["vocab_size"]
         self.dpad = dec.manifest["draft"]["model"]["pad_token_id"]
 
-    def _step(self, ids, valid_blk, pos, out_name: str = "next_token"):
+    def _inputs(self, ids, valid_blk, pos) -> tuple:
+        """ids, positions and mask of a block fed to the draft; its slots join the draft's valid map."""
         ids = np.where(ids < self.dvocab, ids, self.dpad)   # a smaller draft vocabulary: out-of-range ids -> pad
         q = ids.shape[1]
-        block = _block_mask(valid_blk, _causal(q), q)
-        out, self.cache = self.sess.run({"input_ids": ids, "position_ids": pos,
-                                         "attn_mask": _full_mask(self.valid, block)}, self.cache)
+        mask = _full_mask(self.valid, _block_mask(valid_blk, _causal(q), q))
         self.valid = np.concatenate([self.valid, valid_blk], 1)
+        return ids, pos, mask
+
+    def _step(self, ids, valid_blk, pos, out_name: str = "next_token"):
+        ids, pos, mask = self._inputs(ids, valid_blk, pos)
+        out, self.cache = self.sess.run({"input_ids": ids, "position_ids": pos, "attn_mask": mask}, self.cache)
         if self.uniform is None:
             return out[out_name].astype(np.int64)
         q = out["probs"].astype(np.float64)
@@ -148,13 +152,10 @@ class _Drafter:
 
     def feeds(self) -> dict:
         """Fused step: the draft's inputs (pending block, its positions, its mask over the draft cache)."""
-        B = len(self.pend)
         self.base = self.valid.shape[1] + self.pend.shape[1]
-        q = self.pend.shape[1]
-        mask = _full_mask(self.valid, _block_mask(self.pend_valid, _causal(q), q))
-        self.valid = np.concatenate([self.valid, self.pend_valid, np.ones((B, self.k - 1), np.int8)], 1)
-        return {"draft_ids": np.where(self.pend < self.dvocab, self.pend, self.dpad),
-                "draft_position_ids": self.pend_pos, "draft_mask": mask}
+        ids, pos, mask = self._inputs(self.pend, self.pend_valid, self.pend_pos)
+        self.valid = np.concatenate([self.valid, np.ones((len(ids), self.k - 1), np.int8)], 1)  # d_1..d_{k-1}
+        return {"draft_ids": ids, "draft_position_ids": pos, "draft_mask": mask}
 
     def propose(self) -> np.ndarray:
         B = len(self.pend)
