@@ -157,22 +157,6 @@ RECIPES: dict[str, Recipe] = {
         eval_every=200,
         time_limit_s=9.5 * 60,
     ),
-    "code-draft-kd": Recipe(
-        name="code-draft-kd",
-        description="code-draft distilled from code-tiny (KL to the target per position): a draft that agrees more",
-        tokenizer="code-bpe-4k",
-        hidden_size=96,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=256,
-        steps=600,
-        lr=1.5e-3,
-        warmup_steps=20,
-        eval_every=100,
-        time_limit_s=13 * 60,
-        teacher="code-tiny",
-        init_from="code-draft",
-    ),
     "code-draft-xtok": Recipe(
         name="code-draft-xtok",
         description="draft model with a different tokenizer: Llama 2x96, BPE 1k",
@@ -207,6 +191,12 @@ RECIPES: dict[str, Recipe] = {
         patience=4,
     ),
 }
+# the distilled draft starts from code-draft's weights (init_from), so it must keep code-draft's shape: derived
+RECIPES["code-draft-kd"] = dataclasses.replace(
+    RECIPES["code-draft"], name="code-draft-kd",
+    description="code-draft distilled from code-tiny (KL to the target per position): a draft that agrees more",
+    steps=600, lr=1.5e-3, warmup_steps=20, eval_every=100, time_limit_s=13 * 60, teacher="code-tiny",
+    init_from="code-draft")
 
 
 # --------------------------------------------------------------------------
