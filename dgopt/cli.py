@@ -22,7 +22,8 @@ EPILOG = """examples:
 
 strategies (spec strategy.kind; examples in specs/):
   autoregressive  one token per step, processors + sampler in the graph (greedy.yaml, sample.yaml)
-  lookahead       Jacobi window + n-gram pool, both branches in one forward (lookahead.yaml)
+  lookahead       Jacobi window + n-gram pool, both branches in one forward (lookahead.yaml);
+                  greedy, or sampling by matching per-depth draws (as jacobi and uag)
   jacobi          guess block refined every step (jacobi.yaml)
   speculative     draft model proposes k tokens, the target verifies in one forward; greedy or
                   rejection sampling (speculative.yaml, speculative-sample.yaml)

@@ -221,12 +221,13 @@ def _kv_dtype(spec: Spec) -> str:
 
 def _compile_draft(spec: Spec, opt_level: int, stage):
     """The draft's own step graph, through the same passes: for greedy speculative decoding and uag k chained greedy
-    steps (all k proposals in one call); for speculative sampling one step returning the draft's distribution q."""
+    steps (all k proposals in one call; uag's draft proposes greedily even when the target samples: its tokens
+    are matched against the target's draws); for speculative sampling one step returning the draft's distribution q."""
     from dgopt.backends.onnx import lower_to_onnx
     from .models.hf import export_forward
     from .spec import SamplingSpec
     from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
-    sampled = spec.sampling.kind == "sample"
+    sampled = spec.sampling.kind == "sample" and spec.strategy.kind == "speculative"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
                                     "sampling": spec.sampling.model_copy(update={"repetition_penalty": 1.0})

@@ -19,7 +19,7 @@ __all__ = ["Spec", "ModelSpec", "SamplingSpec", "TargetSpec", "StrategySpec", "l
 FAMILIES = ("llama", "gpt2", "qwen2")
 STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
 IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag")
-GREEDY_ONLY = ("lookahead", "jacobi", "uag")
+MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag")
 
 
 class _Strict(BaseModel):
@@ -132,13 +132,9 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
         raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
-    if spec.strategy.kind in GREEDY_ONLY and spec.sampling.kind != "greedy":
-        raise SpecError(f"spec field 'sampling.kind': strategy '{spec.strategy.kind}' is exact for greedy decoding "
-                        "only; use sampling.kind greedy")
-    if spec.strategy.kind == "speculative" and spec.sampling.kind == "sample":
-        if spec.sampling.noise != "precomputed":
-            raise SpecError("spec field 'sampling.noise': speculative sampling draws its noise on the host; use "
-                            "precomputed")
+    if spec.strategy.kind in MULTI_TOKEN and spec.sampling.kind == "sample" and spec.sampling.noise != "precomputed":
+        raise SpecError(f"spec field 'sampling.noise': {spec.strategy.kind} sampling draws its noise on the host; "
+                        "use precomputed")
     if spec.strategy.kind in ("speculative", "uag") and spec.draft is None:
         raise SpecError(f"spec field 'draft': strategy '{spec.strategy.kind}' needs a draft model (path, name or "
                         "config)")

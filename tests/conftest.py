@@ -46,6 +46,41 @@ def noisy_draft_dir(root, name: str, scale: float, family: str = "llama") -> dic
     return {"path": str(root / name)}
 
 
+def exact_two_tokens(model, prompt: list[int], sampling: dict, penalty: float = 1.0):
+    """The exact distribution of the first sampled token and of the two-token joint after `prompt`, with
+    transformers' own processors (repetition penalty, temperature, top-k): (p1 [V] as numpy, {(a, b): prob})."""
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper
+
+    def dist(ids):
+        with torch.no_grad():
+            lg = model(torch.tensor([ids])).logits[:, -1]
+        if penalty != 1.0:
+            lg = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), lg)
+        lg = TopKLogitsWarper(sampling["top_k"])(None, TemperatureLogitsWarper(sampling["temperature"])(None, lg))
+        return torch.softmax(lg.double(), -1)[0]
+
+    p1 = dist(prompt)
+    joint = {(a, b): p1[a].item() * q
+             for a in torch.nonzero(p1).flatten().tolist()
+             for b, q in enumerate(dist(prompt + [a]).tolist()) if q > 0}
+    return p1.numpy(), joint
+
+
+def chi2_pvalue(counts: dict, probs: dict) -> float:
+    """Chi-square goodness of fit of observed counts to exact probabilities; cells expected < 5 are pooled. A draw
+    outside the exact support fails at once."""
+    import numpy as np
+    from scipy.stats import chisquare
+    keys = sorted(probs, key=lambda k: -probs[k])
+    obs = np.array([counts.get(k, 0) for k in keys], float)
+    assert sum(counts.values()) == obs.sum(), "a draw fell outside the exact support"
+    exp = np.array([probs[k] for k in keys]) * obs.sum()
+    small = exp < 5
+    if small.any():
+        exp, obs = np.append(exp[~small], exp[small].sum()), np.append(obs[~small], obs[small].sum())
+    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
 def hf_greedy(model, prompt, max_new_tokens):
     ids = torch.tensor([prompt])
     with torch.no_grad():

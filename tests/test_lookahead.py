@@ -144,9 +144,9 @@ def test_O2_runs_one_forward(artifacts):
     assert roots == {"merged"}
 
 
-def test_lookahead_rejects_sampling(tmp_path):
+def test_lookahead_spec_errors(tmp_path):
     from dgopt.errors import SpecError
-    with pytest.raises(SpecError, match="sampling.kind"):
-        spec_from_dict(tiny_spec(strategy=LA, sampling={"kind": "sample"}))
+    with pytest.raises(SpecError, match="sampling.noise"):      # its noise is drawn on the host, per depth
+        spec_from_dict(tiny_spec(strategy=LA, sampling={"kind": "sample", "noise": "in_graph"}))
     with pytest.raises(SpecError, match="guesses"):
         spec_from_dict(tiny_spec(strategy={"kind": "lookahead", "ngram": 1, "guesses": 2}))

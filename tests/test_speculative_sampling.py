@@ -4,11 +4,10 @@ computed with Hugging Face's own warpers, for a draft that mostly agrees and one
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import dgopt
 from dgopt.errors import SpecError
-from conftest import PROMPTS, TINY, hf_model, noisy_draft_dir, tiny_spec
+from conftest import PROMPTS, TINY, chi2_pvalue, exact_two_tokens, hf_model, noisy_draft_dir, tiny_spec
 
 PROMPT = [5, 17, 42, 99]
 SAMPLING = {"kind": "sample", "temperature": 0.8, "top_k": 6}
@@ -26,23 +25,7 @@ def drafts(tmp_path_factory):
 
 
 def _exact(penalty: float = 1.0):
-    """The target's exact first-token distribution and two-token joint, with transformers' own processors."""
-    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper
-    model = hf_model("llama")
-
-    def dist(ids):
-        with torch.no_grad():
-            lg = model(torch.tensor([ids])).logits[:, -1]
-        if penalty != 1.0:
-            lg = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), lg)
-        lg = TopKLogitsWarper(SAMPLING["top_k"])(None, TemperatureLogitsWarper(SAMPLING["temperature"])(None, lg))
-        return torch.softmax(lg.double(), -1)[0]
-
-    p1 = dist(PROMPT)
-    joint = {(a, b): p1[a].item() * q
-             for a in torch.nonzero(p1).flatten().tolist()
-             for b, q in enumerate(dist(PROMPT + [a]).tolist()) if q > 0}
-    return p1.numpy(), joint
+    return exact_two_tokens(hf_model("llama"), PROMPT, SAMPLING, penalty)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +41,8 @@ def compile_sampler(tmp_path, draft, opt_level=2, k=3, fused=True, penalty=1.0):
 
 
 def _chi2(counts: dict, probs: dict, n: int) -> float:
-    keys = sorted(probs, key=lambda k: -probs[k])
-    exp = np.array([probs[k] * n for k in keys])
-    obs = np.array([counts.get(k, 0) for k in keys], float)
-    assert sum(counts.values()) == obs.sum(), "a draw fell outside the exact support"
-    small = exp < 5                                      # pool sparse cells so the chi-square approximation holds
-    if small.any():
-        exp, obs = np.append(exp[~small], exp[small].sum()), np.append(obs[~small], obs[small].sum())
-    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+    assert sum(counts.values()) == n
+    return chi2_pvalue(counts, probs)
 
 
 @pytest.mark.parametrize("name,fused,penalty", [("noisy", True, 1.0), ("weak", True, 1.0), ("noisy", False, 1.0),

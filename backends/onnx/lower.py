@@ -76,6 +76,7 @@ class _Builder:
             "uniform": (F32, ["batch"]), "token": (I64, ["batch"]), "logits_seq": (F32, ["batch", "q", V]),
             "candidates": (I64, ["batch", "guesses", "length"]), "count": (I64, ["batch"]),
             "probs_seq": (F32, ["batch", "length", V]), "uniform_seq": (F32, ["batch", "length"]),
+            "gumbel_seq": (F32, ["batch", "depth", V]),
         }[vtype]
 
     # -- main
@@ -421,8 +422,21 @@ def _split_kv(b, node, ins):
 
 def _verify_greedy(b, node, ins):
     logits, cands = ins
+    _accept_chain(b, node, b.op("ArgMax", [logits], axis=-1, keepdims=0), cands)   # [B, k + G*K]
+
+
+def _verify_sample_match(b, node, ins):
+    x, cands, g = ins
+    G, K, V = node.attrs["guesses"], node.attrs["length"], b.V
+    depth = b.const([0] + list(range(1, K + 1)) * G, np.int64)          # each verified row's depth
+    noisy = b.op("Add", [b.op("Reshape", [x, b.const([-1, 1 + G * K, V], np.int64)]),
+                         b.op("Gather", [g, depth], axis=1)])                       # guesses share g_d
+    _accept_chain(b, node, b.op("ArgMax", [noisy], axis=-1, keepdims=0), cands)
+
+
+def _accept_chain(b, node, am, cands):
+    """Longest candidate prefix equal to the chain of chosen tokens am [B, ... 1 + G*K] (argmax or draws)."""
     G, K = node.attrs["guesses"], node.attrs["length"]
-    am = b.op("ArgMax", [logits], axis=-1, keepdims=0)                        # [B, k + G*K]
     nc = G * K
     ax1, end = b.const([1], np.int64), b.const([INT_MAX], np.int64)
     if nc == 0:
@@ -497,6 +511,7 @@ LOWERINGS = {
     "split_seq": _split_seq,
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
+    "verify_sample_match": _verify_sample_match,
 }
 
 

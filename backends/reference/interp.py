@@ -70,6 +70,13 @@ def _verify_greedy(node, ins):
     return {"tokens": pred[torch.arange(len(best)), best], "accept_len": matched.max(1).values + 1, "best": best}
 
 
+def _verify_sample_match(node, ins):
+    x, cands, g = ins
+    G, K = node.attrs["guesses"], node.attrs["length"]
+    depth = torch.tensor([0] + list(range(1, K + 1)) * G)
+    return _verify_greedy(node, [x.reshape(-1, 1 + G * K, x.shape[-1]) + g[:, depth], cands])
+
+
 def _verify_sample(node, ins):
     x, cands, q, u, g = ins
     K = node.attrs["length"]
@@ -127,6 +134,7 @@ RULES = {
     "verify_greedy": _verify_greedy,
     "tail_positions": lambda n, i: i[0][:, -(n.attrs["length"] + 1):].reshape(-1, i[0].shape[-1]),
     "verify_sample": _verify_sample,
+    "verify_sample_match": _verify_sample_match,
 }
 
 

@@ -299,14 +299,6 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                         seed: int | None = None) -> GenerateResult:
     st = dec.manifest["strategy"]
     sampled = dec.manifest["sampling"]["kind"] == "sample"
-    noise = {}
-    if sampled:     # three independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
-        streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(3)
-        B0, K0 = len(rows), st["k"]
-        # the draft's proposals: drawn in a fused step's graph (k uniforms per row) or on the host (one per call)
-        noise = {"draft": NoiseStream("uniform", streams[0], (B0, K0) if dec.draft_session is None else (B0, 1)),
-                 "accept_uniform": NoiseStream("uniform", streams[1], (B0, K0)),
-                 "gumbel": NoiseStream("gumbel", streams[2], (B0, dec.vocab_size))}
     lookahead = st["kind"] == "lookahead"
     speculative = st["kind"] in ("speculative", "uag")
     if lookahead:
@@ -324,6 +316,18 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         raise ValueError(f"prompt of {L} tokens plus the strategy's {span} lookahead positions leaves no room "
                          f"under target.max_seq_len {dec.max_seq_len}")
     rng = np.random.default_rng(0)
+    # sampling: rejection sampling against the draft's q (speculative), else the draws are matched against guesses
+    rejection = sampled and st["kind"] == "speculative"
+    noise = {}
+    if rejection:   # three independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
+        streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(3)
+        # the draft's proposals: drawn in a fused step's graph (k uniforms per row) or on the host (one per call)
+        noise = {"draft": NoiseStream("uniform", streams[0], (B, K) if dec.draft_session is None else (B, 1)),
+                 "accept_uniform": NoiseStream("uniform", streams[1], (B, K)),
+                 "gumbel": NoiseStream("gumbel", streams[2], (B, dec.vocab_size))}
+    elif sampled:   # one Gumbel vector per verified depth, shared by the guesses
+        noise = {"gumbel": NoiseStream("gumbel", dec.manifest["sampling"]["seed"] if seed is None else seed,
+                                       (B, K + 1, dec.vocab_size))}
 
     # prefill: the x-block is the left-padded prompt
     x_ids = np.full((B, L), dec.pad, np.int64)
@@ -386,7 +390,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             feeds["seen"] = seen
         if not fused:
             feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
-        if sampled:
+        if rejection:
             feeds.update(accept_uniform=noise["accept_uniform"].next(),
                          gumbel=noise["gumbel"].next())                # gumbel: for the one residual draw
             if fused:
@@ -394,6 +398,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                 feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(K)})
             else:
                 feeds["draft_probs"] = np.stack(drafter.q, 1)
+        elif sampled:
+            feeds["gumbel"] = noise["gumbel"].next()                   # [B, K+1, V]: one vector per depth
         levels = window.shape[1]
         if "lookahead_ids" in dec.session.inputs:
             cols = np.arange(W)

@@ -1,4 +1,4 @@
-"""Lookahead decoding (Fu et al. 2024, arXiv 2402.02057) and Jacobi decoding, greedy.
+"""Lookahead decoding (Fu et al. 2024, arXiv 2402.02057), Jacobi decoding, speculative decoding and UAG.
 
 One step processes an x-block (the committed tokens whose KV is not cached yet: the prompt at prefill, then the last
 accepted token) and, as -O0 expands it, runs two forwards over the same past:
@@ -6,7 +6,9 @@ accepted token) and, as -O0 expands it, runs two forwards over the same past:
   verify branch     [x-block, G candidates of N-1 tokens from the n-gram pool]
 `merge_forwards` turns them into one forward with a block mask. `verify_greedy` accepts the longest candidate prefix
 that equals the model's own argmax chain plus one bonus token, so the output is the greedy output whatever the
-candidates are. Jacobi is the verify branch alone, its single candidate being the current guess block.
+candidates are. Sampling: `verify_sample_match` draws the token at each verified depth with Gumbel noise shared by
+all guesses and keeps the guess that equals the draws, so the output is distributed as token-by-token sampling.
+Jacobi is the verify branch alone, its single candidate being the current guess block.
 The host (dgopt/runtime/multitoken.py) keeps the window and pool, builds masks and positions, commits accepted KV."""
 from __future__ import annotations
 
@@ -41,8 +43,16 @@ def _verify(g: Graph, past, guesses: int, length: int, spec: Spec):
     ids, pos, mask = _branch_inputs(g, "verify")
     cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
-    v = g.add("verify_greedy", [_penalized(g, fwd.out("logits"), cands, spec), cands],
-              {"guesses": guesses, "length": length}, id="verify/accept")
+    logits = _penalized(g, fwd.out("logits"), cands, spec)
+    shape = {"guesses": guesses, "length": length}
+    if spec.sampling.kind == "sample":
+        from .autoregressive import add_processors
+        gum = g.add("input", attrs={"name": "gumbel", "type": "gumbel_seq"}, id="gumbel")
+        tail = g.add("tail_positions", [logits], {"length": guesses * length}, id="verify/tail")
+        x = add_processors(g, tail, spec.sampling.model_copy(update={"repetition_penalty": 1.0}), prefix="verify")
+        v = g.add("verify_sample_match", [x, cands, gum], shape, id="verify/accept")
+    else:
+        v = g.add("verify_greedy", [logits, cands], shape, id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
     g.set_output("accept_tokens", v.out("tokens"))
     g.set_output("best", v.out("best"))
@@ -139,13 +149,14 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
 def expand_speculative(spec: Spec) -> Graph:
     """The target's step: verify the draft's k proposals (one candidate of k tokens) after the x-block. Speculative
     (strategy.fused, the default) has the draft chain inside this graph; otherwise (fused false, and uag) the draft's
-    own step graph is compiled beside it (draft.onnx): k chained greedy steps, or for sampling its processed
-    distribution, which verify_sample needs for rejection sampling."""
+    own step graph is compiled beside it (draft.onnx): k chained greedy steps, or for speculative sampling its
+    processed distribution, which verify_sample needs for rejection sampling. uag's re-tokenized proposals have no
+    distribution over the target's vocabulary: sampled, they are matched against the target's draws."""
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
     if fuses_draft(spec):
         return _fused_speculative(g, past, spec)
-    if spec.sampling.kind == "greedy":
+    if spec.sampling.kind == "greedy" or spec.strategy.kind == "uag":    # uag samples by matching draws
         _verify(g, past, 1, spec.strategy.k, spec)
         return g
     from .autoregressive import add_processors
