@@ -2,8 +2,8 @@
 (W, N, G), jacobi, each at -O0 (separate forwards) and -O2 (merged), speculative with a draft of the same tokenizer
 (several k; draft and target fused in one step graph, and for --unfused-k in two) and UAG with a draft of another
 tokenizer, plus transformers generate greedy, with prompt lookup decoding, assisted generation and UAG as external
-baselines. Greedy rows are checked token-identical; speculative sampling rows (--sample-k) are timed against
-autoregressive sampling only.
+baselines. Greedy rows are checked token-identical; sampling rows (--sample-k: speculative fused and unfused, uag;
+lookahead at the first config) are timed against autoregressive sampling only.
 
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
     python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
@@ -44,8 +44,9 @@ def main():
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
     ap.add_argument("--unfused-k", nargs="*", type=int, default=[3], help="also time these k with the draft in its "
                     "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
-    ap.add_argument("--sample-k", nargs="*", type=int, default=[3], help="speculative sampling rows (temperature "
-                    "0.8, top-k 50; fused and unfused) beside autoregressive sampling; tokens are not compared")
+    ap.add_argument("--sample-k", nargs="*", type=int, default=[3], help="sampling rows (temperature 0.8, "
+                    "top-k 50) at these k: speculative fused and unfused, uag; plus lookahead at the first --configs; "
+                    "beside autoregressive sampling; tokens are not compared")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -118,20 +119,26 @@ def main():
         for k in a.unfused_k:
             strategies.append((f"speculative k{k} ({d}, unfused)", {"kind": "speculative", "k": k, "fused": False},
                                {"draft": as_model(d)}))
-    sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
-    if drafts and a.sample_k:
-        strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))
-        for k in a.sample_k:
-            for fused in (True, False):
-                strategies.append((f"speculative k{k} ({drafts[-1]}, sample{'' if fused else ', unfused'})",
-                                   {"kind": "speculative", "k": k, "fused": fused},
-                                   {"draft": as_model(drafts[-1]), "sampling": sample}))
     if xdraft_spec:
         for k in a.k:
             strategies.append((f"uag k{k}", {"kind": "uag", "k": k}, {"draft": xdraft_spec}))
+    sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
+    if a.sample_k:      # sampled rows, timed against autoregressive sampling
+        strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))
+        W, N, G = map(int, a.configs[0].split(",")) if a.configs else (4, 3, 4)
+        strategies.append((f"lookahead W{W} N{N} G{G} (sample)",
+                           {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}, {"sampling": sample}))
+        for k in a.sample_k:
+            for fused in (True, False) if drafts else ():
+                strategies.append((f"speculative k{k} ({drafts[-1]}, sample{'' if fused else ', unfused'})",
+                                   {"kind": "speculative", "k": k, "fused": fused},
+                                   {"draft": as_model(drafts[-1]), "sampling": sample}))
+            if xdraft_spec:
+                strategies.append((f"uag k{k} (sample)", {"kind": "uag", "k": k},
+                                   {"draft": xdraft_spec, "sampling": sample}))
     decs = []
     for name, st, *extra in strategies:
-        for lvl in ((0, 2) if st["kind"] == "lookahead" else (2,)):
+        for lvl in ((0, 2) if st["kind"] == "lookahead" and "sample" not in name else (2,)):
             art = dgopt.compile({**base, **(extra[0] if extra else {}), "strategy": st},
                                 tmp / f"{len(decs)}-{name}-{lvl}".replace(" ", "_"), opt_level=lvl)
             dec = dgopt.load(art, threads=a.threads)
@@ -188,7 +195,7 @@ def main():
     print("tok/step: tokens per target forward; accept: accepted draft tokens / proposed; sampled rows: 'vs AR' is "
           "against autoregressive sampling, tokens not compared (distributions are tested in tests/)")
     for r in rows:
-        if r["name"].endswith("-O2") and "lookahead" in r["name"]:
+        if r["name"].endswith("-O2") and "lookahead" in r["name"] and "sample" not in r["name"]:
             r0 = next(x for x in rows if x["name"] == r["name"][:-3] + "-O0")
             print(f"merge_forwards per-step speedup {r['name'][6:-4]}: {r0['ms_per_step'] / r['ms_per_step']:.2f}x")
     out = Path(a.out)
