@@ -1,5 +1,5 @@
 """Sampling with lookahead, jacobi and uag: their guesses come without a distribution, so `verify_sample_match`
-draws the target's token at each verified depth (Gumbel-max, one noise vector per depth shared by all guesses) and
+draws the target's token at each verified depth (inverse CDF, one uniform per depth shared by all guesses) and
 keeps the guess that equals the draws. Exact in distribution: chi-square tests (fixed seeds) of the op on a known
 conditional table with guesses that share prefixes, and of generate's first token and two-token joint against the
 target's exact distribution (transformers' own warpers), on random-init and trained models."""
@@ -36,10 +36,11 @@ def _op_graph():
     g = Graph()
     x = g.add("input", attrs={"name": "logits_seq", "type": "logits_seq"}, id="logits_seq")
     c = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
-    gm = g.add("input", attrs={"name": "gumbel", "type": "gumbel_seq"}, id="gumbel")
+    u = g.add("input", attrs={"name": "depth_uniform", "type": "uniform_seq"}, id="depth_uniform")
     t = g.add("tail_positions", [x], {"length": G * K}, id="tail")
     t = g.add("top_k", [g.add("temperature", [t], {"value": T}, id="temp")], {"k": TOPK}, id="topk")
-    v = g.add("verify_sample_match", [t, c, gm], {"guesses": G, "length": K}, id="accept")
+    v = g.add("verify_sample_match", [g.add("softmax", [t], id="softmax"), c, u], {"guesses": G, "length": K},
+              id="accept")
     for name in ("accept_len", "tokens", "best"):
         g.set_output(name, v.out(name))
     return g
@@ -58,9 +59,8 @@ def _feeds(n: int, seed: int) -> dict:
     rows = [_scores(())] + [_scores(tuple(cands[j, :i])) for j in range(G) for i in range(1, K + 1)]
     x = np.broadcast_to(np.stack(rows)[None], (n, 1 + G * K, V)).copy()
     x = np.concatenate([np.zeros((n, 2, V), np.float32), x], 1)         # x-block rows before the last: never read
-    u = np.random.default_rng(seed).random((n, K + 1, V)).clip(1e-12)
     return {"logits_seq": x, "candidates": np.broadcast_to(cands[None], (n, G, K)).copy(),
-            "gumbel": (-np.log(-np.log(u))).astype(np.float32)}
+            "depth_uniform": np.random.default_rng(seed).random((n, K + 1), dtype=np.float32)}
 
 
 def test_op_draws_exactly_with_guesses_that_share_prefixes():

@@ -76,7 +76,6 @@ class _Builder:
             "uniform": (F32, ["batch"]), "token": (I64, ["batch"]), "logits_seq": (F32, ["batch", "q", V]),
             "candidates": (I64, ["batch", "guesses", "length"]), "count": (I64, ["batch"]),
             "probs_seq": (F32, ["batch", "length", V]), "uniform_seq": (F32, ["batch", "length"]),
-            "gumbel_seq": (F32, ["batch", "depth", V]),
         }[vtype]
 
     # -- main
@@ -426,12 +425,15 @@ def _verify_greedy(b, node, ins):
 
 
 def _verify_sample_match(b, node, ins):
-    x, cands, g = ins
+    probs, cands, u = ins
     G, K, V = node.attrs["guesses"], node.attrs["length"], b.V
-    depth = b.const([0] + list(range(1, K + 1)) * G, np.int64)          # each verified row's depth
-    noisy = b.op("Add", [b.op("Reshape", [x, b.const([-1, 1 + G * K, V], np.int64)]),
-                         b.op("Gather", [g, depth], axis=1)])                       # guesses share g_d
-    _accept_chain(b, node, b.op("ArgMax", [noisy], axis=-1, keepdims=0), cands)
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    cdf = b.op("CumSum", [b.op("Reshape", [probs, i64([-1, 1 + G * K, V])]), i64(-1)])     # [B, 1+G*K, V]
+    total = b.op("Slice", [cdf, i64([-1]), i64([V]), i64([-1])])
+    u_d = b.op("Gather", [u, i64([0] + list(range(1, K + 1)) * G)], axis=1)              # guesses share u_d
+    below = b.op("LessOrEqual", [cdf, b.op("Mul", [b.op("Unsqueeze", [u_d, i64([-1])]), total])])
+    drawn = b.op("Min", [b.op("ReduceSum", [b.op("Cast", [below], to=I64), i64([-1])], keepdims=0), i64(V - 1)])
+    _accept_chain(b, node, drawn, cands)
 
 
 def _accept_chain(b, node, am, cands):

@@ -71,10 +71,13 @@ def _verify_greedy(node, ins):
 
 
 def _verify_sample_match(node, ins):
-    x, cands, g = ins
+    probs, cands, u = ins
     G, K = node.attrs["guesses"], node.attrs["length"]
-    depth = torch.tensor([0] + list(range(1, K + 1)) * G)
-    return _verify_greedy(node, [x.reshape(-1, 1 + G * K, x.shape[-1]) + g[:, depth], cands])
+    p = probs.reshape(-1, 1 + G * K, probs.shape[-1])
+    u_d = u[:, [0] + list(range(1, K + 1)) * G]
+    cdf = p.cumsum(-1)
+    drawn = (cdf <= u_d[..., None] * cdf[..., -1:]).sum(-1).clamp(max=p.shape[-1] - 1)
+    return _verify_greedy(node, [torch.nn.functional.one_hot(drawn, p.shape[-1]).float(), cands])
 
 
 def _verify_sample(node, ins):

@@ -4,8 +4,7 @@ Value types: tokens [B,q] int64, positions [B,q] int64, mask [B,1,q,past+q] addi
 logits_seq [B,q,V], logits [B,V], probs [B,V] (normalised), token [B] int64, uniform [B] in [0,1),
 gumbel [B,V], seen [B,V] (1.0 where a token already occurred: for repetition penalty).
 candidates [B,G,K] int64 (G guessed K-token continuations), count [B] int64.
-probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1),
-gumbel_seq [B,K+1,V] (one Gumbel noise vector per verified depth).
+probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1).
 Randomness is always an explicit value (uniform / gumbel), produced by an `input` or by an impure op.
 """
 from __future__ import annotations
@@ -18,8 +17,7 @@ from ..errors import IRError
 __all__ = ["OpSchema", "Attr", "schema", "register", "OPS", "VALUE_TYPES"]
 
 VALUE_TYPES = ("tokens", "positions", "mask", "kv", "logits_seq", "logits", "probs", "token", "uniform",
-               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq",
-               "gumbel_seq")
+               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq")
 _SCORES = ("logits",)
 
 
@@ -209,16 +207,17 @@ register(OpSchema("verify_sample", (("logits", ("logits",)), ("candidates", ("ca
                       "probability min(1, p/q); at the first rejection n the token is drawn from "
                       "norm(max(0, p_n - q_n)), after K acceptances from p_K, both as argmax(log r + g). The output "
                       "is distributed exactly as sampling from p token by token. Outputs as verify_greedy."))
-register(OpSchema("verify_sample_match", (("logits", ("logits",)), ("candidates", ("candidates",)),
-                                          ("g", ("gumbel_seq",))),
+register(OpSchema("verify_sample_match", (("probs", ("probs",)), ("candidates", ("candidates",)),
+                                          ("u", ("uniform_seq",))),
                   ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
                   {"guesses": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0"),
                    "length": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0")},
                   doc="Sampled verification of guesses that come without a distribution (lookahead's n-grams, "
-                      "jacobi's block, uag's re-tokenized draft). logits: the target's processed scores "
-                      "[B*(1+G*K), V] (tail_positions over the x-block's last position and G candidates of K "
-                      "tokens). The token at depth d (0: after the x-block, d: after a guess's d-th token) is drawn "
-                      "as argmax(x + g_d) (Gumbel-max): every guess uses the same g_d, so guesses that agree so far "
-                      "draw the same token, and a guess is kept while it equals the draws. Each committed token is a "
-                      "draw from p given the tokens before it, as sampling token by token (for one guess it is "
-                      "rejection sampling with a point-mass draft). Outputs as verify_greedy."))
+                      "jacobi's block, uag's re-tokenized draft). probs: the target's distributions [B*(1+G*K), V] "
+                      "(softmax of tail_positions + processors) after the x-block's last position and after each "
+                      "of G candidates' K tokens. The token at depth d (0: after the x-block, d: after a guess's "
+                      "d-th token) is drawn by inverse CDF with u [B, K+1] at column d: every guess uses the same "
+                      "u_d, so guesses that agree so far draw the same token, and a guess is kept while it equals "
+                      "the draws. Each committed token is a draw from p given the tokens before it, as sampling "
+                      "token by token (for one guess it is rejection sampling with a point-mass draft). Outputs as "
+                      "verify_greedy."))

@@ -325,9 +325,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         noise = {"draft": NoiseStream("uniform", streams[0], (B, K) if dec.draft_session is None else (B, 1)),
                  "accept_uniform": NoiseStream("uniform", streams[1], (B, K)),
                  "gumbel": NoiseStream("gumbel", streams[2], (B, dec.vocab_size))}
-    elif sampled:   # one Gumbel vector per verified depth, shared by the guesses
-        noise = {"gumbel": NoiseStream("gumbel", dec.manifest["sampling"]["seed"] if seed is None else seed,
-                                       (B, K + 1, dec.vocab_size))}
+    elif sampled:   # one uniform per verified depth, shared by the guesses
+        noise = {"depth_uniform": NoiseStream("uniform", dec.manifest["sampling"]["seed"] if seed is None else seed,
+                                              (B, K + 1))}
 
     # prefill: the x-block is the left-padded prompt
     x_ids = np.full((B, L), dec.pad, np.int64)
@@ -399,7 +399,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             else:
                 feeds["draft_probs"] = np.stack(drafter.q, 1)
         elif sampled:
-            feeds["gumbel"] = noise["gumbel"].next()                   # [B, K+1, V]: one vector per depth
+            feeds["depth_uniform"] = noise["depth_uniform"].next()     # [B, K+1]
         levels = window.shape[1]
         if "lookahead_ids" in dec.session.inputs:
             cols = np.arange(W)

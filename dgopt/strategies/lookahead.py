@@ -6,8 +6,8 @@ accepted token) and, as -O0 expands it, runs two forwards over the same past:
   verify branch     [x-block, G candidates of N-1 tokens from the n-gram pool]
 `merge_forwards` turns them into one forward with a block mask. `verify_greedy` accepts the longest candidate prefix
 that equals the model's own argmax chain plus one bonus token, so the output is the greedy output whatever the
-candidates are. Sampling: `verify_sample_match` draws the token at each verified depth with Gumbel noise shared by
-all guesses and keeps the guess that equals the draws, so the output is distributed as token-by-token sampling.
+candidates are. Sampling: `verify_sample_match` draws the token at each verified depth with a uniform shared by all
+guesses and keeps the guess that equals the draws, so the output is distributed as token-by-token sampling.
 Jacobi is the verify branch alone, its single candidate being the current guess block.
 The host (dgopt/runtime/multitoken.py) keeps the window and pool, builds masks and positions, commits accepted KV."""
 from __future__ import annotations
@@ -47,10 +47,11 @@ def _verify(g: Graph, past, guesses: int, length: int, spec: Spec):
     shape = {"guesses": guesses, "length": length}
     if spec.sampling.kind == "sample":
         from .autoregressive import add_processors
-        gum = g.add("input", attrs={"name": "gumbel", "type": "gumbel_seq"}, id="gumbel")
+        u = g.add("input", attrs={"name": "depth_uniform", "type": "uniform_seq"}, id="depth_uniform")
         tail = g.add("tail_positions", [logits], {"length": guesses * length}, id="verify/tail")
         x = add_processors(g, tail, spec.sampling.model_copy(update={"repetition_penalty": 1.0}), prefix="verify")
-        v = g.add("verify_sample_match", [x, cands, gum], shape, id="verify/accept")
+        probs = g.add("softmax", [x], id="verify/softmax")
+        v = g.add("verify_sample_match", [probs, cands, u], shape, id="verify/accept")
     else:
         v = g.add("verify_greedy", [logits, cands], shape, id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
