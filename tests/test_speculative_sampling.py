@@ -116,10 +116,9 @@ def test_verify_sample_lowering_equals_reference():
     c = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
     q = g.add("input", attrs={"name": "draft_probs", "type": "probs_seq"}, id="draft_probs")
     u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
-    gm = g.add("input", attrs={"name": "gumbel", "type": "gumbel"}, id="gumbel")
     t = g.add("tail_positions", [x], {"length": K}, id="tail")
     t = g.add("top_k", [g.add("temperature", [t], {"value": 0.7}, id="temp")], {"k": 10}, id="topk")
-    v = g.add("verify_sample", [t, c, q, u, gm], {"length": K}, id="accept")
+    v = g.add("verify_sample", [t, c, q, u], {"length": K}, id="accept")
     for name in ("accept_len", "tokens", "best"):
         g.set_output(name, v.out(name))
     rng = np.random.default_rng(0)
@@ -133,8 +132,7 @@ def test_verify_sample_lowering_equals_reference():
     feeds = {"logits_seq": logits, "draft_probs": qs,
              "candidates": np.stack([[rng.choice(V, p=qs[b, i] / qs[b, i].sum()) for i in range(K)]
                                      for b in range(B)])[:, None, :].astype(np.int64),
-             "accept_uniform": rng.random((B, K)).astype(np.float32),
-             "gumbel": -np.log(-np.log(rng.random((B, V)).clip(1e-12))).astype(np.float32)}
+             "accept_uniform": rng.random((B, K + 1)).astype(np.float32)}
     feeds["accept_uniform"][:8] = 0.0                                 # u = 0: accepted wherever p > 0
     model, _ = lower_to_onnx(g, {}, vocab_size=V)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -474,7 +474,7 @@ def _tail_positions(b, node, ins):
 
 
 def _verify_sample(b, node, ins):
-    x, cands, q, u, g = ins
+    x, cands, q, u_all = ins
     K, V = node.attrs["length"], b.V
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     p = b.op("Reshape", [b.op("Softmax", [x], axis=-1), i64([-1, K + 1, V])])             # [B, K+1, V]
@@ -483,6 +483,8 @@ def _verify_sample(b, node, ins):
     p_k = b.op("Slice", [p, i64([0]), i64([K]), i64([1])])
     p_d = b.op("Squeeze", [b.op("GatherElements", [p_k, d3], axis=2), i64([2])])
     q_d = b.op("Squeeze", [b.op("GatherElements", [q, d3], axis=2), i64([2])])
+    u = b.op("Slice", [u_all, i64([0]), i64([K]), i64([1])])                              # acceptance tests
+    u_res = b.op("Slice", [u_all, i64([K]), i64([K + 1]), i64([1])])                      # the one draw [B, 1]
     rejected = b.op("Cast", [b.op("Not", [b.op("Less", [b.op("Mul", [u, q_d]), p_d])])], to=F32)
     sentinel = b.op("Add", [b.op("Mul", [b.op("Slice", [u, i64([0]), i64([1]), i64([1])]), b.const(0.0)]),
                             b.const(1.0)])                                                 # ones [B, 1]
@@ -493,7 +495,9 @@ def _verify_sample(b, node, ins):
     resid = b.op("Max", [b.op("Sub", [p, b.op("Concat", [q, q0], axis=1)]), b.const(0.0)])
     idx = b.op("Expand", [b.op("Unsqueeze", [n, i64([1, 2])]), i64([1, 1, V])])
     r_n = b.op("Squeeze", [b.op("GatherElements", [resid, idx], axis=1), i64([1])])       # [B, V]
-    t = b.op("ArgMax", [b.op("Add", [b.op("Log", [r_n]), g])], axis=-1, keepdims=0, select_last_index=0)
+    cdf = b.op("CumSum", [r_n, i64(-1)])                                                  # inverse CDF of r_n
+    below = b.op("LessOrEqual", [cdf, b.op("Mul", [u_res, b.op("Slice", [cdf, i64([-1]), i64([V]), i64([1])])])])
+    t = b.op("Min", [b.op("ReduceSum", [b.op("Cast", [below], to=I64), i64([-1])], keepdims=0), i64(V - 1)])
     d_ext = b.op("Concat", [d, first], axis=1)                                             # [B, K+1]
     at_n = b.op("Equal", [i64(np.arange(K + 1)[None]), b.op("Unsqueeze", [n, i64([1])])])
     b.names[node.out("tokens")] = b.op("Where", [at_n, b.op("Unsqueeze", [t, i64([1])]), d_ext])

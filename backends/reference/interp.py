@@ -81,8 +81,9 @@ def _verify_sample_match(node, ins):
 
 
 def _verify_sample(node, ins):
-    x, cands, q, u, g = ins
+    x, cands, q, u_all = ins
     K = node.attrs["length"]
+    u, u_res = u_all[:, :K], u_all[:, K:]
     p = torch.softmax(x, -1).reshape(-1, K + 1, x.shape[-1])
     d = cands.reshape(-1, K)
     p_d = p[:, :K].gather(2, d[..., None])[..., 0]
@@ -90,7 +91,8 @@ def _verify_sample(node, ins):
     rejected = ~(u * q_d < p_d)
     n = torch.cat([rejected, torch.ones_like(rejected[:, :1])], 1).long().argmax(1)
     resid = (p - torch.cat([q, torch.zeros_like(q[:, :1])], 1)).clamp(min=0)
-    t = (resid[torch.arange(len(n)), n].log() + g).argmax(-1)
+    cdf = resid[torch.arange(len(n)), n].cumsum(-1)
+    t = (cdf <= u_res * cdf[:, -1:]).sum(-1).clamp(max=cdf.shape[-1] - 1)
     tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
     tokens[torch.arange(len(n)), n] = t
     return {"tokens": tokens, "accept_len": n + 1, "best": torch.zeros_like(n)}

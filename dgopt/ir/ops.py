@@ -198,15 +198,16 @@ register(OpSchema("tail_positions", (("x", ("logits_seq",)),), ("out",), ("logit
                       "that predict each of K candidate tokens and the bonus token, so that logits processors apply "
                       "to them unchanged."))
 register(OpSchema("verify_sample", (("logits", ("logits",)), ("candidates", ("candidates",)),
-                                    ("draft_probs", ("probs_seq",)), ("u", ("uniform_seq",)), ("g", ("gumbel",))),
+                                    ("draft_probs", ("probs_seq",)), ("u", ("uniform_seq",))),
                   ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
                   {"length": Attr(int, required=True, check=lambda v: None if v >= 1 else "must be >= 1")},
                   doc="Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023). logits: the "
                       "target's processed scores [B*(K+1), V] (tail_positions), p = softmax; candidates [B,1,K] "
-                      "drawn from draft_probs q [B,K,V]. d_i is accepted iff u_i * q_i(d_i) < p_i(d_i), i.e. with "
-                      "probability min(1, p/q); at the first rejection n the token is drawn from "
-                      "norm(max(0, p_n - q_n)), after K acceptances from p_K, both as argmax(log r + g). The output "
-                      "is distributed exactly as sampling from p token by token. Outputs as verify_greedy."))
+                      "drawn from draft_probs q [B,K,V]; u [B,K+1]. d_i is accepted iff u_i * q_i(d_i) < p_i(d_i), "
+                      "i.e. with probability min(1, p/q); at the first rejection n the token is drawn from "
+                      "norm(max(0, p_n - q_n)), after K acceptances from p_K, both by inverse CDF with u_K (a "
+                      "column no acceptance test reads). The output is distributed exactly as sampling from p token "
+                      "by token. Outputs as verify_greedy."))
 register(OpSchema("verify_sample_match", (("probs", ("probs",)), ("candidates", ("candidates",)),
                                           ("u", ("uniform_seq",))),
                   ("accept_len", "tokens", "best"), ("count", "tokens", "count"),

@@ -319,12 +319,11 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     # sampling: rejection sampling against the draft's q (speculative), else the draws are matched against guesses
     rejection = sampled and st["kind"] == "speculative"
     noise = {}
-    if rejection:   # three independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
-        streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(3)
+    if rejection:   # two independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
+        streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(2)
         # the draft's proposals: drawn in a fused step's graph (k uniforms per row) or on the host (one per call)
         noise = {"draft": NoiseStream("uniform", streams[0], (B, K) if dec.draft_session is None else (B, 1)),
-                 "accept_uniform": NoiseStream("uniform", streams[1], (B, K)),
-                 "gumbel": NoiseStream("gumbel", streams[2], (B, dec.vocab_size))}
+                 "accept_uniform": NoiseStream("uniform", streams[1], (B, K + 1))}   # k tests + the one draw
     elif sampled:   # one uniform per verified depth, shared by the guesses
         noise = {"depth_uniform": NoiseStream("uniform", dec.manifest["sampling"]["seed"] if seed is None else seed,
                                               (B, K + 1))}
@@ -391,8 +390,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         if not fused:
             feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
         if rejection:
-            feeds.update(accept_uniform=noise["accept_uniform"].next(),
-                         gumbel=noise["gumbel"].next())                # gumbel: for the one residual draw
+            feeds["accept_uniform"] = noise["accept_uniform"].next()
             if fused:
                 du = noise["draft"].next()
                 feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(K)})
