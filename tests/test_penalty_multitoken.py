@@ -53,7 +53,10 @@ def test_penalty_changes_the_output(refs):
     assert any(hf_greedy(model, p, NEW) != r for p, r in zip(PROMPTS[:4], refs))
 
 
-def test_lowering_equals_reference():
+@pytest.mark.parametrize("penalty", [1.5, 0.7], ids=["penalty", "reward"])
+def test_lowering_equals_reference(penalty):
+    """Bit-identical to the reference (HF's where(x > 0, x / p, x * p)), for the sequence op and the one-row op,
+    with repeated candidate tokens, a penalty and a reward (p < 1)."""
     import onnxruntime as ort
     from dgopt.backends.onnx import lower_to_onnx
     from dgopt.backends.reference import run_graph
@@ -63,21 +66,28 @@ def test_lowering_equals_reference():
     x = g.add("input", attrs={"name": "logits_seq", "type": "logits_seq"}, id="x")
     s = g.add("input", attrs={"name": "seen", "type": "seen"}, id="seen")
     c = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="c")
-    g.set_output("out", g.add("repetition_penalty_seq", [x, s, c], {"penalty": 1.5}, id="pen"))
+    x1 = g.add("input", attrs={"name": "logits", "type": "logits"}, id="x1")
+    g.set_output("out", g.add("repetition_penalty_seq", [x, s, c], {"penalty": penalty}, id="pen"))
+    g.set_output("out1", g.add("repetition_penalty", [x1, s], {"penalty": penalty}, id="pen1"))
     rng = np.random.default_rng(0)
-    feeds = {"logits_seq": rng.normal(size=(B, k + G * K, V)).astype(np.float32),
+    feeds = {"logits_seq": rng.normal(size=(B, k + G * K, V)).astype(np.float32) * 10,
              "seen": (rng.random((B, V)) < 0.3).astype(np.float32),
-             "candidates": rng.integers(0, V, (B, G, K))}
+             "candidates": rng.integers(0, V, (B, G, K)),
+             "logits": rng.normal(size=(B, V)).astype(np.float32) * 10}
+    assert any(len(set(r)) < K for r in feeds["candidates"].reshape(-1, K))     # a guess repeating a token
     model, _ = lower_to_onnx(g, {}, vocab_size=V)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    ref = run_graph(g, {n: torch.from_numpy(v) for n, v in feeds.items()})["out"].numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    got, got1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["out", "out1"], feeds)
+    ref = run_graph(g, {n: torch.from_numpy(v) for n, v in feeds.items()})
+    np.testing.assert_array_equal(got, ref["out"].numpy())
+    np.testing.assert_array_equal(got1, ref["out1"].numpy())
     # by hand, one verified position: row 0, guess 1, token 2 sees `seen` plus that guess's tokens 0..2
     row = k + 1 * K + 2
     s = feeds["seen"][0].copy()
     s[feeds["candidates"][0, 1, :3]] = 1
     x0 = feeds["logits_seq"][0, row]
-    np.testing.assert_allclose(got[0, row], np.where(s > 0, np.where(x0 > 0, x0 / 1.5, x0 * 1.5), x0), rtol=1e-6)
+    np.testing.assert_array_equal(got[0, row], np.where(s > 0, np.where(x0 > 0, x0 / np.float32(penalty),
+                                                                       x0 * np.float32(penalty)), x0))
     np.testing.assert_array_equal(got[:, :k - 1], feeds["logits_seq"][:, :k - 1])      # unread x rows untouched
 
 

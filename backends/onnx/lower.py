@@ -229,12 +229,23 @@ def _neg_fill(b, remove: str, x: str) -> str:
     return b.op("Where", [remove, b.const(NEG_INF), x])
 
 
+def _penalized(b, x: str, p: float) -> str:
+    """HF's rule (x > 0: x / p, else x * p) as min(x/p, x*p) for p > 1 (max for p < 1): the same two roundings,
+    without Where, which on ORT's CPU EP costs ~15x a Mul (183 vs 12 ms over 19.5M floats)."""
+    return b.op("Min" if p > 1 else "Max", [b.op("Div", [x, b.const(p)]), b.op("Mul", [x, b.const(p)])])
+
+
+def _penalized_where_seen(b, x: str, seen: str, p: float) -> str:
+    """seen > 0 ? penalized(x) : x, exactly: for p > 1 penalized(x) <= x, so min(x, penalized(x) + (1 - s) * FLT_MAX)
+    picks penalized(x) where s = 1 (adding 0) and x where s = 0 (for p < 1 the mirror image with max)."""
+    off = b.op("Mul", [b.op("Cast", [b.op("LessOrEqual", [seen, b.const(0.0)])], to=F32),
+                       b.const(FLT_MAX if p > 1 else -FLT_MAX)])
+    return b.op("Min" if p > 1 else "Max", [x, b.op("Add", [_penalized(b, x, p), off])])
+
+
 def _repetition_penalty(b, node, ins):
     x, seen = ins
-    p = node.attrs["penalty"]
-    pos = b.op("Greater", [x, b.const(0.0)])
-    pen = b.op("Where", [pos, b.op("Div", [x, b.const(p)]), b.op("Mul", [x, b.const(p)])])
-    b.names[node.out()] = b.op("Where", [b.op("Cast", [seen], to=TensorProto.BOOL), pen, x])
+    b.names[node.out()] = _penalized_where_seen(b, x, seen, node.attrs["penalty"])
 
 
 def _temperature(b, node, ins):
@@ -304,6 +315,7 @@ def _random_gumbel(b, node, ins):
 
 INT_MAX = np.iinfo(np.int64).max
 MASK_MIN = float(np.finfo(np.float32).min)
+FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _dim(b, x: str, axis: int) -> str:
@@ -348,18 +360,27 @@ def _next_inputs(b, node, ins):
 def _repetition_penalty_seq(b, node, ins):
     x, seen, cands = ins
     p, i64 = node.attrs["penalty"], (lambda v: b.const(v, np.int64))  # noqa: E731
-    # candidate tokens seen so far along each guess: cumulative one-hot [B, G, K, V] -> [B, G*K, V]
-    hot = b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [cands, i64([3])]), i64(np.arange(b.V))])], to=F32)
-    along = b.op("Reshape", [b.op("CumSum", [hot, i64(2)]), i64([0, -1, b.V])])
-    nc = b.op("Shape", [along], start=1, end=2)                                   # G*K
+    K = _dim(b, cands, 2)
+    nc = b.op("Mul", [_dim(b, cands, 1), K])                                       # G*K
     head_end = b.op("Sub", [_dim(b, x, 1), b.op("Add", [nc, i64([1])])])          # rows before the verified tail
-    zero_row = b.op("Mul", [b.op("Unsqueeze", [seen, i64([1])]), b.const(0.0)])    # [B, 1, V] zeros
-    tail_seen = b.op("Add", [b.op("Concat", [zero_row, along], axis=1), b.op("Unsqueeze", [seen, i64([1])])])
-    tail = b.op("Slice", [x, head_end, i64([INT_MAX]), i64([1])])
-    pen = b.op("Where", [b.op("Greater", [tail, b.const(0.0)]), b.op("Div", [tail, b.const(p)]),
-                         b.op("Mul", [tail, b.const(p)])])
-    tail = b.op("Where", [b.op("Greater", [tail_seen, b.const(0.0)]), pen, tail])
-    b.names[node.out()] = b.op("Concat", [b.op("Slice", [x, i64([0]), head_end, i64([1])]), tail], axis=1)
+    tail = b.op("Slice", [x, head_end, i64([INT_MAX]), i64([1])])                  # [B, 1+G*K, V]
+    by_seen = _penalized_where_seen(b, tail, b.op("Unsqueeze", [seen, i64([1])]), p)
+    # guess g's row j is also penalised at the guess's tokens 0..j: K scatter slots per row, a slot i > j repeating
+    # slot 0 (same index, same value: duplicate writes agree); no [.., V] one-hot
+    r = b.op("Range", [i64(0), b.op("Squeeze", [K, i64([0])]), i64(1)])
+    upto = b.op("LessOrEqual", [b.op("Unsqueeze", [r, i64([0])]), b.op("Unsqueeze", [r, i64([1])])])   # [K(j), K(i)]
+    first = b.op("Slice", [cands, i64([0]), i64([1]), i64([2])])                    # [B, G, 1]
+    own = b.op("Where", [upto, b.op("Unsqueeze", [cands, i64([2])]), b.op("Unsqueeze", [first, i64([2])])])
+    own = b.op("Reshape", [own, b.op("Concat", [i64([0, -1]), K], axis=0)])        # [B, G*K, K]
+    x_idx = b.op("Slice", [own, i64([0]), i64([1]), i64([1])])                     # the x row: rewrites itself
+    vals = b.op("Concat", [b.op("GatherElements", [b.op("Slice", [by_seen, i64([0]), i64([1]), i64([1])]), x_idx],
+                                axis=2),
+                           _penalized(b, b.op("GatherElements", [b.op("Slice", [tail, i64([1]), i64([INT_MAX]),
+                                                                                  i64([1])]), own], axis=2), p)],
+                          axis=1)
+    idx = b.op("Concat", [x_idx, own], axis=1)                                     # [B, 1+G*K, K]
+    out_tail = b.op("ScatterElements", [by_seen, idx, vals], axis=2)
+    b.names[node.out()] = b.op("Concat", [b.op("Slice", [x, i64([0]), head_end, i64([1])]), out_tail], axis=1)
 
 
 def _mark_seen(b, node, ins):
