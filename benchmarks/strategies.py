@@ -7,6 +7,7 @@ lookahead at the first config) are timed against autoregressive sampling only.
 
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
     python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
+    python benchmarks/strategies.py --device cuda --model code-small     # on the lent GPU (onnxruntime-gpu)
 
 The dgopt rows are timed in interleaved rounds: each prompt runs through every row back to back, --repeats rounds;
 a row's "vs AR" is the median over rounds of its ratio to autoregressive in that round, tok/s the median round.
@@ -49,27 +50,39 @@ def main():
                     "beside autoregressive sampling; tokens are not compared")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: artifacts on ORT's CUDA EP (IO binding, KV on the GPU; needs onnxruntime-gpu) and "
+                         "transformers on the GPU; timings synchronise the device")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(a.threads)
 
     import dgopt
     from dgopt.models.hf import load_model
     from dgopt.spec import spec_from_dict
     base = model_spec(a.model)
+    base["target"]["device"] = a.device
+    dev = torch.device(a.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     lm = load_model(spec_from_dict(base).model, lambda p: Path(p))
-    model = lm.model
+    model = lm.model.to(dev)
     prompts = prompts_for(lm, a.prompts)
     tmp = Path(tempfile.mkdtemp())
 
     def hf_run(**kw):
         outs, t = [], time.perf_counter()
         for p in prompts:
-            ids = torch.tensor([p])
+            ids = torch.tensor([p], device=dev)
             with torch.no_grad():
                 o = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new, do_sample=False,
                                    pad_token_id=0, **kw)
             outs.append(o[0, len(p):].tolist())
+        sync()
         return outs, time.perf_counter() - t
 
     ref, _ = hf_run()
@@ -93,7 +106,7 @@ def main():
     drafts = [d for d in drafts if d != "none"]
     for d in drafts:
         dlm = load_model(spec_from_dict({"model": as_model(d)}).model, lambda p: Path(p))
-        add(f"transformers assisted ({d})", *hf_run(assistant_model=dlm.model))
+        add(f"transformers assisted ({d})", *hf_run(assistant_model=dlm.model.to(dev)))
 
     xdraft = a.xdraft
     if xdraft == "auto":
@@ -104,7 +117,7 @@ def main():
         xdraft_spec = as_model(xdraft)
         xlm = load_model(spec_from_dict({"model": xdraft_spec}).model, lambda p: Path(p))
         ttok, dtok = AutoTokenizer.from_pretrained(lm.tokenizer_dir), AutoTokenizer.from_pretrained(xlm.tokenizer_dir)
-        add(f"transformers UAG ({xdraft})", *hf_run(assistant_model=xlm.model, tokenizer=ttok,
+        add(f"transformers UAG ({xdraft})", *hf_run(assistant_model=xlm.model.to(dev), tokenizer=ttok,
                                                     assistant_tokenizer=dtok))
 
     strategies = [("autoregressive", {"kind": "autoregressive"})]
@@ -141,7 +154,7 @@ def main():
         for lvl in ((0, 2) if st["kind"] == "lookahead" and "sample" not in name else (2,)):
             art = dgopt.compile({**base, **(extra[0] if extra else {}), "strategy": st},
                                 tmp / f"{len(decs)}-{name}-{lvl}".replace(" ", "_"), opt_level=lvl)
-            dec = dgopt.load(art, threads=a.threads)
+            dec = dgopt.load(art, device=a.device, threads=a.threads)
             dec.generate(prompts[0], max_new_tokens=8)     # warm-up
             decs.append((f"dgopt {name} -O{lvl}", dec))
 
@@ -177,7 +190,8 @@ def main():
 
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
     ar_s = next((r for r in rows if r["name"].startswith("dgopt autoregressive (sample)")), None)
-    print(f"machine: {machine()}; onnxruntime CPU, {a.threads} threads")
+    gpu = f"; {torch.cuda.get_device_name()}" if dev.type == "cuda" else ""
+    print(f"machine: {machine()}; onnxruntime {a.device.upper()}, {a.threads} threads{gpu}")
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
           f"new tokens, batch 1, greedy")
     print(f"{'':52s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
@@ -200,7 +214,8 @@ def main():
             print(f"merge_forwards per-step speedup {r['name'][6:-4]}: {r0['ms_per_step'] / r['ms_per_step']:.2f}x")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "strategies.json").write_text(json.dumps({"machine": machine(), "model": lm.source,
+    (out / "strategies.json").write_text(json.dumps({"machine": machine() + gpu, "device": a.device,
+                                                     "model": lm.source,
                                                      "params": lm.info["num_parameters"], "rows": rows}, indent=2))
 
 
