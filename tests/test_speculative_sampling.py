@@ -134,6 +134,9 @@ def test_verify_sample_lowering_equals_reference():
                                      for b in range(B)])[:, None, :].astype(np.int64),
              "accept_uniform": rng.random((B, K + 1)).astype(np.float32)}
     feeds["accept_uniform"][:8] = 0.0                                 # u = 0: accepted wherever p > 0
+    # rows 8, 9: q >= p everywhere and u = 1 reject d_1 with an empty residual: the draw falls back to p
+    feeds["draft_probs"][8:10] = (p / p.sum(-1, keepdims=True))[8:10] + 0.01
+    feeds["accept_uniform"][8:10, :K] = 1.0
     model, _ = lower_to_onnx(g, {}, vocab_size=V)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = dict(zip(["accept_len", "tokens", "best"], sess.run(["accept_len", "tokens", "best"], feeds)))
@@ -142,3 +145,4 @@ def test_verify_sample_lowering_equals_reference():
     assert np.array_equal(got["accept_len"], n) and len(set(n.tolist())) >= 3
     for b in range(B):      # positions past accept_len are don't-cares
         assert np.array_equal(got["tokens"][b, :n[b]], ref["tokens"][b, :n[b]].numpy())
+    assert (n[8:10] == 1).all() and np.isfinite(z[[8, 9], 0, got["tokens"][8:10, 0]]).all()   # inside p's top-k

@@ -238,11 +238,12 @@ def _penalized(b, x: str, p: float) -> str:
 
 
 def _penalized_where_seen(b, x: str, seen: str, p: float) -> str:
-    """seen > 0 ? penalized(x) : x, exactly: for p > 1 penalized(x) <= x, so min(x, penalized(x) + (1 - s) * FLT_MAX)
-    picks penalized(x) where s = 1 (adding 0) and x where s = 0 (for p < 1 the mirror image with max)."""
-    off = b.op("Mul", [b.op("Cast", [b.op("LessOrEqual", [seen, b.const(0.0)])], to=F32),
-                       b.const(FLT_MAX if p > 1 else -FLT_MAX)])
-    return b.op("Min" if p > 1 else "Max", [x, b.op("Add", [_penalized(b, x, p), off])])
+    """seen > 0 ? penalized(x) : x, exactly: for p > 1 penalized(x) <= x, so min(x, max(penalized(x), c)) with
+    c = +inf where unseen and -inf where seen (for p < 1 the mirror image); c = (unseen - 0.5) * inf is never 0*inf."""
+    unseen = b.op("Cast", [b.op("LessOrEqual", [seen, b.const(0.0)])], to=F32)
+    c = b.op("Mul", [b.op("Sub", [unseen, b.const(0.5)]), b.const(np.inf if p > 1 else -np.inf)])
+    inner, outer = ("Max", "Min") if p > 1 else ("Min", "Max")
+    return b.op(outer, [x, b.op(inner, [_penalized(b, x, p), c])])
 
 
 def _repetition_penalty(b, node, ins):
@@ -373,7 +374,7 @@ def _repetition_penalty_seq(b, node, ins):
     upto = b.op("LessOrEqual", [b.op("Unsqueeze", [r, i64([0])]), b.op("Unsqueeze", [r, i64([1])])])   # [K(j), K(i)]
     first = b.op("Slice", [cands, i64([0]), i64([1]), i64([2])])                    # [B, G, 1]
     own = b.op("Where", [upto, b.op("Unsqueeze", [cands, i64([2])]), b.op("Unsqueeze", [first, i64([2])])])
-    own = b.op("Reshape", [own, b.op("Concat", [i64([0, -1]), K], axis=0)])        # [B, G*K, K]
+    own = b.op("Reshape", [own, b.op("Concat", [i64([0]), nc, K], axis=0)])        # [B, G*K, K] (K may be 0)
     x_idx = b.op("Slice", [own, i64([0]), i64([1]), i64([1])])                     # the x row: rewrites itself
     vals = b.op("Concat", [b.op("GatherElements", [b.op("Slice", [by_seen, i64([0]), i64([1]), i64([1])]), x_idx],
                                 axis=2),
@@ -518,6 +519,11 @@ def _verify_sample(b, node, ins):
     resid = b.op("Max", [b.op("Sub", [p, b.op("Concat", [q, q0], axis=1)]), b.const(0.0)])
     idx = b.op("Expand", [b.op("Unsqueeze", [n, i64([1, 2])]), i64([1, 1, V])])
     r_n = b.op("Squeeze", [b.op("GatherElements", [resid, idx], axis=1), i64([1])])       # [B, V]
+    # p <= q in every float (a measure-zero rejection): draw from p_n rather than from an empty residual
+    p_n = b.op("Squeeze", [b.op("GatherElements", [p, idx], axis=1), i64([1])])
+    empty = b.op("Cast", [b.op("LessOrEqual", [b.op("ReduceSum", [r_n, i64([-1])], keepdims=1), b.const(0.0)])],
+                 to=F32)
+    r_n = b.op("Add", [r_n, b.op("Mul", [empty, p_n])])
     cdf = b.op("CumSum", [r_n, i64(-1)])                                                  # inverse CDF of r_n
     below = b.op("LessOrEqual", [cdf, b.op("Mul", [u_res, b.op("Slice", [cdf, i64([-1]), i64([V]), i64([1])])])])
     t = b.op("Min", [b.op("ReduceSum", [b.op("Cast", [below], to=I64), i64([-1])], keepdims=0), i64(V - 1)])

@@ -91,7 +91,9 @@ def _verify_sample(node, ins):
     rejected = ~(u * q_d < p_d)
     n = torch.cat([rejected, torch.ones_like(rejected[:, :1])], 1).long().argmax(1)
     resid = (p - torch.cat([q, torch.zeros_like(q[:, :1])], 1)).clamp(min=0)
-    cdf = resid[torch.arange(len(n)), n].cumsum(-1)
+    r_n = resid[torch.arange(len(n)), n]
+    r_n = r_n + (r_n.sum(-1, keepdim=True) <= 0).float() * p[torch.arange(len(n)), n]
+    cdf = r_n.cumsum(-1)
     t = (cdf <= u_res * cdf[:, -1:]).sum(-1).clamp(max=cdf.shape[-1] - 1)
     tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
     tokens[torch.arange(len(n)), n] = t
