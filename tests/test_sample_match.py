@@ -114,7 +114,7 @@ def test_op_lowering_equals_reference():
         assert np.array_equal(got["tokens"][b, :n[b]], ref["tokens"][b, :n[b]].numpy())
 
 
-# -- generate, end to end -----------------------------------------------------------------------------------------------
+# -- generate, end to end ----------------------------------------------------------------------------------------
 LA = {"kind": "lookahead", "window": 4, "ngram": 3, "guesses": 3}
 JACOBI = {"kind": "jacobi", "block": 4}
 
@@ -131,14 +131,15 @@ def _draws(dec, prompt, calls=CALLS, batch=BATCH):
     return first, pairs, hist
 
 
-@pytest.mark.parametrize("strategy,penalty", [(LA, 1.0), (JACOBI, 1.0), (LA, 3.0)],
-                         ids=["lookahead", "jacobi", "lookahead-penalty"])
-def test_generate_first_token_and_joint(strategy, penalty, tmp_path):
-    spec = tiny_spec("llama", strategy=strategy, sampling={**SAMPLING, "repetition_penalty": penalty},
-                     target={"max_batch": BATCH})
+@pytest.mark.parametrize("strategy", [LA, JACOBI], ids=["lookahead", "jacobi"])
+def test_generate_first_token_and_joint(strategy, tmp_path):
+    """A random model rarely follows the guesses: ~3 % of the steps accept one (asserted > 1 %), the rest check the
+    draw after the x-block; the trained-pair test below exercises the match path most of the time."""
+    spec = tiny_spec("llama", strategy=strategy, sampling=SAMPLING, target={"max_batch": BATCH})
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "a"))
-    first, pairs, _ = _draws(dec, PROMPT)
-    p1, joint = exact_two_tokens(hf_model("llama"), PROMPT, SAMPLING, penalty)
+    first, pairs, hist = _draws(dec, PROMPT)
+    assert sum(v for k, v in hist.items() if k > 1) > 0.01 * sum(hist.values()), hist
+    p1, joint = exact_two_tokens(hf_model("llama"), PROMPT, SAMPLING)
     assert chi2_pvalue(first, {i: p for i, p in enumerate(p1) if p > 0}) > 1e-3
     assert chi2_pvalue(pairs, joint) > 1e-3
 
@@ -153,19 +154,23 @@ def test_seeded_repeatable_and_O0_equals_O2(tmp_path):
     assert all(len(r) == 24 or s == "eos" for r, s in zip(a.ids, a.stats["stop"])), a.stats
 
 
-def test_uag_on_the_trained_cross_tokenizer_pair(tmp_path):
+@pytest.mark.parametrize("penalty", [1.0, 3.0], ids=["plain", "penalty"])
+def test_uag_on_the_trained_cross_tokenizer_pair(penalty, tmp_path):
     """code-tiny sampled with code-draft-xtok (another tokenizer) proposing: its re-tokenized guesses are accepted
     most of the time (the match path, not only the bonus draw, is exercised) and the first token and two-token joint
-    follow code-tiny's exact distribution (6,000 draws)."""
+    follow code-tiny's exact distribution (6,000 draws), also under a repetition penalty of 3.0. (Whether a verified
+    position sees its guess's own tokens barely moves these two tokens: the greedy penalty tests and the speculative
+    sampling chi-square are the ones that fail when repetition_penalty_seq drops them.)"""
     from transformers import AutoModelForCausalLM
     from dgopt.models.train import model_dir
     spec = {"model": {"name": "code-tiny"}, "draft": {"name": "code-draft-xtok"}, "strategy": {"kind": "uag", "k": 3},
-            "sampling": SAMPLING, "target": {"max_seq_len": 512, "max_batch": BATCH}}
+            "sampling": {**SAMPLING, "repetition_penalty": penalty},
+            "target": {"max_seq_len": 512, "max_batch": BATCH}}
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "uag"))
     prompt = dec.encode("    def __init__(self")
     first, pairs, hist = _draws(dec, prompt, calls=12)
     assert sum(v for k, v in hist.items() if k > 1) > 0.5 * sum(hist.values()), hist
     model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float32).eval()
-    p1, joint = exact_two_tokens(model, prompt, SAMPLING)
+    p1, joint = exact_two_tokens(model, prompt, SAMPLING, penalty)
     assert chi2_pvalue(first, {i: p for i, p in enumerate(p1) if p > 0}) > 1e-3
     assert chi2_pvalue(pairs, joint) > 1e-3

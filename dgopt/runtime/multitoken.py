@@ -1,5 +1,5 @@
-"""Host side of multi-token greedy strategies (lookahead, jacobi): the Jacobi window, the n-gram pool, candidate
-selection, masks and positions for both branches, and the KV commit of accepted tokens.
+"""Host side of the multi-token strategies (lookahead, jacobi, speculative, uag): the Jacobi window, the n-gram
+pool, the drafts, candidate selection, masks and positions, the sampling noise, and the KV commit of accepted tokens.
 
 The cache is a list of slots; `valid[b, s]` says whether slot s holds a committed token of row b. Rows that accept
 fewer tokens than others get masked holes, so a batch advances in lockstep while every row keeps its exact context."""
@@ -205,7 +205,8 @@ class _XTokDrafter:
     draft cache is cut back to the longest common prefix with what it holds (so a boundary token that re-tokenizes
     differently is recomputed), the draft continues greedily for k of its tokens, and their text is re-encoded with
     the target tokenizer behind a look-behind window of the last committed target tokens. The target's verification
-    keeps the output exactly greedy whatever this produces; a bad translation only costs acceptance."""
+    keeps the output exact (greedy, or distributed as sampling) whatever this produces; a bad translation only costs
+    acceptance."""
 
     LOOKBEHIND = 8
 
