@@ -149,10 +149,11 @@ register(OpSchema("random_gumbel", (("like", ("logits",)),), ("out",), ("gumbel"
 
 
 # Multi-token steps (lookahead, jacobi, speculative verification) --------------------------------------------------
+_VERIFY_OUT = (("accept_len", "tokens", "best"), ("count", "tokens", "count"))
+_NONNEG = Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0")
+_GUESS_SHAPE = {"guesses": _NONNEG, "length": _NONNEG}       # G candidates of K tokens
 register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", ("candidates",))),
-                  ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
-                  {"guesses": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0"),
-                   "length": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0")},
+                  *_VERIFY_OUT, _GUESS_SHAPE,
                   doc="Greedy verification. logits: [B, k + G*K, V] over an x-block of k tokens then G candidates of "
                       "K tokens. The argmax after the x-block is always accepted; candidate g then keeps its longest "
                       "prefix equal to the model's own argmax chain. Outputs: accept_len = 1 + best prefix [B], "
@@ -199,7 +200,7 @@ register(OpSchema("tail_positions", (("x", ("logits_seq",)),), ("out",), ("logit
                       "to them unchanged."))
 register(OpSchema("verify_sample", (("logits", ("logits",)), ("candidates", ("candidates",)),
                                     ("draft_probs", ("probs_seq",)), ("u", ("uniform_seq",))),
-                  ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
+                  *_VERIFY_OUT,
                   {"length": Attr(int, required=True, check=lambda v: None if v >= 1 else "must be >= 1")},
                   doc="Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023). logits: the "
                       "target's processed scores [B*(K+1), V] (tail_positions), p = softmax; candidates [B,1,K] "
@@ -210,9 +211,7 @@ register(OpSchema("verify_sample", (("logits", ("logits",)), ("candidates", ("ca
                       "by token. Outputs as verify_greedy."))
 register(OpSchema("verify_sample_match", (("probs", ("probs",)), ("candidates", ("candidates",)),
                                           ("u", ("uniform_seq",))),
-                  ("accept_len", "tokens", "best"), ("count", "tokens", "count"),
-                  {"guesses": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0"),
-                   "length": Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0")},
+                  *_VERIFY_OUT, _GUESS_SHAPE,
                   doc="Sampled verification of guesses that come without a distribution (lookahead's n-grams, "
                       "jacobi's block, uag's re-tokenized draft). probs: the target's distributions [B*(1+G*K), V] "
                       "(softmax of tail_positions + processors) after the x-block's last position and after each "
