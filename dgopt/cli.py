@@ -141,14 +141,15 @@ def cmd_inspect(a) -> int:
     t.add_row("strategy", json.dumps(m["strategy"]))
     t.add_row("sampling", json.dumps({k: v for k, v in m["sampling"].items()}))
     t.add_row("target", json.dumps(m["target"]))
+    fwd = lambda info: f" · {info['forward']} forward" if info.get("forward") else ""   # noqa: E731
     t.add_row("model", f"{m['model']['family']} · {m['model']['num_parameters']:,} params · vocab "
-                       f"{m['model']['vocab_size']} · {m['model']['source']}")
+                       f"{m['model']['vocab_size']} · {m['model']['source']}{fwd(m['model'])}")
     if m.get("draft"):
         d = m["draft"]["model"]
         tok = " · own tokenizer (draft_tokenizer/)" if m["draft"].get("tokenizer") else ""
         tok += " · fused into step.onnx" if m["draft"].get("fused") else " · draft.onnx"
         t.add_row("draft", f"{d['family']} · {d['num_parameters']:,} params · vocab {d['vocab_size']} · "
-                           f"{d['source']}{tok}")
+                           f"{d['source']}{fwd(d)}{tok}")
     t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"
                                   for p in m["pipeline"]["passes"]) or f"none (-O{m['pipeline']['opt_level']})")
     t.add_row("inputs", ", ".join(i["name"] for i in m["io"]["inputs"]))

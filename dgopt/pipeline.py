@@ -130,7 +130,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     forwards = {}
     if models:
         with stage(f"exporting {lm.family} forward to ONNX"):
-            forwards["target"] = (export_forward(lm, kv_dtype), lm.info)
+            forwards["target"] = (export_forward(lm, kv_dtype, spec.target.forward), lm.info)
     else:
         forwards["target"] = (None, lm.info)
     if spec.draft is not None and spec.target.backend == "tensorrt":
@@ -141,7 +141,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             raise SpecError("spec field 'draft': the graph calls model 'draft' but the spec defines no draft model")
         dm = _load_draft(spec, stage)
         with stage(f"exporting draft {dm.family} forward to ONNX"):
-            forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"]), dm.info)
+            forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], spec.target.forward), dm.info)
 
     from dgopt.backends.onnx import lower_to_onnx
     with stage("lowering to ONNX"):
@@ -236,8 +236,8 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     g, _ = optimize(g0, dspec, opt_level)
     dm = _load_draft(spec, stage)
     with stage(f"exporting draft {dm.family} forward to ONNX"):
-        step, io = lower_to_onnx(g, {"target": (export_forward(dm, dm.info["kv_dtype"]), dm.info)},
-                                 dm.info["vocab_size"])
+        fwd = export_forward(dm, dm.info["kv_dtype"], spec.target.forward)
+        step, io = lower_to_onnx(g, {"target": (fwd, dm.info)}, dm.info["vocab_size"])
     return step, dm, io, g.fingerprint()
 
 

@@ -88,6 +88,9 @@ class TargetSpec(_Strict):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch: int = Field(8, ge=1)
     max_seq_len: int = Field(1024, ge=2)
+    # how the model's forward becomes ONNX: direct (Llama / Qwen2 fp32, written from the weights, half the kernels),
+    # traced (torch.onnx.export of the transformers forward), auto (direct where it applies)
+    forward: Literal["auto", "direct", "traced"] = "auto"
 
 
 class Spec(_Strict):
