@@ -311,3 +311,40 @@ def test_distillation_from_a_teacher(tmp_path):
     with pytest.raises(ValueError, match="recipe.teacher"):
         T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher)), tmp_path / "other", steps=1,
                        **{**kw, "vocab_size": 400})
+
+
+def test_distillation_on_teacher_generations(tmp_path, monkeypatch):
+    """recipe.teacher_generated: the teacher's greedy continuations are the batches of every generated_every-th
+    step, and checkpoints are selected by agreement on held-out ones. A student that is the teacher agrees fully
+    and has KL 0 on them; the batches really are greedy continuations; no teacher is a one-line error."""
+    import torch
+    recipe = dataclasses.replace(T.RECIPES["code-draft"], **MICRO)
+    kw = dict(limit_bytes=SLICE, vocab_size=512, progress=False, threads=1)
+    teacher = tmp_path / "teacher"
+    T.train_recipe(recipe, teacher, steps=15, **kw)
+    monkeypatch.setattr(T, "GEN_HELD_OUT", 16)
+    seen = []
+    orig = T._teacher_generations
+    monkeypatch.setattr(T, "_teacher_generations", lambda *a: seen.append(orig(*a)) or seen[-1])
+    same = T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher), init_from=str(teacher), lr=1e-9,
+                                              teacher_generated=8, generated_every=1), tmp_path / "same", steps=2, **kw)
+    assert same["evals_metric"] == "teacher_disagreement_on_generations"
+    assert same["teacher_generated_agreement"] == 1.0 and same["evals"][-1][1] == 0.0
+    assert max(same["losses"]) < 1e-5
+    (rows,) = seen
+    assert rows.shape == (8 + 16, T.GEN_PROMPT + T.GEN_NEW)
+    from transformers import LlamaForCausalLM
+    tm = LlamaForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    with torch.no_grad():           # each row continues its prompt greedily: argmax at every generated position
+        nxt = tm(input_ids=rows[:4]).logits.argmax(-1)
+    assert torch.equal(nxt[:, T.GEN_PROMPT - 1:-1], rows[:4, T.GEN_PROMPT:])
+    r2 = dataclasses.replace(recipe, generated_every=2, long_every=4)
+    stream = torch.arange(5000) % 400
+    batches = [T._batch(i, r2, stream, rows, torch.Generator().manual_seed(0)) for i in range(4)]
+    n = r2.batch_size * r2.seq_len                  # tokens per batch, whatever the rows
+    assert [tuple(b.shape) for b in batches] == [(n // rows.shape[1], rows.shape[1]), (n // r2.seq_len, r2.seq_len),
+                                                 (n // rows.shape[1], rows.shape[1]),
+                                                 (n // r2.long_seq_len, r2.long_seq_len)]
+    assert all((b[:, None] == rows[None]).all(-1).any(1).all() for b in batches[::2])   # rows of the generations
+    with pytest.raises(ValueError, match="recipe.teacher_generated needs recipe.teacher"):
+        T.train_recipe(dataclasses.replace(recipe, teacher_generated=4), tmp_path / "none", steps=1, **kw)

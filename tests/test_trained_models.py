@@ -12,7 +12,7 @@ from dgopt.models.train import model_dir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import PY_PROMPTS  # noqa: E402
 
-COMMITTED = ["code-tiny", "code-draft", "code-draft-kd", "code-draft-xtok"]
+COMMITTED = ["code-tiny", "code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok"]
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +110,15 @@ def test_speculative_and_uag_on_trained_pairs(compiled):
     assert xtok.generate(rows, max_new_tokens=48).ids == ref.generate(rows, max_new_tokens=48).ids
 
 
-def test_distilled_draft_is_accepted_more(compiled):
+def test_distilled_drafts_are_accepted_more(compiled):
     """code-draft-kd (code-draft distilled from code-tiny: KL to the target per position) agrees with the target
-    more: more tokens per target forward, same exact output."""
+    more, and code-draft-sd (code-draft-kd distilled further on code-tiny's own greedy outputs) more again: more
+    tokens per target forward, same exact output."""
     ref = compiled("code-tiny")
     prompts = PY_PROMPTS[:8]
-    plain = _run_prompts(compiled("code-tiny", "code-draft", kind="speculative", k=4), ref, prompts)
-    kd = _run_prompts(compiled("code-tiny", "code-draft-kd", kind="speculative", k=4), ref, prompts)
-    assert kd > plain + 0.05, (plain, kd)
+    plain, kd, sd = (_run_prompts(compiled("code-tiny", d, kind="speculative", k=4), ref, prompts)
+                     for d in ("code-draft", "code-draft-kd", "code-draft-sd"))
+    assert kd > plain + 0.05 and sd > kd + 0.3, (plain, kd, sd)
 
 
 @pytest.mark.parametrize("draft,kind", [("code-draft-kd", "speculative"), ("code-draft-xtok", "uag")])

@@ -10,6 +10,8 @@ name                tokenizer    role
 ``code-tiny``       code-bpe-4k  target model for CPU work (5.0 M params)
 ``code-draft``      code-bpe-4k  draft for code-tiny / code-small (0.61 M)
 ``code-draft-kd``   code-bpe-4k  code-draft distilled from code-tiny (0.61 M)
+``code-draft-sd``   code-bpe-4k  code-draft-kd distilled on code-tiny's own
+                                 greedy outputs (0.61 M)
 ``code-draft-xtok`` code-bpe-1k  draft with a *different* tokenizer (0.32 M)
 ``code-small``      code-bpe-4k  larger target for a GPU (29.4 M params)
 ==================  ===========  ============================================
@@ -47,6 +49,7 @@ from . import tokenizers_train as _tok
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 
 BUILD_INFO = "dgopt_build.json"
+GEN_PROMPT, GEN_NEW, GEN_HELD_OUT = 16, 112, 128   # teacher-generated sequences: prompt and new tokens; held out
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ class Recipe:
     # (checkpoints are still selected by validation cross-entropy; build info's train losses are then KL values)
     teacher: str | None = None
     init_from: str | None = None  # start from this built model's weights (same architecture) instead of random
+    # sequence-level distillation (needs `teacher`): this many of the teacher's own greedy continuations of random
+    # corpus windows (GEN_PROMPT + GEN_NEW tokens each) are generated before training, and every
+    # `generated_every`-th step trains on them (KL to the teacher as on corpus rows). A draft is run on the text its
+    # target writes, not on the corpus: this is the data it has to agree on. Checkpoints are then selected by
+    # agreement with the teacher on held-out generations (GEN_HELD_OUT of them), not by corpus cross-entropy.
+    teacher_generated: int = 0
+    generated_every: int = 2
     notes: dict[str, Any] = field(default_factory=dict)
 
     def llama_config(self, vocab_size: int):
@@ -197,6 +207,12 @@ RECIPES["code-draft-kd"] = dataclasses.replace(
     description="code-draft distilled from code-tiny (KL to the target per position): a draft that agrees more",
     steps=600, lr=1.5e-3, warmup_steps=20, eval_every=100, time_limit_s=13 * 60, teacher="code-tiny",
     init_from="code-draft")
+# sequence-level distillation on top: half the steps train on code-tiny's own greedy continuations
+RECIPES["code-draft-sd"] = dataclasses.replace(
+    RECIPES["code-draft-kd"], name="code-draft-sd",
+    description="code-draft-kd distilled further on code-tiny's own greedy outputs: agrees more where it is used",
+    steps=600, lr=1e-3, warmup_steps=20, eval_every=100, time_limit_s=16 * 60, init_from="code-draft-kd",
+    teacher_generated=2048, generated_every=2)
 
 
 # --------------------------------------------------------------------------
@@ -395,6 +411,39 @@ def _teacher_agreement(model, teacher, windows, device, batch_rows: int) -> floa
     return same / max(1, count)
 
 
+def _batch(step: int, recipe: Recipe, stream, generated, gen):
+    """Step `step`'s training rows: teacher generations on every generated_every-th step (if any), else corpus
+    windows (long ones on every long_every-th step); always about batch_size * seq_len tokens."""
+    import torch
+
+    if generated is not None and step % recipe.generated_every == 0:
+        rows = max(1, (recipe.batch_size * recipe.seq_len) // generated.shape[1])
+        return generated[torch.randint(0, len(generated), (rows,), generator=gen)]
+    long = recipe.long_every and recipe.long_seq_len and (step % recipe.long_every == recipe.long_every - 1)
+    L = min(recipe.long_seq_len if long else recipe.seq_len, len(stream) - 1)
+    rows = max(1, (recipe.batch_size * recipe.seq_len) // L)
+    starts = torch.randint(0, len(stream) - L, (rows,), generator=gen)
+    return stream[starts[:, None] + torch.arange(L)[None, :]].long()
+
+
+def _teacher_generations(teacher, stream, n: int, gen, device, bar) -> "torch.Tensor":
+    """[n, GEN_PROMPT + GEN_NEW] token ids: the teacher's greedy continuations of random corpus windows."""
+    import torch
+
+    out, done = [], 0
+    while done < n:
+        rows = min(64, n - done)
+        starts = torch.randint(0, len(stream) - GEN_PROMPT, (rows,), generator=gen)
+        x = stream[starts[:, None] + torch.arange(GEN_PROMPT)[None, :]].long().to(device)
+        with torch.no_grad():
+            y = teacher.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=GEN_NEW,
+                                 min_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0)
+        out.append(y.cpu())
+        done += rows
+        bar.update(done)
+    return torch.cat(out)
+
+
 def _param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -498,6 +547,7 @@ def train_recipe(
     from transformers import GenerationConfig, LlamaForCausalLM
 
     t_start = time.time()
+    say = log or (lambda m: None)
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     total_steps = int(steps if steps is not None else recipe.steps)
@@ -530,6 +580,23 @@ def train_recipe(
                              f"{str(e).splitlines()[0]}") from None
         del init
     teacher = _load_built(recipe.teacher, tok, "teacher", dev).eval() if recipe.teacher else None
+    generated = held_out = None
+    if recipe.teacher_generated:
+        if teacher is None:
+            raise ValueError("recipe.teacher_generated needs recipe.teacher (the model whose outputs are generated)")
+        if recipe.generated_every < 1:
+            raise ValueError(f"recipe.generated_every must be >= 1, got {recipe.generated_every}")
+        n_gen, t_gen = recipe.teacher_generated + GEN_HELD_OUT, time.time()
+        gbar = _Progress(progress, n_gen, f"{recipe.name}: teacher generations")
+        gbar.log(f"{recipe.name}: {n_gen} greedy continuations by {recipe.teacher} ({GEN_NEW} tokens each, "
+                 f"{GEN_HELD_OUT} held out)")
+        try:
+            all_gen = _teacher_generations(teacher, train_stream, n_gen, torch.Generator().manual_seed(seed + 1),
+                                           dev, gbar)
+        finally:
+            gbar.close()
+        say(f"teacher_generations={n_gen} seconds={time.time() - t_gen:.0f}")
+        generated, held_out = all_gen[GEN_HELD_OUT:], all_gen[:GEN_HELD_OUT]
     n_params = sum(p.numel() for p in model.parameters())
     model.train()
     opt = torch.optim.AdamW(
@@ -548,16 +615,6 @@ def train_recipe(
     eval_rows = max(1, (recipe.batch_size * recipe.seq_len) // eval_len)
     gen = torch.Generator().manual_seed(seed)
 
-    def batch_for(step: int):
-        long = recipe.long_every and recipe.long_seq_len and (step % recipe.long_every == recipe.long_every - 1)
-        L = recipe.long_seq_len if long else recipe.seq_len
-        L = min(L, len(train_stream) - 1)
-        rows = max(1, (recipe.batch_size * recipe.seq_len) // L)
-        starts = torch.randint(0, len(train_stream) - L, (rows,), generator=gen)
-        idx = starts[:, None] + torch.arange(L)[None, :]
-        return train_stream[idx].long()
-
-    say = log or (lambda m: None)
     bar = _Progress(progress, total_steps, recipe.name)
     bar.log(
         f"{recipe.name}: {n_params/1e6:.2f} M params, vocab {vocab}, "
@@ -581,7 +638,10 @@ def train_recipe(
     def do_eval(step_done: int) -> float:
         nonlocal best_val, best_step, best_state, bad_evals
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-            v = _evaluate(model, periodic, dev, eval_rows)
+            if held_out is not None:    # a draft is selected for agreeing on its target's text
+                v = 1.0 - _teacher_agreement(model, teacher, held_out, dev, eval_rows)
+            else:
+                v = _evaluate(model, periodic, dev, eval_rows)
         evals.append((step_done, v))
         if v < best_val:
             best_val, best_step, bad_evals = v, step_done, 0
@@ -605,7 +665,7 @@ def train_recipe(
                     break
             for g in opt.param_groups:
                 g["lr"] = _lr_at(sched_step, recipe, total_steps)
-            x = batch_for(step).to(dev, non_blocking=True)
+            x = _batch(step, recipe, train_stream, generated, gen).to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                 if teacher is None:
                     loss = model(input_ids=x, labels=x, use_cache=False).loss
@@ -628,8 +688,9 @@ def train_recipe(
                 el = time.time() - t_train
                 bar.log(
                     f"step {done:>5}/{total_steps}  train {'KL' if teacher is not None else 'CE'} {lv:.3f}  "
-                    f"val CE {val:.3f} "
-                    f"(ppl {math.exp(val):.1f})  {el/done:.2f}s/step"
+                    + (f"held-out disagreement {val:.3f}" if held_out is not None else
+                       f"val CE {val:.3f} (ppl {math.exp(val):.1f})")
+                    + f"  {el/done:.2f}s/step"
                 )
                 say(f"step={done} train_loss={lv:.4f} val_loss={val:.4f} elapsed={el:.0f}s")
             bar.update(done, loss=sum(losses[-20:]) / len(losses[-20:]), val=val)
@@ -650,6 +711,7 @@ def train_recipe(
     val_ppl = math.exp(val_loss)
     uni_ppl = unigram_ppl(train_stream, full[:, 1:], vocab)
     agreement = _teacher_agreement(model, teacher, periodic, dev, eval_rows) if teacher is not None else None
+    gen_agreement = None if held_out is None else _teacher_agreement(model, teacher, held_out, dev, eval_rows)
 
     # ---- save ---------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -712,6 +774,8 @@ def train_recipe(
         "unigram_ppl": round(uni_ppl, 3),
         "teacher_agreement": None if agreement is None else round(agreement, 4),
         "train_loss_kind": "kl_to_teacher" if teacher is not None else "cross_entropy",
+        "teacher_generated_agreement": None if gen_agreement is None else round(gen_agreement, 4),
+        "evals_metric": "teacher_disagreement_on_generations" if held_out is not None else "val_cross_entropy",
         "val_eval": {"windows": int(full.shape[0]), "window_len": int(full.shape[1])},
         "evals": [[s, round(v, 5)] for s, v in evals],
         "train_loss_first": round(losses[0], 5) if losses else None,
