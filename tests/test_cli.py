@@ -202,7 +202,7 @@ def test_models_list_and_unknown_model(capsys, tmp_path):
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(rows) == {"code-tiny", "code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok",
-                         "code-small"}
+                         "code-draft-xtok-sd", "code-small"}
     assert "assets/models/code-tiny" in rows["code-tiny"] and "27.3" in rows["code-tiny"]
     code, _, err = run_cli(capsys, "models", "build", "no-such-model")
     assert code == 2 and err.count("\n") == 1 and "unknown model 'no-such-model'" in err

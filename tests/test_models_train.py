@@ -338,6 +338,12 @@ def test_distillation_on_teacher_generations(tmp_path, monkeypatch):
     with torch.no_grad():           # each row continues its prompt greedily: argmax at every generated position
         nxt = tm(input_ids=rows[:4]).logits.argmax(-1)
     assert torch.equal(nxt[:, T.GEN_PROMPT - 1:-1], rows[:4, T.GEN_PROMPT:])
+    hard = T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher), init_from=str(teacher), lr=1e-9,
+                                              teacher_generated=8, generated_every=1, hard_labels=True),
+                          tmp_path / "hard", steps=2, **kw)
+    # hard labels: cross-entropy on the greedy tokens, which the teacher itself does not reach 0 on (KL would)
+    assert hard["train_loss_kind"] == "cross_entropy" and min(hard["losses"]) > 1e-3
+    assert hard["teacher_generated_agreement"] == 1.0
     r2 = dataclasses.replace(recipe, generated_every=2, long_every=4)
     stream = torch.arange(5000) % 400
     batches = [T._batch(i, r2, stream, rows, torch.Generator().manual_seed(0)) for i in range(4)]
@@ -348,3 +354,35 @@ def test_distillation_on_teacher_generations(tmp_path, monkeypatch):
     assert all((b[:, None] == rows[None]).all(-1).any(1).all() for b in batches[::2])   # rows of the generations
     with pytest.raises(ValueError, match="recipe.teacher_generated needs recipe.teacher"):
         T.train_recipe(dataclasses.replace(recipe, teacher_generated=4), tmp_path / "none", steps=1, **kw)
+
+
+def test_distillation_across_tokenizers_on_generated_text(tmp_path, monkeypatch):
+    """A teacher with another tokenizer (a UAG draft's target) gives only its text: each training row is the
+    student's encoding of a corpus window's text followed by the teacher's greedy continuation of it, the loss is
+    cross-entropy, checkpoints are selected on held-out generations. Without teacher_generated: a one-line error."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    recipe = dataclasses.replace(T.RECIPES["code-draft"], **MICRO)
+    teacher = tmp_path / "teacher"
+    T.train_recipe(recipe, teacher, steps=15, limit_bytes=SLICE, vocab_size=512, progress=False, threads=1)
+    monkeypatch.setattr(T, "GEN_HELD_OUT", 8)
+    seen = []
+    orig = T._teacher_generations
+    monkeypatch.setattr(T, "_teacher_generations", lambda *a: seen.append((orig(*a), a[-1])) or seen[-1][0])
+    kw = dict(limit_bytes=SLICE, vocab_size=400, progress=False, threads=1)
+    info = T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher), teacher_generated=8),
+                          tmp_path / "x", steps=3, **kw)
+    assert info["train_loss_kind"] == "cross_entropy" and info["evals_metric"] == "cross_entropy_on_generations"
+    assert info["teacher_agreement"] is None and info["teacher_generated_loss"] > 0
+    (rows, (stok, ttok)), = seen
+    assert rows.shape == (16, T.GEN_PROMPT + T.GEN_NEW) and len(stok) == 400 and len(ttok) == 512
+    tm = LlamaForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    for row in rows[:3]:        # the text is the teacher's: its greedy continuation of its encoding of the start
+        text = stok.decode(row.tolist())
+        t_ids = ttok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            nxt = tm(input_ids=torch.tensor([t_ids])).logits[0].argmax(-1)
+        agree = (nxt[:-1] == torch.tensor(t_ids[1:])).float()
+        assert agree[len(t_ids) // 3:].mean() > 0.9, agree        # past the prompt, barring the re-encoded seams
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "x")).vocab_size == 400
+    with pytest.raises(ValueError, match=r"recipe.teacher: .* another tokenizer .*\(recipe.teacher_generated\)"):
+        T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher)), tmp_path / "y", steps=1, **kw)

@@ -12,7 +12,7 @@ from dgopt.models.train import model_dir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import PY_PROMPTS  # noqa: E402
 
-COMMITTED = ["code-tiny", "code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok"]
+COMMITTED = ["code-tiny", "code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok", "code-draft-xtok-sd"]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,16 @@ def test_distilled_drafts_are_accepted_more(compiled):
     plain, kd, sd = (_run_prompts(compiled("code-tiny", d, kind="speculative", k=4), ref, prompts)
                      for d in ("code-draft", "code-draft-kd", "code-draft-sd"))
     assert kd > plain + 0.05 and sd > kd + 0.3, (plain, kd, sd)
+
+
+def test_uag_draft_trained_on_target_text_is_accepted_more(compiled):
+    """code-draft-xtok-sd (code-draft-xtok trained on code-tiny's greedy outputs as text, through its own
+    tokenizer) gives UAG far more tokens per target forward; the output stays code-tiny's greedy output."""
+    ref = compiled("code-tiny")
+    prompts = PY_PROMPTS[:8]
+    plain, sd = (_run_prompts(compiled("code-tiny", d, kind="uag", k=3), ref, prompts)
+                 for d in ("code-draft-xtok", "code-draft-xtok-sd"))
+    assert sd > plain + 0.6 and sd > 2.4, (plain, sd)
 
 
 @pytest.mark.parametrize("draft,kind", [("code-draft-kd", "speculative"), ("code-draft-xtok", "uag")])

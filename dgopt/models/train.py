@@ -4,17 +4,17 @@ dgopt cannot download models, so it trains its own: small Llama-architecture
 causal LMs over the Python standard library (see :mod:`dgopt.models.corpus`)
 with byte-level BPE tokenizers (see :mod:`dgopt.models.tokenizers_train`).
 
-==================  ===========  ============================================
-name                tokenizer    role
-==================  ===========  ============================================
-``code-tiny``       code-bpe-4k  target model for CPU work (5.0 M params)
-``code-draft``      code-bpe-4k  draft for code-tiny / code-small (0.61 M)
-``code-draft-kd``   code-bpe-4k  code-draft distilled from code-tiny (0.61 M)
-``code-draft-sd``   code-bpe-4k  code-draft-kd distilled on code-tiny's own
-                                 greedy outputs (0.61 M)
-``code-draft-xtok`` code-bpe-1k  draft with a *different* tokenizer (0.32 M)
-``code-small``      code-bpe-4k  larger target for a GPU (29.4 M params)
-==================  ===========  ============================================
+======================  ===========  ===================================================
+name                    tokenizer    role
+======================  ===========  ===================================================
+``code-tiny``           code-bpe-4k  target model for CPU work (5.0 M params)
+``code-draft``          code-bpe-4k  draft for code-tiny / code-small (0.61 M)
+``code-draft-kd``       code-bpe-4k  code-draft distilled from code-tiny (0.61 M)
+``code-draft-sd``       code-bpe-4k  code-draft-kd trained on code-tiny's greedy outputs
+``code-draft-xtok``     code-bpe-1k  draft with a *different* tokenizer (0.32 M)
+``code-draft-xtok-sd``  code-bpe-1k  code-draft-xtok trained on code-tiny's outputs
+``code-small``          code-bpe-4k  larger target for a GPU (29.4 M params)
+======================  ===========  ===================================================
 
 Build with ``python -m dgopt.models.train build NAME [--out DIR] [--steps N]
 [--device cpu|cuda] [--seed S]``; list with ``python -m dgopt.models.train list``.
@@ -104,8 +104,14 @@ class Recipe:
     # `generated_every`-th step trains on them (KL to the teacher as on corpus rows). A draft is run on the text its
     # target writes, not on the corpus: this is the data it has to agree on. Checkpoints are then selected by
     # agreement with the teacher on held-out generations (GEN_HELD_OUT of them), not by corpus cross-entropy.
+    # A teacher with another tokenizer (a UAG draft's target) can only give its text: prompts and continuations are
+    # carried across as text, the loss is cross-entropy on the re-encoded generations (and on corpus rows), and
+    # checkpoints are selected by cross-entropy on held-out generations.
     teacher_generated: int = 0
     generated_every: int = 2
+    # generated rows train with cross-entropy on the teacher's greedy tokens (its argmax: what greedy verification
+    # accepts) instead of KL, which needs no teacher forward per step; always so across tokenizers
+    hard_labels: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
     def llama_config(self, vocab_size: int):
@@ -207,12 +213,20 @@ RECIPES["code-draft-kd"] = dataclasses.replace(
     description="code-draft distilled from code-tiny (KL to the target per position): a draft that agrees more",
     steps=600, lr=1.5e-3, warmup_steps=20, eval_every=100, time_limit_s=13 * 60, teacher="code-tiny",
     init_from="code-draft")
-# sequence-level distillation on top: half the steps train on code-tiny's own greedy continuations
+# sequence-level distillation on top: every step trains on code-tiny's own greedy continuations, with their tokens
+# (code-tiny's argmax) as labels
 RECIPES["code-draft-sd"] = dataclasses.replace(
     RECIPES["code-draft-kd"], name="code-draft-sd",
-    description="code-draft-kd distilled further on code-tiny's own greedy outputs: agrees more where it is used",
-    steps=600, lr=1e-3, warmup_steps=20, eval_every=100, time_limit_s=16 * 60, init_from="code-draft-kd",
-    teacher_generated=2048, generated_every=2)
+    description="code-draft-kd trained further on code-tiny's own greedy outputs: agrees more where it is used",
+    steps=2500, lr=1e-3, warmup_steps=20, eval_every=250, time_limit_s=30 * 60, init_from="code-draft-kd",
+    teacher_generated=16384, generated_every=1, hard_labels=True)
+# the UAG draft cannot see code-tiny's distribution (another vocabulary), only its text: cross-entropy on code-tiny's
+# greedy continuations re-encoded with the 1k tokenizer, every step
+RECIPES["code-draft-xtok-sd"] = dataclasses.replace(
+    RECIPES["code-draft-xtok"], name="code-draft-xtok-sd",
+    description="code-draft-xtok trained further on code-tiny's greedy outputs as text (its own tokenizer)",
+    steps=2500, lr=1e-3, warmup_steps=20, eval_every=250, time_limit_s=25 * 60, teacher="code-tiny",
+    init_from="code-draft-xtok", teacher_generated=16384, generated_every=1)
 
 
 # --------------------------------------------------------------------------
@@ -377,16 +391,21 @@ def _resolve_built(ref: str) -> Path:
     return p if (p / "config.json").is_file() else model_dir(ref)
 
 
+def _same_tokenizer(ref: str, tok) -> bool:
+    """Whether built model `ref` was trained with `tok` (no record: assumed so, and checked by vocab size later)."""
+    try:
+        fp = json.loads((_resolve_built(ref) / BUILD_INFO).read_text()).get("tokenizer_fingerprint")
+    except (OSError, ValueError):
+        fp = None
+    return fp is None or fp == _tok.tokenizer_fingerprint(tok)
+
+
 def _load_built(ref: str, tok, role: str, device):
     """A built model (float32, eval) for `role` ('teacher' / 'init_from'), refusing another tokenizer."""
     from transformers import LlamaForCausalLM
 
     d = _resolve_built(ref)
-    try:
-        fp = json.loads((d / BUILD_INFO).read_text()).get("tokenizer_fingerprint")
-    except (OSError, ValueError):
-        fp = None
-    if fp is not None and fp != _tok.tokenizer_fingerprint(tok):
+    if not _same_tokenizer(ref, tok):
         raise ValueError(f"recipe.{role}: {ref} was trained with another tokenizer than this recipe's")
     m = LlamaForCausalLM.from_pretrained(str(d), dtype="float32").to(device)
     if m.config.vocab_size != len(tok):
@@ -426,20 +445,40 @@ def _batch(step: int, recipe: Recipe, stream, generated, gen):
     return stream[starts[:, None] + torch.arange(L)[None, :]].long()
 
 
-def _teacher_generations(teacher, stream, n: int, gen, device, bar) -> "torch.Tensor":
-    """[n, GEN_PROMPT + GEN_NEW] token ids: the teacher's greedy continuations of random corpus windows."""
+def _teacher_generations(teacher, stream, n: int, gen, device, bar, cross=None) -> "torch.Tensor":
+    """[n, GEN_PROMPT + GEN_NEW] token ids: the teacher's greedy continuations of random corpus windows.
+    cross = (student tokenizer, teacher tokenizer) for a teacher with another tokenizer: the window's text is
+    encoded for the teacher (left-padded batch), and each row is the first GEN_PROMPT + GEN_NEW student tokens of
+    the text prompt + continuation (rows that come out shorter are dropped and drawn again)."""
     import torch
 
     out, done = [], 0
+    L = GEN_PROMPT + GEN_NEW
     while done < n:
         rows = min(64, n - done)
         starts = torch.randint(0, len(stream) - GEN_PROMPT, (rows,), generator=gen)
-        x = stream[starts[:, None] + torch.arange(GEN_PROMPT)[None, :]].long().to(device)
-        with torch.no_grad():
-            y = teacher.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=GEN_NEW,
-                                 min_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0)
-        out.append(y.cpu())
-        done += rows
+        x = stream[starts[:, None] + torch.arange(GEN_PROMPT)[None, :]].long()
+        if cross is None:
+            x = x.to(device)
+            with torch.no_grad():
+                y = teacher.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=GEN_NEW,
+                                     min_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0)
+            y = y.cpu()
+        else:
+            stok, ttok = cross
+            texts = stok.batch_decode(x.tolist())
+            enc = [ttok(t, add_special_tokens=False)["input_ids"] or [0] for t in texts]
+            width = max(len(e) for e in enc)
+            ids = torch.tensor([[0] * (width - len(e)) + e for e in enc], device=device)
+            am = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+            with torch.no_grad():
+                y = teacher.generate(ids, attention_mask=am, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+                                     do_sample=False, pad_token_id=0)
+            back = [stok(ttok.decode(row[width - len(e):].tolist()), add_special_tokens=False)["input_ids"]
+                    for row, e in zip(y.cpu(), enc)]
+            y = torch.tensor([b[:L] for b in back if len(b) >= L], dtype=torch.long).reshape(-1, L)
+        out.append(y)
+        done += len(y)
         bar.update(done)
     return torch.cat(out)
 
@@ -579,7 +618,21 @@ def train_recipe(
             raise ValueError(f"recipe.init_from: {recipe.init_from} has another architecture: "
                              f"{str(e).splitlines()[0]}") from None
         del init
-    teacher = _load_built(recipe.teacher, tok, "teacher", dev).eval() if recipe.teacher else None
+    teacher = cross = None
+    if recipe.teacher and not _same_tokenizer(recipe.teacher, tok):
+        if not recipe.teacher_generated:
+            raise ValueError(f"recipe.teacher: {recipe.teacher} was trained with another tokenizer than this "
+                             "recipe's; distil across tokenizers from its generated text (recipe.teacher_generated)")
+        from transformers import AutoTokenizer
+        tdir = _resolve_built(recipe.teacher)
+        teacher = LlamaForCausalLM.from_pretrained(str(tdir), dtype="float32").to(dev).eval()
+        cross = (tok, AutoTokenizer.from_pretrained(str(tdir)))
+    elif recipe.teacher:
+        teacher = _load_built(recipe.teacher, tok, "teacher", dev).eval()
+    kl = teacher is not None and cross is None      # per-position KL needs the teacher's vocabulary
+    loss_kind = ("cross_entropy" if not kl or (recipe.hard_labels and recipe.generated_every == 1) else
+                 "kl_to_teacher" if not (recipe.hard_labels and recipe.teacher_generated) else
+                 "kl_to_teacher+cross_entropy_on_generations")
     generated = held_out = None
     if recipe.teacher_generated:
         if teacher is None:
@@ -592,7 +645,7 @@ def train_recipe(
                  f"{GEN_HELD_OUT} held out)")
         try:
             all_gen = _teacher_generations(teacher, train_stream, n_gen, torch.Generator().manual_seed(seed + 1),
-                                           dev, gbar)
+                                           dev, gbar, cross)
         finally:
             gbar.close()
         say(f"teacher_generations={n_gen} seconds={time.time() - t_gen:.0f}")
@@ -638,8 +691,10 @@ def train_recipe(
     def do_eval(step_done: int) -> float:
         nonlocal best_val, best_step, best_state, bad_evals
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-            if held_out is not None:    # a draft is selected for agreeing on its target's text
+            if held_out is not None and cross is None:      # a draft is selected for agreeing on its target's text
                 v = 1.0 - _teacher_agreement(model, teacher, held_out, dev, eval_rows)
+            elif held_out is not None:                      # ... or, across tokenizers, for predicting it
+                v = _evaluate(model, held_out, dev, eval_rows)
             else:
                 v = _evaluate(model, periodic, dev, eval_rows)
         evals.append((step_done, v))
@@ -666,8 +721,9 @@ def train_recipe(
             for g in opt.param_groups:
                 g["lr"] = _lr_at(sched_step, recipe, total_steps)
             x = _batch(step, recipe, train_stream, generated, gen).to(dev, non_blocking=True)
+            on_generated = generated is not None and step % recipe.generated_every == 0
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                if teacher is None:
+                if not kl or (recipe.hard_labels and on_generated):
                     loss = model(input_ids=x, labels=x, use_cache=False).loss
                 else:
                     with torch.no_grad():
@@ -687,8 +743,9 @@ def train_recipe(
                 val = do_eval(done)
                 el = time.time() - t_train
                 bar.log(
-                    f"step {done:>5}/{total_steps}  train {'KL' if teacher is not None else 'CE'} {lv:.3f}  "
-                    + (f"held-out disagreement {val:.3f}" if held_out is not None else
+                    f"step {done:>5}/{total_steps}  train {loss_kind.replace('_to_teacher', '')} {lv:.3f}  "
+                    + (f"held-out disagreement {val:.3f}" if held_out is not None and kl else
+                       f"held-out generations CE {val:.3f}" if held_out is not None else
                        f"val CE {val:.3f} (ppl {math.exp(val):.1f})")
                     + f"  {el/done:.2f}s/step"
                 )
@@ -710,8 +767,10 @@ def train_recipe(
         val_loss = _evaluate(model, full, dev, eval_rows)
     val_ppl = math.exp(val_loss)
     uni_ppl = unigram_ppl(train_stream, full[:, 1:], vocab)
-    agreement = _teacher_agreement(model, teacher, periodic, dev, eval_rows) if teacher is not None else None
-    gen_agreement = None if held_out is None else _teacher_agreement(model, teacher, held_out, dev, eval_rows)
+    agreement = _teacher_agreement(model, teacher, periodic, dev, eval_rows) if kl else None
+    gen_agreement = _teacher_agreement(model, teacher, held_out, dev, eval_rows) if kl and held_out is not None \
+        else None
+    gen_loss = _evaluate(model, held_out, dev, eval_rows) if held_out is not None else None
 
     # ---- save ---------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -773,9 +832,11 @@ def train_recipe(
         "val_ppl": round(val_ppl, 3),
         "unigram_ppl": round(uni_ppl, 3),
         "teacher_agreement": None if agreement is None else round(agreement, 4),
-        "train_loss_kind": "kl_to_teacher" if teacher is not None else "cross_entropy",
+        "train_loss_kind": loss_kind,
         "teacher_generated_agreement": None if gen_agreement is None else round(gen_agreement, 4),
-        "evals_metric": "teacher_disagreement_on_generations" if held_out is not None else "val_cross_entropy",
+        "teacher_generated_loss": None if gen_loss is None else round(gen_loss, 5),
+        "evals_metric": ("teacher_disagreement_on_generations" if kl else "cross_entropy_on_generations")
+        if held_out is not None else "val_cross_entropy",
         "val_eval": {"windows": int(full.shape[0]), "window_len": int(full.shape[1])},
         "evals": [[s, round(v, 5)] for s, v in evals],
         "train_loss_first": round(losses[0], 5) if losses else None,
