@@ -39,15 +39,20 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["5,4,5", "7,4,7", "5,3,5"], help="lookahead W,N,G")
     ap.add_argument("--jacobi", nargs="*", type=int, default=[8], help="jacobi block sizes")
     ap.add_argument("--draft", nargs="*", default=["auto"], help="drafts for speculative rows: built model names, "
-                    "HF dirs, or none; auto: code-draft and code-draft-kd with code-tiny")
-    ap.add_argument("--xdraft", default="auto", help="draft with another tokenizer for uag rows: a built model name, "
-                    "a HF dir, 'none'; auto: code-draft-xtok with code-tiny")
+                    "HF dirs, or none; auto: code-draft-kd and code-draft-sd with code-tiny")
+    ap.add_argument("--xdraft", nargs="*", default=["auto"], help="drafts with another tokenizer for uag rows: built "
+                    "model names, HF dirs, or none; auto: code-draft-xtok and code-draft-xtok-sd with code-tiny")
+    ap.add_argument("--traced", action="store_true", help="also time autoregressive with the traced forward "
+                    "(target.forward: traced) beside the direct one every other row uses")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
     ap.add_argument("--unfused-k", nargs="*", type=int, default=[3], help="also time these k with the draft in its "
                     "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
     ap.add_argument("--sample-k", nargs="*", type=int, default=[3], help="sampling rows (temperature 0.8, "
                     "top-k 50) at these k: speculative fused and unfused, uag; plus lookahead at the first --configs; "
                     "beside autoregressive sampling; tokens are not compared")
+    ap.add_argument("--sample-draft", default="auto", help="the draft of the sampled speculative rows; auto: "
+                    "code-draft-kd with code-tiny (KL-distilled: its q is closest to the target's p), else the last "
+                    "--draft")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -102,25 +107,29 @@ def main():
 
     drafts = a.draft
     if drafts == ["auto"]:
-        drafts = ["code-draft", "code-draft-kd"] if base["model"].get("name") == "code-tiny" else []
+        drafts = ["code-draft-kd", "code-draft-sd"] if base["model"].get("name") == "code-tiny" else []
     drafts = [d for d in drafts if d != "none"]
     for d in drafts:
         dlm = load_model(spec_from_dict({"model": as_model(d)}).model, lambda p: Path(p))
         add(f"transformers assisted ({d})", *hf_run(assistant_model=dlm.model.to(dev)))
 
-    xdraft = a.xdraft
-    if xdraft == "auto":
-        xdraft = "code-draft-xtok" if base["model"].get("name") == "code-tiny" else "none"
-    xdraft_spec = None
-    if xdraft != "none":
+    xdrafts = a.xdraft
+    if xdrafts == ["auto"]:
+        xdrafts = ["code-draft-xtok", "code-draft-xtok-sd"] if base["model"].get("name") == "code-tiny" else []
+    xdraft_specs = {d: as_model(d) for d in xdrafts if d != "none"}
+    if xdraft_specs:
         from transformers import AutoTokenizer
-        xdraft_spec = as_model(xdraft)
-        xlm = load_model(spec_from_dict({"model": xdraft_spec}).model, lambda p: Path(p))
-        ttok, dtok = AutoTokenizer.from_pretrained(lm.tokenizer_dir), AutoTokenizer.from_pretrained(xlm.tokenizer_dir)
-        add(f"transformers UAG ({xdraft})", *hf_run(assistant_model=xlm.model.to(dev), tokenizer=ttok,
-                                                    assistant_tokenizer=dtok))
+        ttok = AutoTokenizer.from_pretrained(lm.tokenizer_dir)
+    for d, xspec in xdraft_specs.items():
+        xlm = load_model(spec_from_dict({"model": xspec}).model, lambda p: Path(p))
+        dtok = AutoTokenizer.from_pretrained(xlm.tokenizer_dir)
+        add(f"transformers UAG ({d})", *hf_run(assistant_model=xlm.model.to(dev), tokenizer=ttok,
+                                              assistant_tokenizer=dtok))
 
     strategies = [("autoregressive", {"kind": "autoregressive"})]
+    if a.traced:
+        strategies.append(("autoregressive (traced forward)", {"kind": "autoregressive"},
+                           {"target": {**base["target"], "forward": "traced"}}))
     for c in a.configs:
         W, N, G = map(int, c.split(","))
         strategies.append((f"lookahead W{W} N{N} G{G}", {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}))
@@ -132,23 +141,27 @@ def main():
         for k in a.unfused_k:
             strategies.append((f"speculative k{k} ({d}, unfused)", {"kind": "speculative", "k": k, "fused": False},
                                {"draft": as_model(d)}))
-    if xdraft_spec:
+    for d, xspec in xdraft_specs.items():
         for k in a.k:
-            strategies.append((f"uag k{k}", {"kind": "uag", "k": k}, {"draft": xdraft_spec}))
+            strategies.append((f"uag k{k} ({d})", {"kind": "uag", "k": k}, {"draft": xspec}))
     sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
     if a.sample_k:      # sampled rows, timed against autoregressive sampling
         strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))
         W, N, G = map(int, a.configs[0].split(",")) if a.configs else (4, 3, 4)
         strategies.append((f"lookahead W{W} N{N} G{G} (sample)",
                            {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}, {"sampling": sample}))
+        sdraft = a.sample_draft
+        if sdraft == "auto":
+            sdraft = "code-draft-kd" if base["model"].get("name") == "code-tiny" else (drafts[-1] if drafts else None)
         for k in a.sample_k:
-            for fused in (True, False) if drafts else ():
-                strategies.append((f"speculative k{k} ({drafts[-1]}, sample{'' if fused else ', unfused'})",
+            for fused in (True, False) if sdraft else ():
+                strategies.append((f"speculative k{k} ({sdraft}, sample{'' if fused else ', unfused'})",
                                    {"kind": "speculative", "k": k, "fused": fused},
-                                   {"draft": as_model(drafts[-1]), "sampling": sample}))
-            if xdraft_spec:
-                strategies.append((f"uag k{k} (sample)", {"kind": "uag", "k": k},
-                                   {"draft": xdraft_spec, "sampling": sample}))
+                                   {"draft": as_model(sdraft), "sampling": sample}))
+            if xdraft_specs:
+                d = list(xdraft_specs)[-1]
+                strategies.append((f"uag k{k} ({d}, sample)", {"kind": "uag", "k": k},
+                                   {"draft": xdraft_specs[d], "sampling": sample}))
     decs = []
     for name, st, *extra in strategies:
         for lvl in ((0, 2) if st["kind"] == "lookahead" and "sample" not in name else (2,)):
