@@ -148,3 +148,40 @@ def test_draft_chain_one_call_equals_k_steps(drafts, tmp_path):
     assert outs["present.0.key"].shape == (B, H, P + q + k - 1, D)
     for got, ref in zip((outs["present.0.key"], outs["present.0.value"]), ref_kv):
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("Vd", [30, 50, 70])
+def test_draft_glue_lowering(Vd):
+    """to_target_vocab (the draft's scores over the target's V = 50: cut, -inf padded, or as they are, from the
+    draft's static vocabulary size) and next_inputs (the chained forward's ids, position + 1, the last mask row and
+    a 0 column for the new token) lower to what they mean."""
+    import numpy as np
+    import onnxruntime as ort
+    from dgopt.backends.onnx import lower_to_onnx
+    from dgopt.ir import Graph
+    V, B = 50, 3
+    g = Graph()
+    x = g.add("input", attrs={"name": "logits", "type": "logits"}, id="logits")
+    tok = g.add("input", attrs={"name": "token", "type": "token"}, id="token")
+    pos = g.add("input", attrs={"name": "position_ids", "type": "positions"}, id="pos")
+    mask = g.add("input", attrs={"name": "attn_mask", "type": "mask"}, id="mask")
+    g.set_output("scores", g.add("to_target_vocab", [x], id="tv").out())
+    nxt = g.add("next_inputs", [tok, pos, mask], id="next")
+    for o in ("ids", "positions", "mask"):
+        g.set_output(f"next_{o}", nxt.out(o))
+    model, _ = lower_to_onnx(g, {"draft": (None, {"vocab_size": Vd})}, vocab_size=V)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "draft_vocab"   # a graph input stands for them
+    if Vd == V:
+        assert not [n for n in model.graph.node if n.name.startswith("tv/")]
+    rng = np.random.default_rng(0)
+    feeds = {"logits": rng.normal(size=(B, Vd)).astype(np.float32), "token": np.array([4, 7, 9]),
+             "position_ids": np.array([[3, 4], [8, 9], [0, 1]]),
+             "attn_mask": rng.normal(size=(B, 1, 2, 6)).astype(np.float32)}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores, ids, p, m = sess.run(["scores", "next_ids", "next_positions", "next_mask"], feeds)
+    want = np.full((B, V), -np.inf, np.float32)
+    want[:, :min(V, Vd)] = feeds["logits"][:, :V]
+    assert np.array_equal(scores, want)
+    assert np.array_equal(ids, [[4], [7], [9]]) and np.array_equal(p, [[5], [10], [2]])
+    assert m.shape == (B, 1, 1, 7) and np.array_equal(m[..., :6], feeds["attn_mask"][:, :, -1:]) and \
+        (m[..., 6] == 0).all()

@@ -354,10 +354,10 @@ def _next_inputs(b, node, ins):
     if _used(b, node, "positions"):
         b.names[node.out("positions")] = b.op("Add", [b.op("Slice", [pos, i64([-1]), i64([INT_MAX]), i64([1])]),
                                                       i64(1)])
-    if _used(b, node, "mask"):
+    if _used(b, node, "mask"):       # the last query row, and the new token sees itself: one more 0 column
         row = b.op("Slice", [mask, i64([-1]), i64([INT_MAX]), i64([2])])                # [B, 1, 1, total]
-        zero = b.op("Mul", [b.op("Slice", [row, i64([-1]), i64([INT_MAX]), i64([3])]), b.const(0.0)])
-        b.names[node.out("mask")] = b.op("Concat", [row, zero], axis=3)
+        b.names[node.out("mask")] = b.op("Pad", [row, i64([0, 0, 0, 0, 0, 0, 0, 1]), b.const(0.0)],
+                                         mode="constant")
 
 
 def _repetition_penalty_seq(b, node, ins):
@@ -405,12 +405,17 @@ def _as_seq(b, node, ins):
 
 
 def _to_target_vocab(b, node, ins):
-    x, V = ins[0], b.V
-    short = b.op("Max", [b.op("Sub", [b.const([V], np.int64), _dim(b, x, 1)]), b.const([0], np.int64)])
-    pads = b.op("Concat", [b.const([0, 0, 0], np.int64), short], axis=0)
-    padded = b.op("Pad", [x, pads, b.const(NEG_INF)], mode="constant")
-    b.names[node.out()] = b.op("Slice", [padded, b.const([0], np.int64), b.const([V], np.int64),
-                                         b.const([1], np.int64)])
+    """The draft's scores over the target's vocabulary: cut, or padded with -inf. The draft's vocabulary size is
+    static (its forward's info), so only the op that is needed is emitted: none for equal vocabularies."""
+    x, V, Vd = ins[0], b.V, b.forwards["draft"][1]["vocab_size"]
+    if Vd == V:
+        b.names[node.out()] = x
+    elif Vd < V:
+        b.names[node.out()] = b.op("Pad", [x, b.const([0, 0, 0, V - Vd], np.int64), b.const(NEG_INF)],
+                                   mode="constant")
+    else:
+        b.names[node.out()] = b.op("Slice", [x, b.const([0], np.int64), b.const([V], np.int64),
+                                             b.const([1], np.int64)])
 
 
 def _used(b, node, out: str) -> bool:
