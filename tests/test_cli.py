@@ -82,6 +82,8 @@ BAD_SPECS = {
     "bad graph op": ({**tiny_spec(), "graph": {"nodes": [{"id": "a", "op": "softermax"}], "outputs": {"o": "a"}}},
                      "unknown op"),
     "bad model config": ({"model": {"config": {"family": "llama", "hidden_size": "big"}}}, "model.config"),
+    "bad forward": (tiny_spec(target={"forward": "onnxscript"}), "target.forward"),
+    "direct gpt2 forward": (tiny_spec("gpt2", target={"forward": "direct"}), "target.forward: direct cannot write"),
 }
 
 
