@@ -386,3 +386,14 @@ def test_distillation_across_tokenizers_on_generated_text(tmp_path, monkeypatch)
     assert AutoTokenizer.from_pretrained(str(tmp_path / "x")).vocab_size == 400
     with pytest.raises(ValueError, match=r"recipe.teacher: .* another tokenizer .*\(recipe.teacher_generated\)"):
         T.train_recipe(dataclasses.replace(recipe, teacher=str(teacher)), tmp_path / "y", steps=1, **kw)
+
+
+def test_distillation_from_a_teacher_with_finer_tokens_stops_with_a_reason(tmp_path):
+    """A student whose tokens are much longer than its teacher's gets few rows of full length from the teacher's
+    text: the generation loop stops with a one-line reason instead of drawing forever."""
+    recipe = dataclasses.replace(T.RECIPES["code-draft"], **MICRO)
+    T.train_recipe(recipe, tmp_path / "t", steps=3, limit_bytes=SLICE, vocab_size=300, progress=False, threads=1)
+    with pytest.raises(ValueError, match=r"recipe.teacher_generated: only \d+ of \d+ continuations"):
+        T.train_recipe(dataclasses.replace(recipe, teacher=str(tmp_path / "t"), teacher_generated=8),
+                       tmp_path / "x", steps=1, limit_bytes=SLICE, vocab_size=2000, progress=False, threads=1)
+    assert not (tmp_path / "x").exists()

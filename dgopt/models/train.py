@@ -452,7 +452,7 @@ def _teacher_generations(teacher, stream, n: int, gen, device, bar, cross=None) 
     the text prompt + continuation (rows that come out shorter are dropped and drawn again)."""
     import torch
 
-    out, done = [], 0
+    out, done, tried = [], 0, 0
     L = GEN_PROMPT + GEN_NEW
     while done < n:
         rows = min(64, n - done)
@@ -477,6 +477,11 @@ def _teacher_generations(teacher, stream, n: int, gen, device, bar, cross=None) 
             back = [stok(ttok.decode(row[width - len(e):].tolist()), add_special_tokens=False)["input_ids"]
                     for row, e in zip(y.cpu(), enc)]
             y = torch.tensor([b[:L] for b in back if len(b) >= L], dtype=torch.long).reshape(-1, L)
+            tried += rows
+            if tried > 4 * n:   # a tokenizer coarser than the teacher's: most rows come out short; don't spin
+                raise ValueError(f"recipe.teacher_generated: only {done + len(y)} of {tried} continuations by the "
+                                 f"teacher re-encode to {L} tokens of this recipe's tokenizer, whose tokens are "
+                                 "longer than the teacher's")
         out.append(y)
         done += len(y)
         bar.update(done)
