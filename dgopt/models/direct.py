@@ -2,10 +2,10 @@
 
 Same interface as the traced export (`hf.export_forward`): (input_ids, position_ids, attn_mask, past.*) ->
 (logits, present.*), the same arithmetic as transformers' eager forward, op for op, in about half the nodes: the
-tracer's shape bookkeeping (Shape/Gather/Unsqueeze/Concat chains) is gone, q, k, v and their rotate-half partners come
-from ONE MatMul (rotate_half is a signed permutation, folded into the weights: exact), gate and up from one MatMul.
-For models this small every kernel launch shows in the step time (the draft chain of a speculative step is four
-forwards deep), which is why this exists."""
+tracer's shape bookkeeping (Shape/Gather/Unsqueeze/Concat chains) is gone, q, k and v come from one MatMul, gate and
+up from another, and the rotary embedding is applied to q and k together with one Gather for rotate_half. For
+models this small every kernel launch shows in the step time (a speculative step runs the draft's forward k times),
+which is why this exists."""
 from __future__ import annotations
 
 import numpy as np
