@@ -186,7 +186,8 @@ def cmd_check(a) -> int:
         from .spec import load_spec
         spec = load_spec(path, a.set or [])
         precision = a.precision or spec.target.precision
-        target = spec.target.model_copy(update={"backend": "onnx", "precision": "fp32"})
+        # lowered as the tensorrt backend lowers it: fp32 ONNX for a GPU (so forward auto writes no contrib ops)
+        target = spec.target.model_copy(update={"backend": "onnx", "precision": "fp32", "device": "cuda"})
         spec = spec.model_copy(update={"target": target})
         with tempfile.TemporaryDirectory() as d:
             art = dg_compile(spec, Path(d) / "art", opt_level=a.O)

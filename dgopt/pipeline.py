@@ -106,6 +106,9 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     if spec.target.precision == "bf16" and spec.target.backend == "onnx":
         raise SpecError("spec field 'target.precision': bf16 ONNX export is not implemented (onnxruntime's CUDA EP "
                         "covers few bf16 kernels); use fp16, or the tensorrt backend for bf16 engines")
+    if spec.target.forward == "contrib" and spec.target.backend == "tensorrt":
+        raise SpecError("spec field 'target.forward': contrib writes onnxruntime contrib ops, which TensorRT's parser "
+                        "does not know; use auto or direct with the tensorrt backend")
     if spec.model.dtype != "fp32":
         raise SpecError(f"spec field 'model.dtype': {spec.model.dtype} is not supported yet; use fp32 "
                         "(set target.precision for the lowered step)")
@@ -130,7 +133,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     forwards = {}
     if models:
         with stage(f"exporting {lm.family} forward to ONNX"):
-            forwards["target"] = (export_forward(lm, kv_dtype, spec.target.forward), lm.info)
+            forwards["target"] = (export_forward(lm, kv_dtype, **_forward_method(spec)), lm.info)
     else:
         forwards["target"] = (None, lm.info)
     if spec.draft is not None and spec.target.backend == "tensorrt":
@@ -141,7 +144,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             raise SpecError("spec field 'draft': the graph calls model 'draft' but the spec defines no draft model")
         dm = _load_draft(spec, stage)
         with stage(f"exporting draft {dm.family} forward to ONNX"):
-            forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], spec.target.forward), dm.info)
+            forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec)), dm.info)
 
     from dgopt.backends.onnx import lower_to_onnx
     with stage("lowering to ONNX"):
@@ -213,6 +216,13 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             (dst / f.name).write_bytes(f.read_bytes())
 
 
+def _forward_method(spec: Spec) -> dict:
+    """export_forward's method: auto writes contrib ops for onnxruntime on the CPU only (the CUDA EP has the kernels
+    but no GPU has run them here; TensorRT cannot parse them)."""
+    return {"method": spec.target.forward,
+            "contrib_ok": spec.target.backend == "onnx" and spec.target.device == "cpu"}
+
+
 def _kv_dtype(spec: Spec) -> str:
     """The exported forward's dtype (weights, KV cache): fp16 for an onnx fp16 target; the tensorrt backend lowers
     fp32 and lets the engine builder choose fp16/bf16 kernels."""
@@ -236,7 +246,7 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     g, _ = optimize(g0, dspec, opt_level)
     dm = _load_draft(spec, stage)
     with stage(f"exporting draft {dm.family} forward to ONNX"):
-        fwd = export_forward(dm, dm.info["kv_dtype"], spec.target.forward)
+        fwd = export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec))
         step, io = lower_to_onnx(g, {"target": (fwd, dm.info)}, dm.info["vocab_size"])
     return step, dm, io, g.fingerprint()
 

@@ -89,8 +89,10 @@ class TargetSpec(_Strict):
     max_batch: int = Field(8, ge=1)
     max_seq_len: int = Field(1024, ge=2)
     # how the model's forward becomes ONNX: direct (Llama / Qwen2 fp32, written from the weights, half the kernels),
-    # traced (torch.onnx.export of the transformers forward), auto (direct where it applies)
-    forward: Literal["auto", "direct", "traced"] = "auto"
+    # contrib (direct with onnxruntime's contrib ops: half again; multi-head attention, onnx backend only), traced
+    # (torch.onnx.export of the transformers forward), auto (contrib for the onnx backend on the cpu, else direct,
+    # where they apply; else traced)
+    forward: Literal["auto", "contrib", "direct", "traced"] = "auto"
 
 
 class Spec(_Strict):

@@ -1,4 +1,5 @@
-"""The directly written Llama / Qwen2 forward (dgopt/models/direct.py) against the traced export and transformers."""
+"""The directly written Llama / Qwen2 forward (dgopt/models/direct.py), plain and with onnxruntime contrib ops, against
+the traced export and transformers."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -60,12 +61,17 @@ def _feeds(lm, B, P, q, seed=0):
     return f
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_direct_forward_equals_traced_export(variant):
-    """Same logits and KV as torch.onnx.export of the transformers forward, at prefill (past 0), q 1 and q 5."""
+CONTRIB = [v for v, c in VARIANTS.items() if c.get("num_key_value_heads") == c["num_attention_heads"]]
+
+
+@pytest.mark.parametrize("method,variant", [("direct", v) for v in VARIANTS] + [("contrib", v) for v in CONTRIB])
+def test_direct_forward_equals_traced_export(method, variant):
+    """Same logits and KV as torch.onnx.export of the transformers forward, at prefill (past 0), q 1 and q 5, on a
+    ragged batch (left padding masked out of the past)."""
     lm = _lm(VARIANTS[variant])
-    direct = export_forward(lm, method="direct")
-    assert lm.info["forward"] == "direct"
+    direct = export_forward(lm, method=method)
+    assert lm.info["forward"] == method
+    assert any(n.domain == "com.microsoft" for n in direct.graph.node) == (method == "contrib")
     traced = export_forward(lm, method="traced")
     assert lm.info["forward"] == "traced"
     sd, st = _session(direct), _session(traced)
@@ -80,12 +86,23 @@ def test_direct_forward_equals_traced_export(variant):
         assert (a[0].argmax(-1) == b[0].argmax(-1)).all()
 
 
+def test_contrib_forward_refuses_grouped_query_attention():
+    """MultiHeadAttention has one head count: a GQA model is a one-line error for contrib, and auto writes it
+    plain (direct) even where contrib ops are allowed."""
+    lm = _lm(TINY["llama"])
+    with pytest.raises(DgoptError, match=r"target.forward: contrib cannot write this model: grouped-query"):
+        export_forward(lm, method="contrib")
+    export_forward(lm, method="auto", contrib_ok=True)
+    assert lm.info["forward"] == "direct"
+
+
 def test_direct_forward_is_small():
     """The point of it: no shape bookkeeping, and under half the traced export's kernels after onnxruntime's own
-    fusions (which still apply: RMSNorm becomes SimplifiedLayerNormalization, SiLU QuickGelu)."""
-    lm = _lm(TINY["llama"])
+    fusions (which still apply: RMSNorm becomes SimplifiedLayerNormalization, SiLU QuickGelu); with contrib ops
+    under half again (per layer: two skip-norms, two rotaries, one attention kernel)."""
+    lm = _lm(VARIANTS["llama-mha-biases"])
     counts = {}
-    for method in ("direct", "traced"):
+    for method in ("contrib", "direct", "traced"):
         proto = export_forward(lm, method=method)
         o = ort.SessionOptions()
         o.log_severity_level = 3
@@ -93,33 +110,48 @@ def test_direct_forward_is_small():
         o.optimized_model_filepath = str(__import__("tempfile").mktemp(suffix=".onnx"))
         ort.InferenceSession(proto.SerializeToString(), o, providers=["CPUExecutionProvider"])
         counts[method] = [n.op_type for n in onnx.load(o.optimized_model_filepath).graph.node]
-    d, t = counts["direct"], counts["traced"]
+    c, d, t = counts["contrib"], counts["direct"], counts["traced"]
     assert "Shape" not in d and "Shape" in t
     assert len(d) < 0.6 * len(t), (len(d), len(t))
     assert d.count("SimplifiedLayerNormalization") == 2 * 2 + 1 and d.count("QuickGelu") == 2
+    assert len(c) < 0.6 * len(d), (len(c), len(d))
+    assert c.count("MultiHeadAttention") == 2 and c.count("RotaryEmbedding") == 4 and "Softmax" not in c
+    assert c.count("SkipSimplifiedLayerNormalization") == 2 * 2 and c.count("SimplifiedLayerNormalization") == 1
 
 
-@pytest.mark.parametrize("variant", ["llama-rope-linear", "llama-mha-biases"])
-def test_direct_greedy_matches_hf(variant, tmp_path):
-    """End to end on configs the shared tiny ones do not cover (those run direct by default in every other test)."""
+@pytest.mark.parametrize("variant,method", [("llama-rope-linear", "direct"), ("llama-mha-biases", "direct"),
+                                            ("llama-mha-biases", "contrib")])
+def test_direct_greedy_matches_hf(variant, method, tmp_path):
+    """End to end on configs the shared tiny ones do not cover (those run direct by default in every other test;
+    the trained models, multi-head, run contrib)."""
     cfg = VARIANTS[variant]
     lm = _lm(cfg)
     lm.model.save_pretrained(tmp_path / "m")
-    art = dgopt.compile({"model": {"path": str(tmp_path / "m")}, "target": {"max_seq_len": 256}}, tmp_path / "a")
+    art = dgopt.compile({"model": {"path": str(tmp_path / "m")}, "target": {"max_seq_len": 256, "forward": method}},
+                        tmp_path / "a")
     dec = dgopt.load(art)
-    assert dec.manifest["model"]["forward"] == "direct"
+    assert dec.manifest["model"]["forward"] == method
     for p in PROMPTS[:3]:
         assert dec.generate(p, max_new_tokens=40).ids[0] == hf_greedy(lm.model, p, 40)
 
 
 def test_forward_choice_in_spec(tmp_path):
-    """target.forward: traced is honoured and recorded; direct on a family it cannot write is a one-line error."""
+    """target.forward: traced is honoured and recorded; auto writes contrib ops for onnxruntime on the CPU only
+    (multi-head models), direct otherwise; direct on a family it cannot write is a one-line error, and so is contrib
+    with the tensorrt backend."""
     art = dgopt.compile(tiny_spec("llama", target={"forward": "traced"}), tmp_path / "t")
     dec = dgopt.load(art)
     assert dec.manifest["model"]["forward"] == "traced"
     assert dec.generate(PROMPTS[0], max_new_tokens=20).ids[0] == hf_greedy(
         config_model(dict(TINY["llama"]), 0).eval(), PROMPTS[0], 20)
     assert dgopt.load(dgopt.compile(tiny_spec("gpt2"), tmp_path / "g")).manifest["model"]["forward"] == "traced"
+    mha = {"model": {"config": VARIANTS["llama-mha-biases"]}}
+    for device, want in (("cpu", "contrib"), ("cuda", "direct")):
+        art = dgopt.compile(tiny_spec("llama", target={"device": device}, **mha), tmp_path / device)
+        assert dgopt.artifact.read_manifest(art)["model"]["forward"] == want
     with pytest.raises(DgoptError, match=r"target.forward: direct cannot write this model: family gpt2"):
         dgopt.compile(tiny_spec("gpt2", target={"forward": "direct"}), tmp_path / "bad")
+    with pytest.raises(DgoptError, match=r"target.forward.: contrib writes onnxruntime contrib ops"):
+        dgopt.compile(tiny_spec("llama", target={"forward": "contrib", "backend": "tensorrt", "device": "cuda"}, **mha),
+                      tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -108,7 +108,10 @@ class _Builder:
                 self.outputs.append(helper.make_tensor_value_info(oname, et, shape))
                 self.io["outputs"].append({"name": oname, "type": vt, "dtype": _dtname(et), "shape": shape})
         graph = helper.make_graph(self.nodes, "dgopt_step", self.inputs, self.outputs, list(self.inits.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dgopt")
+        # a forward written with onnxruntime's contrib ops (direct.py, contrib=True) brings their domain along
+        domains = sorted({nd.domain for nd in self.nodes} - {"", "ai.onnx"})
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)] + [
+            helper.make_opsetid(d, 1) for d in domains], producer_name="dgopt")
         model.ir_version = 10
         return model
 

@@ -5,19 +5,28 @@ Same interface as the traced export (`hf.export_forward`): (input_ids, position_
 tracer's shape bookkeeping (Shape/Gather/Unsqueeze/Concat chains) is gone, q, k and v come from one MatMul, gate and
 up from another, and the rotary embedding is applied to q and k together with one Gather for rotate_half. For
 models this small every kernel launch shows in the step time (a speculative step runs the draft's forward k times),
-which is why this exists."""
+which is why this exists.
+
+`contrib=True` halves the kernels again with onnxruntime's contrib ops (domain com.microsoft): MultiHeadAttention
+(KV concat, scores, additive mask, softmax, weighted sum and head merge in one kernel), RotaryEmbedding (angles
+from a cos/sin table over the model's positions instead of computed per forward) and SkipSimplifiedLayerNormalization
+(each residual add fused into the next RMSNorm). onnxruntime only: TensorRT's parser does not know these ops, and
+the arithmetic is the same up to float rounding, not op for op. Multi-head attention only (MultiHeadAttention has
+one head count for q and kv; onnxruntime's GroupQueryAttention takes no multi-token batches with a past)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["direct_forward", "unsupported_reason"]
 
+MS = "com.microsoft"     # onnxruntime's contrib op domain
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq and attention_scaling fixed at load time
 
 
-def unsupported_reason(lm, dtype: str) -> str | None:
-    """Why `lm` cannot be written directly (None: it can)."""
+def unsupported_reason(lm, dtype: str, contrib: bool = False) -> str | None:
+    """Why `lm` cannot be written directly, with contrib ops if `contrib` (None: it can)."""
     if lm.family not in ("llama", "qwen2"):
         return f"family {lm.family} (direct: llama, qwen2)"
     if dtype != "float32":
@@ -33,6 +42,10 @@ def unsupported_reason(lm, dtype: str) -> str | None:
     if any(t != "full_attention" for t in (getattr(c, "layer_types", None) or [])) or \
             getattr(c, "use_sliding_window", False):
         return "sliding-window attention"
+    if contrib and c.num_key_value_heads != c.num_attention_heads:
+        return "grouped-query attention (contrib: multi-head only)"
+    if contrib and not getattr(c, "max_position_embeddings", 0):
+        return "no max_position_embeddings (contrib: the rotary table's size)"
     return None
 
 
@@ -56,7 +69,7 @@ class _G:
         return outs if n > 1 else outs[0]
 
 
-def direct_forward(lm):
+def direct_forward(lm, contrib: bool = False):
     """ModelProto of one fp32 forward of a Llama / Qwen2 model (check `unsupported_reason` first)."""
     model = lm.model
     c, m = model.config, model.model
@@ -80,27 +93,51 @@ def direct_forward(lm):
         return g.op("Mul", [g.op("Mul", [x, inv], name=f"{name}/Mul"), g.init(f"{name}.weight", w(weight))],
                     name=f"{name}/Scale")
 
-    x = g.op("Gather", [g.init("embed_tokens.weight", w(m.embed_tokens.weight)), "input_ids"], name="embed")
-    # rotary angles once per forward, as transformers' rotary module: position (float) * inv_freq, [B, 1, q, D]
-    rot = m.rotary_emb
-    inv = rot.inv_freq.detach().float().numpy()
-    pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], name="rope/Cast",
-                                  to=TensorProto.FLOAT), g.ints("axes_1_3", [1, 3])], name="rope/Unsqueeze")
-    ang = g.op("Mul", [pos, g.init("rope.inv_freq", np.concatenate([inv, inv]))], name="rope/angles")
-    cos, sin = g.op("Cos", [ang], name="rope/Cos"), g.op("Sin", [ang], name="rope/Sin")
-    if float(rot.attention_scaling) != 1.0:
-        s = g.init("rope.attention_scaling", np.float32(rot.attention_scaling))
-        cos, sin = g.op("Mul", [cos, s], name="rope/cos_scale"), g.op("Mul", [sin, s], name="rope/sin_scale")
-    # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated): negation is exact, so this is
-    # transformers' arithmetic bit for bit, with one Gather instead of Slice/Neg/Concat per tensor
-    h2 = D // 2
-    sin = g.op("Mul", [sin, g.init("rope.sign", np.r_[-np.ones(h2), np.ones(D - h2)])], name="rope/signed_sin")
-    swap = g.ints("rope.swap_halves", np.r_[np.arange(h2, D), np.arange(h2)])
+    def add_norm(x, delta, weight, name):
+        """(x + delta, rms(x + delta)): the residual stream and the next block's input. contrib: one kernel."""
+        if delta is None:
+            return x, rms(x, weight, name)
+        if not contrib:
+            x = g.op("Add", [x, delta], name=f"{name}/residual")
+            return x, rms(x, weight, name)
+        y, _, _, x = g.op("SkipSimplifiedLayerNormalization", [x, delta, g.init(f"{name}.weight", w(weight))], n=4,
+                          name=name, domain=MS, epsilon=float(c.rms_norm_eps))
+        return x, y
 
-    scaling = g.init("attn_scaling", np.float32(model.model.layers[0].self_attn.scaling))
+    def bias(y, mod, name):
+        return y if mod.bias is None else g.op("Add", [y, g.init(f"{name}.bias", w(mod.bias))], name=f"{name}/bias")
+
+    x = g.op("Gather", [g.init("embed_tokens.weight", w(m.embed_tokens.weight)), "input_ids"], name="embed")
+    rot = m.rotary_emb
+    inv = rot.inv_freq.detach().float()
+    h2 = D // 2
+    if contrib:
+        # the angles of every position the model has, computed as transformers' rotary module does (fp32 product,
+        # torch cos/sin, attention_scaling); RotaryEmbedding gathers them by position_ids
+        ang = torch.arange(c.max_position_embeddings, dtype=torch.float32)[:, None] * inv[None, :]
+        cos_t = g.init("rope.cos", (ang.cos() * rot.attention_scaling).numpy())
+        sin_t = g.init("rope.sin", (ang.sin() * rot.attention_scaling).numpy())
+    else:
+        # rotary angles once per forward, as transformers' rotary module: position (float) * inv_freq, [B, 1, q, D]
+        pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], name="rope/Cast",
+                                      to=TensorProto.FLOAT), g.ints("axes_1_3", [1, 3])], name="rope/Unsqueeze")
+        ang = g.op("Mul", [pos, g.init("rope.inv_freq", np.concatenate([inv.numpy(), inv.numpy()]))],
+                   name="rope/angles")
+        cos, sin = g.op("Cos", [ang], name="rope/Cos"), g.op("Sin", [ang], name="rope/Sin")
+        if float(rot.attention_scaling) != 1.0:
+            s = g.init("rope.attention_scaling", np.float32(rot.attention_scaling))
+            cos, sin = g.op("Mul", [cos, s], name="rope/cos_scale"), g.op("Mul", [sin, s], name="rope/sin_scale")
+        # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated): negation is exact, so this is
+        # transformers' arithmetic bit for bit, with one Gather instead of Slice/Neg/Concat per tensor
+        sin = g.op("Mul", [sin, g.init("rope.sign", np.r_[-np.ones(h2), np.ones(D - h2)])], name="rope/signed_sin")
+        swap = g.ints("rope.swap_halves", np.r_[np.arange(h2, D), np.arange(h2)])
+
+    scaling = float(model.model.layers[0].self_attn.scaling)
+    scaling_t = g.init("attn_scaling", np.float32(scaling))
     heads = g.ints("shape_heads", [0, 0, -1, D])
     merged = g.ints("shape_merged", [0, 0, Hq * D])
     slots = g.ints("split_qkv", [Hq + Hkv, Hkv])
+    qkv_split = g.ints("split_q_k_v", [Hq * D, Hkv * D, Hkv * D])
     qk_split = g.ints("split_qk", [Hq, Hkv])
     gu_split = g.ints("split_gate_up", [inter, inter])
     if groups > 1:      # grouped-query attention: query heads of one kv head side by side instead of repeat_kv
@@ -110,19 +147,18 @@ def direct_forward(lm):
               helper.make_tensor_value_info("attn_mask", TensorProto.FLOAT, ["batch", 1, "q", "total"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "q", int(c.vocab_size)])]
 
-    for i, layer in enumerate(m.layers):
-        a, mlp, p = layer.self_attn, layer.mlp, f"layers.{i}"
-        names = {kv: (f"past.{i}.{kv}", f"present.{i}.{kv}") for kv in ("key", "value")}
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(names[kv][0], TensorProto.FLOAT, ["batch", Hkv, "past", D]))
-            outputs.append(helper.make_tensor_value_info(names[kv][1], TensorProto.FLOAT, ["batch", Hkv, "total", D]))
-        h = rms(x, layer.input_layernorm.weight, f"{p}.input_layernorm")
-        proj = (a.q_proj, a.k_proj, a.v_proj)
-        y = g.op("MatMul", [h, g.init(f"{p}.qkv.weight", np.concatenate([w(t.weight).T for t in proj], 1))],
-                 name=f"{p}.qkv")
-        if a.q_proj.bias is not None:
-            y = g.op("Add", [y, g.init(f"{p}.qkv.bias", np.concatenate([w(t.bias) for t in proj]))],
-                     name=f"{p}.qkv/bias")
+    def attention(y, names, p):
+        """[B, q, (Hq + 2 Hkv) D] projections -> [B, q, Hq D] attention output; the cache outputs get their names."""
+        if contrib:
+            q, k, v = g.op("Split", [y, qkv_split], n=3, name=f"{p}.split", axis=-1)
+            q = g.op("RotaryEmbedding", [q, "position_ids", cos_t, sin_t], name=f"{p}.rope_q", domain=MS,
+                     num_heads=Hq, interleaved=0)
+            k = g.op("RotaryEmbedding", [k, "position_ids", cos_t, sin_t], name=f"{p}.rope_k", domain=MS,
+                     num_heads=Hkv, interleaved=0)
+            o = g.op("MultiHeadAttention", [q, k, v, "", "", "attn_mask", names["key"][0], names["value"][0]], n=3,
+                     name=f"{p}.attention", domain=MS, num_heads=Hq, scale=scaling)
+            g.nodes[-1].output[1:] = [names["key"][1], names["value"][1]]
+            return o[0]
         y = g.op("Transpose", [g.op("Reshape", [y, heads], name=f"{p}.heads")], name=f"{p}.heads/T",
                  perm=[0, 2, 1, 3])                                               # [B, Hq + 2 Hkv, q, D]
         qk, v = g.op("Split", [y, slots], n=2, name=f"{p}.split", axis=1)
@@ -135,7 +171,7 @@ def direct_forward(lm):
         if groups > 1:
             q = g.op("Reshape", [q, to_groups], name=f"{p}.q_groups")
         s = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [K], name=f"{p}.keys_T", perm=[0, 1, 3, 2])],
-                              name=f"{p}.scores"), scaling], name=f"{p}.scores/scale")
+                              name=f"{p}.scores"), scaling_t], name=f"{p}.scores/scale")
         if groups > 1:
             s = g.op("Reshape", [s, to_heads], name=f"{p}.scores/heads")
         pr = g.op("Softmax", [g.op("Add", [s, "attn_mask"], name=f"{p}.mask")], name=f"{p}.softmax", axis=-1)
@@ -144,13 +180,27 @@ def direct_forward(lm):
         o = g.op("MatMul", [pr, V], name=f"{p}.attend")
         if groups > 1:
             o = g.op("Reshape", [o, to_heads], name=f"{p}.attend/heads")
-        o = g.op("Reshape", [g.op("Transpose", [o], name=f"{p}.merge/T", perm=[0, 2, 1, 3]), merged],
-                 name=f"{p}.merge")                                               # [B, q, Hq*D]
-        o = g.op("MatMul", [o, g.init(f"{p}.o_proj.weight", w(a.o_proj.weight).T)], name=f"{p}.o_proj")
-        if a.o_proj.bias is not None:
-            o = g.op("Add", [o, g.init(f"{p}.o_proj.bias", w(a.o_proj.bias))], name=f"{p}.o_proj/bias")
-        x = g.op("Add", [x, o], name=f"{p}.residual_attn")
-        h = rms(x, layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+        return g.op("Reshape", [g.op("Transpose", [o], name=f"{p}.merge/T", perm=[0, 2, 1, 3]), merged],
+                    name=f"{p}.merge")                                            # [B, q, Hq*D]
+
+    delta = None        # the last block's output, not yet added to the residual stream x
+    for i, layer in enumerate(m.layers):
+        a, mlp, p = layer.self_attn, layer.mlp, f"layers.{i}"
+        names = {kv: (f"past.{i}.{kv}", f"present.{i}.{kv}") for kv in ("key", "value")}
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(names[kv][0], TensorProto.FLOAT, ["batch", Hkv, "past", D]))
+            outputs.append(helper.make_tensor_value_info(names[kv][1], TensorProto.FLOAT, ["batch", Hkv, "total", D]))
+        x, h = add_norm(x, delta, layer.input_layernorm.weight, f"{p}.input_layernorm")
+        proj = (a.q_proj, a.k_proj, a.v_proj)
+        y = g.op("MatMul", [h, g.init(f"{p}.qkv.weight", np.concatenate([w(t.weight).T for t in proj], 1))],
+                 name=f"{p}.qkv")
+        if a.q_proj.bias is not None:
+            y = g.op("Add", [y, g.init(f"{p}.qkv.bias", np.concatenate([w(t.bias) for t in proj]))],
+                     name=f"{p}.qkv/bias")
+        o = g.op("MatMul", [attention(y, names, p), g.init(f"{p}.o_proj.weight", w(a.o_proj.weight).T)],
+                 name=f"{p}.o_proj")
+        x, h = add_norm(x, bias(o, a.o_proj, f"{p}.o_proj"), layer.post_attention_layernorm.weight,
+                        f"{p}.post_attention_layernorm")
         gu = g.op("MatMul", [h, g.init(f"{p}.gate_up.weight", np.concatenate(
             [w(mlp.gate_proj.weight).T, w(mlp.up_proj.weight).T], 1))], name=f"{p}.gate_up")
         if mlp.gate_proj.bias is not None:
@@ -161,13 +211,12 @@ def direct_forward(lm):
         d = g.op("MatMul", [g.op("Mul", [act, up], name=f"{p}.gated"), g.init(f"{p}.down_proj.weight",
                                                                           w(mlp.down_proj.weight).T)],
                  name=f"{p}.down_proj")
-        if mlp.down_proj.bias is not None:
-            d = g.op("Add", [d, g.init(f"{p}.down_proj.bias", w(mlp.down_proj.bias))], name=f"{p}.down_proj/bias")
-        x = g.op("Add", [x, d], name=f"{p}.residual_mlp")
-    h = rms(x, m.norm.weight, "norm")
+        delta = bias(d, mlp.down_proj, f"{p}.down_proj")
+    _, h = add_norm(x, delta, m.norm.weight, "norm")
     head = model.get_output_embeddings()
     g.op("MatMul", [h, g.init("lm_head.weight", w(head.weight).T)], name="lm_head", out="logits")
     graph = helper.make_graph(g.nodes, f"{lm.family}_forward", inputs, outputs, g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="dgopt.direct")
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(MS, 1)] if contrib else [])
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="dgopt.direct")
     proto.ir_version = 10
     return proto

@@ -146,10 +146,12 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
-def export_forward(lm: LoadedModel, dtype: str = "float32", method: str = "auto"):
+def export_forward(lm: LoadedModel, dtype: str = "float32", method: str = "auto", contrib_ok: bool = False):
     """ONNX ModelProto of one forward: (input_ids, position_ids, attn_mask, past.*) -> (logits, present.*).
     method "direct" writes a Llama / Qwen2 fp32 forward straight from the weights (`direct.py`: half the kernels);
-    "traced" runs torch.onnx.export; "auto" takes direct where it applies. `lm.info["forward"]` records which.
+    "contrib" the same with onnxruntime's contrib ops (half again; onnxruntime only); "traced" runs torch.onnx.export;
+    "auto" takes contrib where it applies and `contrib_ok` (onnxruntime on the CPU), else direct where it applies.
+    `lm.info["forward"]` records which.
     Traced at batch 2, q 3, past 4 with every such axis dynamic: the legacy tracer bakes size-1 dims and transformers'
     `q_length == 1` branches into the graph otherwise (seen: a q=1 trace failed at prefill).
     dtype float16: a copy with half parameters is traced, so weights, mask, KV and logits are fp16 and the upcasts
@@ -162,12 +164,13 @@ def export_forward(lm: LoadedModel, dtype: str = "float32", method: str = "auto"
     import torch
 
     from .direct import direct_forward, unsupported_reason
-    why = unsupported_reason(lm, dtype)
-    if method == "direct" and why:
-        raise ModelError(f"target.forward: direct cannot write this model: {why}; use auto or traced")
-    if method != "traced" and not why:
-        lm.info["forward"] = "direct"
-        return direct_forward(lm)
+    for written in ("contrib", "direct"):
+        why = unsupported_reason(lm, dtype, contrib=written == "contrib")
+        if method == written and why:
+            raise ModelError(f"target.forward: {written} cannot write this model: {why}; use auto or traced")
+        if not why and (method == written or method == "auto" and (written == "direct" or contrib_ok)):
+            lm.info["forward"] = written
+            return direct_forward(lm, contrib=written == "contrib")
     lm.info["forward"] = "traced"
     info = lm.info
     half = dtype == "float16"
