@@ -133,12 +133,14 @@ def direct_forward(lm, contrib: bool = False):
         swap = g.ints("rope.swap_halves", np.r_[np.arange(h2, D), np.arange(h2)])
 
     scaling = float(model.model.layers[0].self_attn.scaling)
-    scaling_t = g.init("attn_scaling", np.float32(scaling))
-    heads = g.ints("shape_heads", [0, 0, -1, D])
-    merged = g.ints("shape_merged", [0, 0, Hq * D])
-    slots = g.ints("split_qkv", [Hq + Hkv, Hkv])
-    qkv_split = g.ints("split_q_k_v", [Hq * D, Hkv * D, Hkv * D])
-    qk_split = g.ints("split_qk", [Hq, Hkv])
+    if contrib:
+        qkv_split = g.ints("split_q_k_v", [Hq * D, Hkv * D, Hkv * D])
+    else:
+        scaling_t = g.init("attn_scaling", np.float32(scaling))
+        heads = g.ints("shape_heads", [0, 0, -1, D])
+        merged = g.ints("shape_merged", [0, 0, Hq * D])
+        slots = g.ints("split_qkv", [Hq + Hkv, Hkv])
+        qk_split = g.ints("split_qk", [Hq, Hkv])
     gu_split = g.ints("split_gate_up", [inter, inter])
     if groups > 1:      # grouped-query attention: query heads of one kv head side by side instead of repeat_kv
         to_groups, to_heads = g.ints("shape_kv_groups", [0, Hkv, -1, 0]), g.ints("shape_q_heads", [0, Hq, -1, 0])
