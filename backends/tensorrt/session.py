@@ -132,8 +132,8 @@ class TrtSession:
             out.append(t[:, :, :prefix + count].contiguous())
         return out
 
-    def select(self, cache, index):
-        """Keep cache slots `index` [B, T'] per row (the older KV-commit interface), on the device."""
+    def select(self, cache, index, part: str | None = None):
+        """Keep cache slots `index` [B, T'] per row (a cache compaction), on the device."""
         idx = self._torch.as_tensor(np.asarray(index), device=self.device)
         return [self._torch.gather(t, 2, idx[:, None, :, None].expand(t.shape[0], t.shape[1], idx.shape[1],
                                                                        t.shape[3])) for t in cache]

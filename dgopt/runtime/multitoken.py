@@ -1,8 +1,8 @@
 """Host side of the multi-token strategies (lookahead, jacobi, speculative, uag): the Jacobi window, the n-gram
 pool, the drafts, candidate selection, masks and positions, the sampling noise, and the KV commit of accepted tokens.
 
-The cache is a list of slots; `valid[b, s]` says whether slot s holds a committed token of row b. Rows that accept
-fewer tokens than others get masked holes, so a batch advances in lockstep while every row keeps its exact context."""
+The cache is a list of slots; `_Slots` says which hold a committed token of each row. Rows that accept fewer tokens
+than others get masked holes, so a batch advances in lockstep while every row keeps its exact context."""
 from __future__ import annotations
 
 import time
@@ -17,25 +17,77 @@ from .noise import NoiseStream
 __all__ = ["generate_multitoken"]
 
 
-def _block_mask(x_valid: np.ndarray, structure: np.ndarray, k: int) -> np.ndarray:
-    """[B, q, q] bool: `structure` [q, q] (who sees whom in the step), with x-block columns limited to valid ones."""
-    B = x_valid.shape[0]
-    allowed = np.broadcast_to(structure, (B, *structure.shape)).copy()
-    allowed[:, :, :k] &= x_valid[:, None, :].astype(bool)
-    return allowed
+class _Slots:
+    """The cache slots of every row as the additive mask value each query adds for them (0: a committed token;
+    MASK_MIN: left padding, or a hole where a row accepted fewer tokens than another), in a buffer that grows by
+    doubling. A step's mask is this row under each of the step's queries beside the step block's own structure:
+    two slice copies, nothing of the past rebuilt."""
 
+    def __init__(self, B: int):
+        self.buf = np.empty((B, 256), np.float32)
+        self.n = 0
+        self._check_at = 64
+        self.compactions = 0
 
-def _full_mask(past_valid: np.ndarray, block: np.ndarray) -> np.ndarray:
-    B, q, _ = block.shape
-    past = np.broadcast_to(past_valid[:, None, :].astype(bool), (B, q, past_valid.shape[1]))
-    return np.where(np.concatenate([past, block], 2), 0.0, MASK_MIN).astype(np.float32)[:, None]
+    def compaction(self) -> np.ndarray | None:
+        """Slots to keep [B, keep] once holes make up over a third of the slots (then the map is compacted: the
+        caller gathers the cache by them), else None. Checked at doubling sizes: O(1) per slot."""
+        if self.n < self._check_at:
+            return None
+        n, ok = self.n, self.buf[:, :self.n] == 0
+        keep = int(ok.sum(1).max())
+        if 3 * keep >= 2 * n:           # few holes: look again at twice the size
+            self._check_at = 2 * n
+            return None
+        self._check_at = 2 * max(keep, 32)
+        # row b: its committed slots in order, after keep - count[b] masked ones (slot 0, any slot will do)
+        idx = np.zeros((len(ok), keep), np.int64)
+        self.buf[:, :keep] = MASK_MIN
+        for b in range(len(ok)):
+            where = np.flatnonzero(ok[b])
+            idx[b, keep - len(where):] = where
+            self.buf[b, keep - len(where):keep] = 0.0
+        self.n = keep
+        self.compactions += 1
+        return idx
+
+    def _room(self, k: int) -> None:
+        if self.n + k > self.buf.shape[1]:
+            buf = np.empty((len(self.buf), 2 * (self.n + k)), np.float32)
+            buf[:, :self.n] = self.buf[:, :self.n]
+            self.buf = buf
+
+    def append(self, valid: np.ndarray) -> None:
+        """valid [B, k]: the next k slots (truthy: a committed token)."""
+        k = valid.shape[1]
+        self._room(k)
+        self.buf[:, self.n:self.n + k] = np.where(valid.astype(bool), 0.0, MASK_MIN)
+        self.n += k
+
+    def append_ones(self, k: int) -> None:
+        self._room(k)
+        self.buf[:, self.n:self.n + k] = 0.0
+        self.n += k
+
+    def mask(self, block: np.ndarray, x_valid: np.ndarray | None = None) -> np.ndarray:
+        """[B, 1, q, n + q]: the past, then `block` [q, q] (the step's structure as an additive bias); x_valid [B, k]
+        limits the block's first k columns (the x-block: a left-padded prompt at prefill)."""
+        B, P, q = len(self.buf), self.n, block.shape[0]
+        m = np.empty((B, 1, q, P + q), np.float32)
+        m[:, 0, :, :P] = self.buf[:, None, :P]
+        m[:, 0, :, P:] = block
+        if x_valid is not None and not x_valid.all():
+            k = x_valid.shape[1]
+            m[:, 0, :, P:P + k] = np.where(x_valid[:, None, :].astype(bool), m[:, 0, :, P:P + k], MASK_MIN)
+        return m
 
 
 def _frozen(fn):
-    """Memoise a structure builder (called every step with a handful of distinct shapes); results read-only."""
+    """Memoise a step-block structure builder (called every step with a handful of distinct shapes) as the additive
+    bias of its [q, q] bool result (who sees whom: 0, else MASK_MIN); results read-only."""
     @lru_cache(maxsize=64)
     def wrapped(*args):
-        a = fn(*args)
+        a = np.where(fn(*args), 0.0, MASK_MIN).astype(np.float32)
         a.setflags(write=False)
         return a
     return wrapped
@@ -119,18 +171,18 @@ class _Drafter:
         self.uniform = uniform              # sampling: a NoiseStream of [B, 1] draws; proposals come from the draft's q
         B = len(x_ids)
         self.cache = None if self.fused else self.sess.new_cache(B)
-        self.valid = np.zeros((B, 0), np.int8)
+        self.slots = _Slots(B)
         self.pend, self.pend_valid, self.pend_pos = x_ids, x_valid, x_pos
         self.tvocab = dec.vocab_size
         self.dvocab = dec.manifest["draft"]["model"]["vocab_size"]
         self.dpad = dec.manifest["draft"]["model"]["pad_token_id"]
 
     def _inputs(self, ids, valid_blk, pos) -> tuple:
-        """ids, positions and mask of a block fed to the draft; its slots join the draft's valid map."""
-        ids = np.where(ids < self.dvocab, ids, self.dpad)   # a smaller draft vocabulary: out-of-range ids -> pad
-        q = ids.shape[1]
-        mask = _full_mask(self.valid, _block_mask(valid_blk, _causal(q), q))
-        self.valid = np.concatenate([self.valid, valid_blk], 1)
+        """ids, positions and mask of a block fed to the draft; its slots join the draft's slot map."""
+        if self.dvocab < self.tvocab:       # a smaller draft vocabulary: out-of-range ids -> pad
+            ids = np.where(ids < self.dvocab, ids, self.dpad)
+        mask = self.slots.mask(_causal(ids.shape[1]), valid_blk)
+        self.slots.append(valid_blk)
         return ids, pos, mask
 
     def _step(self, ids, valid_blk, pos, out_name: str = "next_token"):
@@ -152,18 +204,18 @@ class _Drafter:
 
     def feeds(self) -> dict:
         """Fused step: the draft's inputs (pending block, its positions, its mask over the draft cache)."""
-        self.base = self.valid.shape[1] + self.pend.shape[1]
+        self.base = self.slots.n + self.pend.shape[1]
         ids, pos, mask = self._inputs(self.pend, self.pend_valid, self.pend_pos)
-        self.valid = np.concatenate([self.valid, np.ones((len(ids), self.k - 1), np.int8)], 1)  # d_1..d_{k-1}
+        self.slots.append_ones(self.k - 1)                 # d_1..d_{k-1}
         return {"draft_ids": ids, "draft_position_ids": pos, "draft_mask": mask}
 
     def propose(self) -> np.ndarray:
         B = len(self.pend)
-        self.base = self.valid.shape[1] + self.pend.shape[1]
+        self.base = self.slots.n + self.pend.shape[1]
         self.q = []
         if "proposals" in self.sess.outputs:      # the compiled chain: all k proposals in one call
             props = self._step(self.pend, self.pend_valid, self.pend_pos, "proposals")
-            self.valid = np.concatenate([self.valid, np.ones((B, self.k - 1), np.int8)], 1)
+            self.slots.append_ones(self.k - 1)
         else:
             d = [self._step(self.pend, self.pend_valid, self.pend_pos)]
             last = self.pend_pos[:, -1]
@@ -175,15 +227,15 @@ class _Drafter:
         return np.where(props < self.tvocab, props, 0)[:, None, :]
 
     def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray, cache=None):
-        """Cut the draft cache back to the accepted prefix; fused: in the step's shared `cache`, returned."""
-        kept = np.minimum(m, self.k - 1)                    # draft tokens d1..d_{k-1} are in its cache
-        M = int(kept.max())
-        if self.fused:
-            cache = self.sess.commit(cache, self.base, np.full(len(m), self.base), M, part="draft_past")
-        else:
-            self.cache = self.sess.commit(self.cache, self.base, np.full(len(m), self.base), M)
-        self.valid = np.concatenate([self.valid[:, :self.base],
-                                     (np.arange(M)[None, :] < kept[:, None]).astype(np.int8)], 1)
+        """Mask the rejected proposals out of the draft's cache; fused: it is part of the step's `cache`, returned."""
+        # d_1..d_{k-1} are in the draft's cache: the rejected ones stay as masked holes (compacted rarely)
+        self.slots.n = self.base
+        self.slots.append(np.arange(self.k - 1)[None, :] < np.minimum(m, self.k - 1)[:, None])
+        idx = self.slots.compaction()
+        if idx is not None and self.fused:
+            cache = self.sess.select(cache, idx, part="draft_past")
+        elif idx is not None:
+            self.cache = self.sess.select(self.cache, idx)
         B = len(m)
         full = m == self.k                                  # d_k accepted but never fed to the draft
         q = 2 if full.any() else 1
@@ -302,11 +354,12 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     sampled = dec.manifest["sampling"]["kind"] == "sample"
     lookahead = st["kind"] == "lookahead"
     speculative = st["kind"] in ("speculative", "uag")
+    adaptive = "draft_k" in dec.session.inputs
     if lookahead:
         W, N, G = st["window"], st["ngram"], st["guesses"]
         K, levels_max = N - 1, N - 1
-    elif speculative:
-        W, G, K, levels_max = 0, 1, st["k"], 0
+    elif speculative:       # K: the most proposals a step can verify; kk: this step's (k_schedule heuristic)
+        W, G, K, levels_max = 0, 1, st["k_max"] if adaptive else st["k"], 0
     else:
         W, G, K, levels_max = 0, 1, st["block"], 0
     B = len(rows)
@@ -357,42 +410,44 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         seen = np.zeros((B, dec.vocab_size), np.float32)
         for b, r in enumerate(rows):
             seen[b, r] = 1.0
-    valid = np.zeros((B, 0), np.int8)
+    slots = _Slots(B)
     cache = dec.session.new_cache(B)
     t_draft = 0.0
     out_ids: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     reason = ["max_new_tokens"] * B
     hist: Counter = Counter()
-    steps = 0
+    steps = proposed = 0
+    kk = st["k"] if speculative else K
     t0 = time.perf_counter()
     t_prefill = None
     while True:
         k = x_ids.shape[1]
-        past = valid.shape[1]
+        past = slots.n
         pos_last = x_pos[:, -1]
         feeds = {}
         if lookahead:
             cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
         elif fused:
+            drafter.k = kk
             feeds.update(drafter.feeds(), x_ids=x_ids)
+            if adaptive:
+                feeds["draft_k"] = np.array(kk, np.int64)
         elif speculative:
             td = time.perf_counter()
             cands = drafter.propose()
             t_draft += time.perf_counter() - td
         else:
             cands = guess[:, None, :]
-        offs = np.arange(1, K + 1)
-        v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(offs, G)[None]], 1)
-        v_block = _block_mask(x_valid, _verify_structure(k, G, K), k)
-        feeds.update(verify_position_ids=v_pos, verify_mask=_full_mask(valid, v_block))
+        v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(np.arange(1, kk + 1), G)[None]], 1)
+        feeds.update(verify_position_ids=v_pos, verify_mask=slots.mask(_verify_structure(k, G, kk), x_valid))
         if seen is not None:
             feeds["seen"] = seen
         if not fused:
             feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
         if rejection:
-            feeds["accept_uniform"] = noise["accept_uniform"].next()
-            if fused:
+            feeds["accept_uniform"] = noise["accept_uniform"].next()[:, :kk + 1]   # iid: any kk + 1 of them
+            if fused:       # (every variant's draft_uniform_i is an input of the step; kk of them are used)
                 du = noise["draft"].next()
                 feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(K)})
             else:
@@ -405,7 +460,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             la_pos = (pos_last[:, None, None] + 1 + cols[None, None, :] + np.arange(levels)[None, :, None])
             feeds.update(lookahead_ids=np.concatenate([x_ids, window.reshape(B, -1)], 1),
                          lookahead_position_ids=np.concatenate([x_pos, la_pos.reshape(B, -1)], 1),
-                         lookahead_mask=_full_mask(valid, _block_mask(x_valid, _lookahead_structure(k, levels, W), k)))
+                         lookahead_mask=slots.mask(_lookahead_structure(k, levels, W), x_valid))
         out, present = dec.session.run(feeds, cache)
         steps += 1
         if fused:
@@ -419,11 +474,18 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         best = out["best"].astype(np.int64)
         m = alen - 1
         M = int(m.max())
-        new_valid = (np.arange(M)[None, :] < m[:, None]).astype(np.int8)       # shorter rows: masked holes
-        cache = dec.session.commit(present, past + k, past + k + best * K, M)
-        valid = np.concatenate([valid, x_valid, new_valid], 1)
+        slots.append(x_valid)
+        if speculative:     # a rejected proposal's slot stays, masked: no copy of the cache (compacted rarely)
+            slots.append(np.arange(kk)[None, :] < m[:, None])
+            idx = slots.compaction()
+            cache = present if idx is None else dec.session.select(present, idx)
+        else:               # lookahead, jacobi: most of a step's slots are guesses; keep the accepted ones only
+            cache = dec.session.commit(present, past + k, past + k + best * K, M)
+            slots.append(np.arange(M)[None, :] < m[:, None])   # shorter rows: masked holes
 
         emitted: list[list[int] | None] = [None] * B
+        active = ~done
+        proposed += kk * int(active.sum())
         for b in range(B):
             if done[b]:
                 continue
@@ -445,6 +507,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                 seen[b, got] = 1.0
             if pools:
                 pools[b].add_sequence(seqs[b], start=len(seqs[b]) - len(got))
+        if adaptive:    # transformers' heuristic: 2 more after a step that accepted every proposal, else 1 fewer
+            kk = min(kk + 2, K) if (m[active] == kk).all() else max(kk - 1, 1)
         if on_token:
             for i in range(max(len(e) for e in emitted if e is not None) if any(e for e in emitted) else 0):
                 on_token([e[i] if e is not None and i < len(e) else None for e in emitted])
@@ -491,8 +555,10 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         "tokens_per_s": round(new / max(elapsed, 1e-9), 2), "stop": reason,
     }
     if speculative:
-        proposed = sum(c * K for c in hist.values())
         stats["acceptance_rate"] = round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4)
+        stats["mean_k"] = round(proposed / max(sum(hist.values()), 1), 3)     # proposals per row and step
+        # rejected proposals stay in the caches as masked slots until they make up a third: then one gather
+        stats["cache_compactions"] = slots.compactions + getattr(getattr(drafter, "slots", None), "compactions", 0)
         if fused:       # draft and target run in one call: no split of the time
             stats["fused"] = True
         else:

@@ -75,11 +75,19 @@ class OrtSession:
         then one contiguous copy, no gather over the whole cache."""
         out = list(cache)
         sl = self.parts[self._part_name(part)]
+        moves = [(b, int(s)) for b, s in enumerate(src) if s != prefix] if count else []
         for j, t in enumerate(cache[sl], sl.start):
-            for b, s in enumerate(src):
-                if s != prefix and count:
-                    t[b, :, prefix:prefix + count] = t[b, :, s:s + count].copy()
+            for b, s in moves:
+                t[b, :, prefix:prefix + count] = t[b, :, s:s + count].copy()
             out[j] = np.ascontiguousarray(t[:, :, :prefix + count])
+        return out
+
+    def select(self, cache, idx: np.ndarray, part: str | None = None):
+        """Keep slots idx [B, keep] of each row (a cache compaction), in the tensors of kv input `part`."""
+        out = list(cache)
+        sl = self.parts[self._part_name(part)]
+        ix = np.asarray(idx, np.int64)[:, None, :, None]
+        out[sl] = [np.take_along_axis(t, ix, 2) for t in cache[sl]]
         return out
 
     def run(self, feeds: dict, cache) -> tuple[dict, object]:
@@ -158,10 +166,13 @@ class BoundSession(OrtSession):
         B = len(src)
         idx = np.concatenate([np.broadcast_to(np.arange(prefix), (B, prefix)),
                               np.asarray(src)[:, None] + np.arange(count)[None, :]], 1).astype(np.int64)
+        return self.select(cache, idx, part)
+
+    def select(self, cache, idx: np.ndarray, part: str | None = None):
         part = self._part_name(part)
         sl, sel = self.parts[part], self._select[part]
         io = sel.io_binding()
-        io.bind_cpu_input("idx", idx)
+        io.bind_cpu_input("idx", np.ascontiguousarray(idx, np.int64))
         for i, t in enumerate(cache[sl]):
             self._bind(io, f"t{i}", t)
             io.bind_output(f"o{i}", self.device)
