@@ -118,7 +118,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         g, history = optimize(g0, spec, opt_level, disable, Path(dump_passes) if dump_passes else None, verify_each)
 
     from .models.hf import export_forward, load_model
-    models = {n.attrs["model"] for n in g.find("forward")}
+    models = {n.attrs["model"] for n in g.find("forward") + g.find("draft_loop")}
     unknown = models - {"target", "draft"}
     if unknown:
         raise SpecError(f"spec field 'graph': forward node calls unknown model '{sorted(unknown)[0]}' "

@@ -58,6 +58,10 @@ class StrategySpec(_Strict):
     # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
     # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
     k: int = Field(4, ge=1)
+    # speculative: constant k, or transformers' heuristic (k + 2 after a step that accepted all k proposals, else
+    # k - 1, within 1..k_max; k is the first step's): the fused step is lowered once per k, chosen per step
+    k_schedule: Literal["constant", "heuristic"] = "constant"
+    k_max: int = Field(8, ge=1)
     # speculative (greedy and sampling): draft chain and target verification in one step graph (one call per step);
     # false keeps the draft in its own draft.onnx, called before the target
     fused: bool = True
@@ -68,6 +72,12 @@ class StrategySpec(_Strict):
             raise ValueError("ngram 1 has no n-grams to verify: set guesses to 0 (autoregressive)")
         if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
+        if self.k_schedule == "heuristic":
+            if self.kind != "speculative" or not self.fused:
+                raise ValueError(f"k_schedule heuristic needs strategy speculative with fused true (got "
+                                 f"{self.kind}{'' if self.fused else ', fused false'})")
+            if self.k > self.k_max:
+                raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
         return self
 
 
@@ -137,6 +147,10 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
         raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
+    if spec.strategy.k_schedule == "heuristic" and spec.sampling.kind == "sample":
+        raise SpecError("spec field 'strategy.k_schedule': heuristic runs the draft chain as a loop, which proposes "
+                        "greedily; speculative sampling needs the draft's distribution at each proposal: use "
+                        "k_schedule constant")
     if spec.strategy.kind in MULTI_TOKEN and spec.sampling.kind == "sample" and spec.sampling.noise != "precomputed":
         raise SpecError(f"spec field 'sampling.noise': {spec.strategy.kind} sampling draws its noise on the host; "
                         "use precomputed")

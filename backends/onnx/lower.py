@@ -76,6 +76,7 @@ class _Builder:
             "uniform": (F32, ["batch"]), "token": (I64, ["batch"]), "logits_seq": (F32, ["batch", "q", V]),
             "candidates": (I64, ["batch", "guesses", "length"]), "count": (I64, ["batch"]),
             "probs_seq": (F32, ["batch", "length", V]), "uniform_seq": (F32, ["batch", "length"]),
+            "trip_count": (I64, []),
         }[vtype]
 
     # -- main
@@ -142,7 +143,7 @@ class _Builder:
 
     def _kv_info(self, ref):
         node = self.g.node(ref.node)
-        model = node.attrs.get("model", "target") if node.op == "forward" else "target"
+        model = node.attrs.get("model", "target") if node.op in ("forward", "draft_loop") else "target"
         return self.forwards[model][1]
 
 
@@ -154,7 +155,7 @@ def _dtname(et: int) -> str:
 def _input(b: _Builder, node, ins):
     vt, name = node.attrs["type"], node.attrs["name"]
     if vt == "kv":     # the cache of the model whose forward reads it (a fused step has target and draft caches)
-        models = [u.attrs["model"] for u in b.g.users(node.out()) if u.op == "forward"]
+        models = [u.attrs["model"] for u in b.g.users(node.out()) if u.op in ("forward", "draft_loop")]
         info = b.forwards[models[0] if models else "target"][1]
         names = [f"{name}.{i}.{kv}" for i in range(info["num_layers"]) for kv in ("key", "value")]
         for n in names:
@@ -453,7 +454,61 @@ def _split_kv(b, node, ins):
 
 def _verify_greedy(b, node, ins):
     logits, cands = ins
-    _accept_chain(b, node, b.op("ArgMax", [logits], axis=-1, keepdims=0), cands)   # [B, k + G*K]
+    am = b.op("ArgMax", [logits], axis=-1, keepdims=0)                              # [B, k + G*K]
+    if node.attrs["length"] == -1:
+        _accept_one_chain(b, node, am, cands)
+    else:
+        _accept_chain(b, node, am, cands)
+
+
+def _accept_one_chain(b, node, am, cands):
+    """_accept_chain for one candidate whose length K is read off its shape [B, 1, K] (a draft_loop's proposals: K
+    varies per step). best is 0."""
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    c = b.op("Squeeze", [cands, i64([1])])                                        # [B, K]
+    start = b.op("Sub", [i64([-1]), _dim(b, c, 1)])                              # -(K + 1)
+    pred = b.op("Slice", [am, start, i64([INT_MAX]), i64([1])])                  # [B, K + 1]: the argmax chain
+    head = b.op("Slice", [pred, i64([0]), i64([-1]), i64([1])])
+    miss = b.op("Cast", [b.op("Not", [b.op("Equal", [c, head])])], to=F32)       # float CumSum: TensorRT's has no int
+    matched = b.op("ReduceSum", [b.op("Cast", [b.op("Equal", [b.op("CumSum", [miss, i64(1)]), b.const(0.0)])],
+                                      to=I64), i64([1])], keepdims=0)            # [B]
+    b.names[node.out("tokens")] = pred
+    b.names[node.out("accept_len")] = b.op("Add", [matched, i64(1)])
+    b.names[node.out("best")] = b.op("Mul", [matched, i64(0)])
+
+
+def _draft_loop(b, node, ins):
+    """An ONNX Loop over draft_loop_body (lowered with these same rules in a builder of its own): trip count = the
+    k input, loop-carried ids, positions, mask, the draft's cache (and seen), the proposals as its scan output.
+    The draft's weights live in the body, its only user: onnxruntime pre-packs a subgraph's own initializers, not
+    ones it reads from the outer graph (outer weights ran its MatMuls ~2x slower here)."""
+    from dgopt.ir.loops import LOOP_CARRIED, draft_loop_body
+    body = draft_loop_body(node)
+    sub = _Builder(body, b.forwards, b.V)
+    for n in body.topo_order():
+        sub._cur = n
+        LOWERINGS[n.op](sub, n, [sub.names[r] for r in n.inputs])
+    carried = [x for x in LOOP_CARRIED if x in body.outputs]
+    flat = lambda v: v if isinstance(v, list) else [v]  # noqa: E731 - kv values are lists of tensors
+    body_in = [x for n in carried for x in flat(sub.names[body.node(f"{node.id}/{n}").out()])]
+    body_out = [x for n in carried for x in flat(sub.names[body.outputs[n]])] + [sub.names[body.outputs["token"]]]
+    vi = {v.name: v for v in sub.inputs}
+    p = node.id
+    cond_in, cond_out = f"{p}/cond", f"{p}/cond_out"
+    nodes = sub.nodes + [helper.make_node("Identity", [cond_in], [cond_out], name=f"{p}/cond/Identity")]
+    bool_vi = lambda name: helper.make_tensor_value_info(name, TensorProto.BOOL, [])  # noqa: E731
+    graph = helper.make_graph(
+        nodes, f"{p}/body",
+        [helper.make_tensor_value_info(f"{p}/iter", I64, []), bool_vi(cond_in)] + [vi[x] for x in body_in],
+        [bool_vi(cond_out)] + [helper.make_tensor_value_info(o, vi[i].type.tensor_type.elem_type, None)
+                               for o, i in zip(body_out, body_in)]      # carried: typed as they came in
+        + [helper.make_tensor_value_info(body_out[-1], I64, None)],      # the scan output: this iteration's token
+        list(sub.inits.values()))
+    outer_in = [ins[0], ins[1], ins[2]] + list(ins[3]) + ([ins[5]] if len(ins) > 5 else [])
+    outs = b.op("Loop", [ins[4], ""] + outer_in, n_out=len(outer_in) + 1, body=graph)
+    n_kv = len(ins[3])
+    b.names[node.out("kv")] = outs[3:3 + n_kv]
+    b.names[node.out("proposals")] = b.op("Transpose", [outs[-1]], perm=[1, 0])     # [k, B] -> [B, k]
 
 
 def _verify_sample_match(b, node, ins):
@@ -554,7 +609,7 @@ LOWERINGS = {
     "split_seq": _split_seq,
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
-    "verify_sample_match": _verify_sample_match,
+    "verify_sample_match": _verify_sample_match, "draft_loop": _draft_loop,
 }
 
 

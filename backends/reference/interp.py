@@ -58,6 +58,8 @@ def _multinomial(node, ins):
 def _verify_greedy(node, ins):
     logits, cands = ins
     G, K = node.attrs["guesses"], node.attrs["length"]
+    if K == -1:         # one candidate, its length from its shape
+        G, K = 1, cands.shape[2]
     am = logits.argmax(-1)
     nc = G * K
     if nc == 0:
@@ -145,6 +147,19 @@ RULES = {
 }
 
 
+def _draft_loop(node, ins, models):
+    """The loop body run k times, each iteration's outputs feeding the next one's inputs of the same name."""
+    from dgopt.ir.loops import LOOP_CARRIED, draft_loop_body
+    body, p = draft_loop_body(node), f"{node.id}/"
+    state = dict(zip(LOOP_CARRIED, ins[:4] + ins[5:]))
+    tokens = []
+    for _ in range(int(ins[4])):
+        out = run_graph(body, {p + n: v for n, v in state.items()}, models)
+        tokens.append(out.pop("token"))
+        state = out
+    return {"proposals": torch.stack(tokens, 1), "kv": state["past"]}
+
+
 def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torch.Generator | None = None) -> dict:
     """`feeds` maps input names to tensors (kv inputs: a list of per-layer key/value tensors)."""
     import networkx as nx
@@ -162,6 +177,9 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
             env[node.out()] = feeds[node.attrs["name"]]
         elif node.op == "forward":
             for k, v in _forward(node, ins, models or {}).items():
+                env[node.out(k)] = v
+        elif node.op == "draft_loop":
+            for k, v in _draft_loop(node, ins, models or {}).items():
                 env[node.out(k)] = v
         elif node.op == "to_candidates":     # the target's vocabulary bounds the ids it can embed
             ids = torch.where(ins[0] < models["target"].info["vocab_size"], ins[0], 0)

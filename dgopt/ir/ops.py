@@ -4,7 +4,8 @@ Value types: tokens [B,q] int64, positions [B,q] int64, mask [B,1,q,past+q] addi
 logits_seq [B,q,V], logits [B,V], probs [B,V] (normalised), token [B] int64, uniform [B] in [0,1),
 gumbel [B,V], seen [B,V] (1.0 where a token already occurred: for repetition penalty).
 candidates [B,G,K] int64 (G guessed K-token continuations), count [B] int64.
-probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1).
+probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1), trip_count [] int64 (how
+many times a loop runs: a step's number of draft proposals when it varies per step).
 Randomness is always an explicit value (uniform / gumbel), produced by an `input` or by an impure op.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..errors import IRError
 __all__ = ["OpSchema", "Attr", "schema", "register", "OPS", "VALUE_TYPES"]
 
 VALUE_TYPES = ("tokens", "positions", "mask", "kv", "logits_seq", "logits", "probs", "token", "uniform",
-               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq")
+               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq", "trip_count")
 _SCORES = ("logits",)
 
 
@@ -39,6 +40,7 @@ class OpSchema:
     impure: bool = False
     doc: str = ""
     type_fn: Callable | None = None                        # (node) -> tuple of output types
+    min_inputs: int | None = None                          # inputs after the first min_inputs may be left out
 
     def fill_attrs(self, attrs: dict, node_id: str) -> dict:
         unknown = set(attrs) - set(self.attrs)
@@ -151,7 +153,9 @@ register(OpSchema("random_gumbel", (("like", ("logits",)),), ("out",), ("gumbel"
 # Multi-token steps (lookahead, jacobi, speculative verification) --------------------------------------------------
 _VERIFY_OUT = (("accept_len", "tokens", "best"), ("count", "tokens", "count"))
 _NONNEG = Attr(int, required=True, check=lambda v: None if v >= 0 else "must be >= 0")
-_GUESS_SHAPE = {"guesses": _NONNEG, "length": _NONNEG}       # G candidates of K tokens
+# G candidates of K tokens; K -1: one candidate whose length is the candidates' shape (it varies from step to step)
+_GUESS_SHAPE = {"guesses": _NONNEG, "length": Attr(int, required=True, check=lambda v: None if v >= -1 else
+                                                   "must be >= 0, or -1 (from the candidates' shape)")}
 register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", ("candidates",))),
                   *_VERIFY_OUT, _GUESS_SHAPE,
                   doc="Greedy verification. logits: [B, k + G*K, V] over an x-block of k tokens then G candidates of "
@@ -221,3 +225,15 @@ register(OpSchema("verify_sample_match", (("probs", ("probs",)), ("candidates", 
                       "the draws. Each committed token is a draw from p given the tokens before it, as sampling "
                       "token by token (for one guess it is rejection sampling with a point-mass draft). Outputs as "
                       "verify_greedy."))
+register(OpSchema("draft_loop", (("input_ids", ("tokens",)), ("position_ids", ("positions",)), ("attn_mask", ("mask",)),
+                                 ("past", ("kv",)), ("k", ("trip_count",)), ("seen", ("seen",))),
+                  ("proposals", "kv"), ("tokens", "kv"),
+                  {"model": Attr(str, "draft"), "k_max": Attr(int, required=True, check=_ge1),
+                   "penalty": Attr(float, 1.0, check=_pos)},
+                  min_inputs=5,
+                  doc="A draft's greedy chain of k proposals, k a step input (at most k_max): k forwards of `model`, "
+                      "the first over the given block, each later one over the token the one before chose, in ONE "
+                      "loop (ONNX Loop; what an unrolled chain of forward, last_position, to_target_vocab, argmax "
+                      "and next_inputs nodes computes for a fixed k). With `seen` (penalty != 1) each choice is "
+                      "made under the repetition penalty of the committed tokens and the chain's own earlier ones. "
+                      "proposals [B, k] in the target's vocabulary; kv: the cache after the block and d_1..d_{k-1}."))

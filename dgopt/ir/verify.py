@@ -27,8 +27,10 @@ def _arity_and_types(g: Graph):
         if n.op not in OPS:
             continue
         sch = schema(n.op)
-        if len(n.inputs) != len(sch.inputs):
-            yield f"node '{n.id}' ({n.op}): takes {len(sch.inputs)} inputs, got {len(n.inputs)}"
+        least = len(sch.inputs) if sch.min_inputs is None else sch.min_inputs
+        if not least <= len(n.inputs) <= len(sch.inputs):
+            takes = len(sch.inputs) if least == len(sch.inputs) else f"{least} to {len(sch.inputs)}"
+            yield f"node '{n.id}' ({n.op}): takes {takes} inputs, got {len(n.inputs)}"
             continue
         for (iname, accepted), ref in zip(sch.inputs, n.inputs):
             if ref.node not in g:

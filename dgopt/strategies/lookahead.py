@@ -92,7 +92,9 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     values) and commits both caches.
     Sampling: the draft's scores are restricted to the target's vocabulary, processed like the target's, and d_i is
     drawn from their softmax q_i by inverse CDF (noise input draft_uniform_i: q is computed for verification
-    anyway, so Gumbel-max would only trade a [B] uniform for [B, V] noise); verify_sample gets q_1..q_k."""
+    anyway, so Gumbel-max would only trade a [B] uniform for [B, V] noise); verify_sample gets q_1..q_k.
+    k_schedule heuristic (greedy): the chain is one draft_loop node whose trip count, the step input draft_k, the
+    host sets per step; verification reads the number of proposals off their shape."""
     from .autoregressive import add_draft_chain, add_processors
     k, sampled = spec.strategy.k, spec.sampling.kind == "sample"
     dpast = g.add("input", attrs={"name": "draft_past", "type": "kv"}, id="draft_past")
@@ -122,7 +124,13 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
             seen.append(g.add("mark_seen", [seen[-1], tok], id=f"draft{i}/mark_seen"))
         return tok
 
-    props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=pick)
+    if spec.strategy.k_schedule == "heuristic":     # k varies per step: the chain is a loop run draft_k times
+        n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
+        loop = g.add("draft_loop", [d_ids, d_pos, d_mask, dpast, n] + seen, {"k_max": spec.strategy.k_max,
+                                                                             "penalty": pen}, id="draft")
+        props, dkv = loop.out("proposals"), loop.out("kv")
+    else:
+        props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=pick)
     cand = g.add("to_candidates", [props], id="draft/candidates")
     x = g.add("input", attrs={"name": "x_ids", "type": "tokens"}, id="x_ids")
     pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
@@ -136,7 +144,9 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
         px = add_processors(g, tail, plain, prefix="verify")
         v = g.add("verify_sample", [px, cand.out("candidates"), qs[-1], u], {"length": k}, id="verify/accept")
     else:
-        v = g.add("verify_greedy", [logits, cand.out("candidates")], {"guesses": 1, "length": k}, id="verify/accept")
+        length = -1 if spec.strategy.k_schedule == "heuristic" else k      # -1: the candidates' length, per step
+        v = g.add("verify_greedy", [logits, cand.out("candidates")], {"guesses": 1, "length": length},
+                  id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
     g.set_output("accept_tokens", v.out("tokens"))
     g.set_output("best", v.out("best"))
