@@ -58,8 +58,8 @@ class StrategySpec(_Strict):
     # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
     # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
     k: int = Field(4, ge=1)
-    # speculative: constant k, or transformers' heuristic (k + 2 after a step that accepted all k proposals, else
-    # k - 1, within 1..k_max; k is the first step's): the fused step is lowered once per k, chosen per step
+    # speculative, uag (greedy): constant k, or transformers' heuristic (k + 2 after a step that accepted every
+    # proposal, else k - 1, within 1..k_max; k is the first step's): the draft's chain is a loop run k times
     k_schedule: Literal["constant", "heuristic"] = "constant"
     k_max: int = Field(8, ge=1)
     # speculative (greedy and sampling): draft chain and target verification in one step graph (one call per step);
@@ -73,8 +73,8 @@ class StrategySpec(_Strict):
         if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         if self.k_schedule == "heuristic":
-            if self.kind != "speculative" or not self.fused:
-                raise ValueError(f"k_schedule heuristic needs strategy speculative with fused true (got "
+            if self.kind not in ("speculative", "uag") or not self.fused:
+                raise ValueError(f"k_schedule heuristic needs strategy uag, or speculative with fused true (got "
                                  f"{self.kind}{'' if self.fused else ', fused false'})")
             if self.k > self.k_max:
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")

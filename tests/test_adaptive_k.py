@@ -139,7 +139,7 @@ def test_heuristic_dump_is_a_valid_spec(drafts, refs, tmp_path):
 
 @pytest.mark.parametrize("strategy,sampling,match", [
     ({"kind": "speculative", "k_schedule": "heuristic"}, {"kind": "sample"}, "k_schedule': heuristic runs the draft"),
-    ({"kind": "uag", "k_schedule": "heuristic"}, {}, "k_schedule heuristic needs strategy speculative"),
+    ({"kind": "jacobi", "k_schedule": "heuristic"}, {}, "k_schedule heuristic needs strategy uag, or speculative"),
     ({"kind": "speculative", "fused": False, "k_schedule": "heuristic"}, {}, "with fused true"),
     ({"kind": "speculative", "k": 9, "k_schedule": "heuristic", "k_max": 8}, {}, "k 9 exceeds k_max 8"),
 ])

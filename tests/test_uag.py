@@ -39,15 +39,19 @@ def pair(tmp_path_factory):
     return {"target": target, "draft": draft, "same": same, "prompts": prompts, "refs": refs}
 
 
-def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2):
+def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2, schedule="constant"):
     spec = {"model": {"path": str(pair["target"])}, "draft": {"path": str(pair[draft])},
-            "strategy": {"kind": "uag", "k": k}, "target": {"max_seq_len": 256}}
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"uag-{draft}-{k}-{opt_level}", opt_level=opt_level))
+            "strategy": {"kind": "uag", "k": k, "k_schedule": schedule, "k_max": 6}, "target": {"max_seq_len": 256}}
+    return dgopt.load(dgopt.compile(spec, tmp_path / f"uag-{draft}-{k}-{opt_level}-{schedule}", opt_level=opt_level))
 
 
-@pytest.mark.parametrize("draft", ["draft", "same"])
-def test_uag_greedy_exact_batch1_and_batch4(draft, pair, tmp_path):
-    dec = compile_uag(tmp_path, pair, draft)
+@pytest.mark.parametrize("draft,schedule", [("draft", "constant"), ("same", "constant"), ("draft", "heuristic"),
+                                            ("same", "heuristic")])
+def test_uag_greedy_exact_batch1_and_batch4(draft, schedule, pair, tmp_path):
+    """k_schedule heuristic: the draft's chain is a draft_loop (draft_k in draft.onnx); the step verifies as many
+    candidates as a step has (verify_greedy length -1) under either schedule."""
+    dec = compile_uag(tmp_path, pair, draft, schedule=schedule)
+    assert ("draft_k" in dec.draft_session.inputs) == (schedule == "heuristic")
     assert (dec.path / "draft_tokenizer" / "tokenizer.json").is_file()
     for p, ref in zip(pair["prompts"], pair["refs"]):
         assert dec.generate(p, max_new_tokens=NEW).ids[0] == ref

@@ -110,7 +110,7 @@ class _Builder:
                 self.io["outputs"].append({"name": oname, "type": vt, "dtype": _dtname(et), "shape": shape})
         graph = helper.make_graph(self.nodes, "dgopt_step", self.inputs, self.outputs, list(self.inits.values()))
         # a forward written with onnxruntime's contrib ops (direct.py, contrib=True) brings their domain along
-        domains = sorted({nd.domain for nd in self.nodes} - {"", "ai.onnx"})
+        domains = sorted(_domains(self.nodes) - {"", "ai.onnx"})
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)] + [
             helper.make_opsetid(d, 1) for d in domains], producer_name="dgopt")
         model.ir_version = 10
@@ -145,6 +145,17 @@ class _Builder:
         node = self.g.node(ref.node)
         model = node.attrs.get("model", "target") if node.op in ("forward", "draft_loop") else "target"
         return self.forwards[model][1]
+
+
+def _domains(nodes) -> set[str]:
+    """Op domains of nodes and of their subgraphs (a draft_loop's body)."""
+    out = set()
+    for nd in nodes:
+        out.add(nd.domain)
+        for a in nd.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out |= _domains(a.g.node)
+    return out
 
 
 def _dtname(et: int) -> str:

@@ -14,7 +14,8 @@ LOOP_CARRIED = ("input_ids", "position_ids", "attn_mask", "past", "seen")
 
 def draft_loop_body(node: Node) -> Graph:
     """Inputs (names prefixed by the loop node's id): input_ids, position_ids, attn_mask, past and, with a
-    penalty, seen. Outputs: the next iteration's input_ids, position_ids, attn_mask, past (the forward's cache),
+    penalty, seen. A loop over model "target" (a draft compiled as its own step: uag) proposes in its own
+    vocabulary; over "draft" (a fused step) in the target's. Outputs: the next iteration's input_ids, position_ids, attn_mask, past (the forward's cache),
     seen, and token, this iteration's proposal [B]."""
     g, p = Graph(), f"{node.id}/"
     penalty = node.attrs.get("penalty", 1.0)
@@ -24,7 +25,8 @@ def draft_loop_body(node: Node) -> Graph:
     fwd = g.add("forward", [ins["input_ids"], ins["position_ids"], ins["attn_mask"], ins["past"]],
                 {"model": node.attrs.get("model", "draft")}, id=p + "forward")
     x = g.add("last_position", [fwd.out("logits")], id=p + "last_position")
-    x = g.add("to_target_vocab", [x], id=p + "to_target_vocab")
+    if node.attrs.get("model", "draft") != "target":     # a draft proposing for the target: its vocabulary
+        x = g.add("to_target_vocab", [x], id=p + "to_target_vocab")
     if "seen" in ins:
         x = g.add("repetition_penalty", [x, ins["seen"]], {"penalty": penalty}, id=p + "repetition_penalty")
     tok = g.add("argmax", [x], id=p + "argmax")

@@ -165,7 +165,7 @@ class _Drafter:
     part of the shared cache (`accept`)."""
 
     def __init__(self, dec, x_ids, x_valid, x_pos, k: int, uniform=None):
-        self.dec, self.k = dec, k
+        self.dec, self.k = dec, k            # k: this step's proposals (k_schedule heuristic: set per step)
         self.fused = dec.draft_session is None
         self.sess = dec.session if self.fused else dec.draft_session
         self.uniform = uniform              # sampling: a NoiseStream of [B, 1] draws; proposals come from the draft's q
@@ -226,6 +226,9 @@ class _Drafter:
         # never equal the target's argmax, so any in-range stand-in keeps verification exact
         return np.where(props < self.tvocab, props, 0)[:, None, :]
 
+    def all_accepted(self, m: np.ndarray, active: np.ndarray) -> bool:
+        return bool((m[active] == self.k).all())
+
     def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray, cache=None):
         """Mask the rejected proposals out of the draft's cache; fused: it is part of the step's `cache`, returned."""
         # d_1..d_{k-1} are in the draft's cache: the rejected ones stay as masked holes (compacted rarely)
@@ -262,8 +265,10 @@ class _XTokDrafter:
 
     LOOKBEHIND = 8
 
-    def __init__(self, dec, seqs: list[list[int]], k: int):
-        self.sess, self.k, self.K = dec.draft_session, k, k
+    def __init__(self, dec, seqs: list[list[int]], k: int, width: int | None = None):
+        # k: draft tokens per step (k_schedule heuristic: set per step); the step verifies `width` candidates
+        # (sampled: its K), or as many as the longest row has (greedy: the step reads their count off the shape)
+        self.sess, self.k, self.width = dec.draft_session, k, width
         self.tt, self.dt = dec.tokenizer.backend_tokenizer, dec.draft_tokenizer.backend_tokenizer
         self.seqs = seqs                                     # committed target ids per row, extended by the host
         self.cache = [self.sess.new_cache(1) for _ in seqs]
@@ -304,9 +309,11 @@ class _XTokDrafter:
         """Feed `ids` to row b's draft; returns its greedy continuation: k tokens from a compiled chain (whose
         cache then also holds d_1..d_{k-1}), else the one next token."""
         p, q = len(self.held[b]), len(ids)
-        out, self.cache[b] = self.sess.run({
-            "input_ids": np.array([ids], np.int64), "position_ids": np.arange(p, p + q, dtype=np.int64)[None],
-            "attn_mask": build_mask(np.ones((1, p + q), np.int8), p, q)}, self.cache[b])
+        feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(p, p + q, dtype=np.int64)[None],
+                 "attn_mask": build_mask(np.ones((1, p + q), np.int8), p, q)}
+        if "draft_k" in self.sess.inputs:      # a draft_loop chain: k of them
+            feeds["draft_k"] = np.array(self.k, np.int64)
+        out, self.cache[b] = self.sess.run(feeds, self.cache[b])
         if "proposals" in out:
             props = [int(t) for t in out["proposals"][0]]
             self.held[b].extend(ids + props[:-1])
@@ -338,11 +345,17 @@ class _XTokDrafter:
         return enc[len(tail):] if enc[:len(tail)] == tail else self.tt.encode(new, add_special_tokens=False).ids
 
     def propose(self) -> np.ndarray:
-        cands = np.full((len(self.seqs), 1, self.K), self.pad, np.int64)
-        for b in range(len(self.seqs)):
-            c = [] if self.done[b] else [t for t in self._row(b) if t < self.tvocab][:self.K]
+        """[B, 1, n]: each row's candidates (at most k), padded to the width."""
+        rows = [[] if self.done[b] else [t for t in self._row(b) if t < self.tvocab][:self.k]
+                for b in range(len(self.seqs))]
+        self.counts = np.array([len(c) for c in rows])
+        cands = np.full((len(rows), 1, self.width or max(1, self.counts.max())), self.pad, np.int64)
+        for b, c in enumerate(rows):
             cands[b, 0, :len(c)] = c
         return cands
+
+    def all_accepted(self, m: np.ndarray, active: np.ndarray) -> bool:
+        return bool((m[active] >= self.counts[active]).all())
 
     def accept(self, done: np.ndarray) -> None:
         self.done = done.copy()
@@ -354,11 +367,11 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     sampled = dec.manifest["sampling"]["kind"] == "sample"
     lookahead = st["kind"] == "lookahead"
     speculative = st["kind"] in ("speculative", "uag")
-    adaptive = "draft_k" in dec.session.inputs
+    adaptive = st.get("k_schedule") == "heuristic"
     if lookahead:
         W, N, G = st["window"], st["ngram"], st["guesses"]
         K, levels_max = N - 1, N - 1
-    elif speculative:       # K: the most proposals a step can verify; kk: this step's (k_schedule heuristic)
+    elif speculative:       # K: the most proposals a step can verify; kk (below): this step's
         W, G, K, levels_max = 0, 1, st["k_max"] if adaptive else st["k"], 0
     else:
         W, G, K, levels_max = 0, 1, st["block"], 0
@@ -392,9 +405,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     seqs = [list(r) for r in rows]
     drafter = None
     if st["kind"] == "speculative":
-        drafter = _Drafter(dec, x_ids, x_valid, x_pos, K, noise.get("draft") if dec.draft_session else None)
+        drafter = _Drafter(dec, x_ids, x_valid, x_pos, st["k"], noise.get("draft") if dec.draft_session else None)
     elif st["kind"] == "uag":
-        drafter = _XTokDrafter(dec, seqs, K)
+        drafter = _XTokDrafter(dec, seqs, st["k"], K if sampled else None)
     fused = isinstance(drafter, _Drafter) and drafter.fused
     pools = [_Pool(G, K) for _ in range(B)] if lookahead else None
     if pools:
@@ -418,7 +431,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     reason = ["max_new_tokens"] * B
     hist: Counter = Counter()
     steps = proposed = 0
-    kk = st["k"] if speculative else K
+    kk = K
     t0 = time.perf_counter()
     t_prefill = None
     while True:
@@ -429,13 +442,14 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         if lookahead:
             cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
         elif fused:
-            drafter.k = kk
             feeds.update(drafter.feeds(), x_ids=x_ids)
+            kk = drafter.k
             if adaptive:
                 feeds["draft_k"] = np.array(kk, np.int64)
         elif speculative:
             td = time.perf_counter()
             cands = drafter.propose()
+            kk = cands.shape[2]             # uag's re-tokenized proposals: as many as the step has
             t_draft += time.perf_counter() - td
         else:
             cands = guess[:, None, :]
@@ -446,8 +460,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         if not fused:
             feeds.update(verify_ids=np.concatenate([x_ids, cands.reshape(B, -1)], 1), candidates=cands)
         if rejection:
-            feeds["accept_uniform"] = noise["accept_uniform"].next()[:, :kk + 1]   # iid: any kk + 1 of them
-            if fused:       # (every variant's draft_uniform_i is an input of the step; kk of them are used)
+            feeds["accept_uniform"] = noise["accept_uniform"].next()
+            if fused:
                 du = noise["draft"].next()
                 feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(K)})
             else:
@@ -507,8 +521,6 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                 seen[b, got] = 1.0
             if pools:
                 pools[b].add_sequence(seqs[b], start=len(seqs[b]) - len(got))
-        if adaptive:    # transformers' heuristic: 2 more after a step that accepted every proposal, else 1 fewer
-            kk = min(kk + 2, K) if (m[active] == kk).all() else max(kk - 1, 1)
         if on_token:
             for i in range(max(len(e) for e in emitted if e is not None) if any(e for e in emitted) else 0):
                 on_token([e[i] if e is not None and i < len(e) else None for e in emitted])
@@ -538,6 +550,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             for b in range(B):
                 rest = list(chain[b, m[b] + 1:])
                 guess[b] = (rest + [rest[-1] if rest else last[b]] * K)[:K]
+        if adaptive:    # transformers' heuristic: 2 more after a step that accepted every proposal, else 1 fewer
+            drafter.k = min(drafter.k + 2, K) if drafter.all_accepted(m, active) else max(drafter.k - 1, 1)
 
     for stream in noise.values():
         stream.close()

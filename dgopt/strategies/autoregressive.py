@@ -79,10 +79,17 @@ def add_draft_chain(g: Graph, ids, pos, mask, kv, k: int, model: str = "target",
     return props, kv
 
 
-def expand_draft_chain(spec: Spec, k: int) -> Graph:
-    """A greedy draft's own step that proposes k tokens in ONE call (draft.onnx beside the target's step)."""
+def expand_draft_chain(spec: Spec, k: int, loop: bool = False) -> Graph:
+    """A greedy draft's own step that proposes k tokens in ONE call (draft.onnx beside the target's step); `loop`:
+    as many as its input draft_k says, up to k (a draft_loop: uag's k_schedule heuristic)."""
     g = Graph()
-    props, kv = add_draft_chain(g, *add_model_inputs(g), k)
+    ids, pos, mask, past = add_model_inputs(g)
+    if loop:
+        n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
+        chain = g.add("draft_loop", [ids, pos, mask, past, n], {"model": "target", "k_max": k}, id="draft")
+        props, kv = chain.out("proposals"), chain.out("kv")
+    else:
+        props, kv = add_draft_chain(g, ids, pos, mask, past, k)
     g.set_output("proposals", props)
     g.set_output("present", kv)
     return g

@@ -167,7 +167,9 @@ def expand_speculative(spec: Spec) -> Graph:
     if fuses_draft(spec):
         return _fused_speculative(g, past, spec)
     if spec.sampling.kind == "greedy" or spec.strategy.kind == "uag":    # uag samples by matching draws
-        _verify(g, past, 1, spec.strategy.k, spec)
+        # greedy uag: the re-tokenized proposals' count varies per step; verify that many (length -1)
+        greedy_uag = spec.strategy.kind == "uag" and spec.sampling.kind == "greedy"
+        _verify(g, past, 1, -1 if greedy_uag else spec.strategy.k, spec)
         return g
     from .autoregressive import add_processors
     K = spec.strategy.k
