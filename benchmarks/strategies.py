@@ -43,7 +43,11 @@ def main():
     ap.add_argument("--xdraft", nargs="*", default=["auto"], help="drafts with another tokenizer for uag rows: built "
                     "model names, HF dirs, or none; auto: code-draft-xtok and code-draft-xtok-sd with code-tiny")
     ap.add_argument("--traced", action="store_true", help="also time autoregressive with the traced forward "
-                    "(target.forward: traced) beside the direct one every other row uses")
+                    "(target.forward: traced) beside the one every other row uses (auto: contrib on the CPU)")
+    ap.add_argument("--direct", action="store_true", help="also time autoregressive with the plain direct forward "
+                    "(target.forward: direct, no onnxruntime contrib ops)")
+    ap.add_argument("--heuristic", nargs="*", type=int, default=[8], help="k_max of speculative and uag rows with "
+                    "k_schedule heuristic (k + 2 after a step that accepted all, else k - 1; starting at k 3)")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
     ap.add_argument("--unfused-k", nargs="*", type=int, default=[3], help="also time these k with the draft in its "
                     "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
@@ -127,9 +131,10 @@ def main():
                                               assistant_tokenizer=dtok))
 
     strategies = [("autoregressive", {"kind": "autoregressive"})]
-    if a.traced:
-        strategies.append(("autoregressive (traced forward)", {"kind": "autoregressive"},
-                           {"target": {**base["target"], "forward": "traced"}}))
+    for flag, fwd in ((a.traced, "traced"), (a.direct, "direct")):
+        if flag:
+            strategies.append((f"autoregressive ({fwd} forward)", {"kind": "autoregressive"},
+                               {"target": {**base["target"], "forward": fwd}}))
     for c in a.configs:
         W, N, G = map(int, c.split(","))
         strategies.append((f"lookahead W{W} N{N} G{G}", {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}))
@@ -141,9 +146,15 @@ def main():
         for k in a.unfused_k:
             strategies.append((f"speculative k{k} ({d}, unfused)", {"kind": "speculative", "k": k, "fused": False},
                                {"draft": as_model(d)}))
+        for km in a.heuristic:
+            strategies.append((f"speculative heuristic k3..{km} ({d})", {"kind": "speculative", "k": min(3, km),
+                               "k_schedule": "heuristic", "k_max": km}, {"draft": as_model(d)}))
     for d, xspec in xdraft_specs.items():
         for k in a.k:
             strategies.append((f"uag k{k} ({d})", {"kind": "uag", "k": k}, {"draft": xspec}))
+        for km in a.heuristic:
+            strategies.append((f"uag heuristic k3..{km} ({d})", {"kind": "uag", "k": min(3, km),
+                               "k_schedule": "heuristic", "k_max": km}, {"draft": xspec}))
     sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
     if a.sample_k:      # sampled rows, timed against autoregressive sampling
         strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))

@@ -18,7 +18,7 @@ echo "----- lookahead (W5 N4 G5, plain greedy: token-identical to transformers g
 $DG run out/lookahead --prompt "class Foo:
     def " --max-new-tokens 64
 $DG compile specs/speculative.yaml -o out/speculative -q >/dev/null
-echo "----- speculative: code-draft-sd proposes 4 tokens, code-tiny verifies them, both in ONE step graph (greedy, same tokens)"
+echo "----- speculative: code-draft-sd proposes k tokens (k adapts per step), code-tiny verifies them, both in ONE step graph (greedy, same tokens)"
 $DG run out/speculative --prompt "class Foo:
     def " --max-new-tokens 64
 $DG compile specs/uag.yaml -o out/uag -q >/dev/null
