@@ -97,7 +97,7 @@ def test_incremental_translation_state_matches_full(pair):
     d.dt = AutoTokenizer.from_pretrained(pair["draft"]).backend_tokenizer
     text = "def größe(self, naïve='∑ ✓'):\n    return {'π': 3.14}  # café\n\tx = [i for i in range(10)]\n" * 3
     ids = d.tt.encode(text, add_special_tokens=False).ids
-    d.seqs, d.text, d.n_text, d.want, d.start = [[]], [""], [0], [[]], [[]]
+    d.seqs, d.text, d.n_text, d.want, d.start, d.kept = [[]], [""], [0], [[]], [[]], [0]
     rng, n = random.Random(0), 0
     while n < len(ids):
         n = min(len(ids), n + rng.randint(1, 5))

@@ -161,7 +161,8 @@ register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", 
                   doc="Greedy verification. logits: [B, k + G*K, V] over an x-block of k tokens then G candidates of "
                       "K tokens. The argmax after the x-block is always accepted; candidate g then keeps its longest "
                       "prefix equal to the model's own argmax chain. Outputs: accept_len = 1 + best prefix [B], "
-                      "tokens = the best candidate's argmax chain [B, K+1], best = its index [B] (first maximum)."))
+                      "tokens = the best candidate's argmax chain [B, K+1], best = its index [B] (first maximum). "
+                      "length -1: one candidate, K its shape's last dim (a step's number of proposals varies)."))
 _SEQS = ("tokens", "positions", "probs_seq")
 register(OpSchema("concat_seq", (("a", _SEQS), ("b", _SEQS)), ("out",), type_fn=lambda n: None,
                   doc="Concatenate two token/position blocks (or two runs of distributions) along q."))

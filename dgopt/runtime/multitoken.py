@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .decoder import MASK_MIN, GenerateResult, build_mask
+from .decoder import MASK_MIN, GenerateResult
 from .noise import NoiseStream
 
 __all__ = ["generate_multitoken"]
@@ -61,7 +61,7 @@ class _Slots:
         """valid [B, k]: the next k slots (truthy: a committed token)."""
         k = valid.shape[1]
         self._room(k)
-        self.buf[:, self.n:self.n + k] = np.where(valid.astype(bool), 0.0, MASK_MIN)
+        self.buf[:, self.n:self.n + k] = 0.0 if valid.all() else np.where(valid.astype(bool), 0.0, MASK_MIN)
         self.n += k
 
     def append_ones(self, k: int) -> None:
@@ -280,6 +280,7 @@ class _XTokDrafter:
         self.n_text = [0] * len(seqs)                       # ... covering this many target tokens
         self.want: list[list[int]] = [[] for _ in seqs]     # its draft encoding ...
         self.start: list[list[int]] = [[] for _ in seqs]    # ... and each draft token's char offset
+        self.kept = [0] * len(seqs)                         # want[:kept] was not re-encoded this step
 
     def _update_text(self, b: int) -> None:
         seq, n = self.seqs[b], self.n_text[b]
@@ -303,14 +304,17 @@ class _XTokDrafter:
         enc = self.dt.encode(text[c:], add_special_tokens=False)
         self.want[b] = want[:j] + enc.ids
         self.start[b] = start[:j] + [c + o[0] for o in enc.offsets]
+        self.kept[b] = j
         return self.want[b]
 
     def _feed(self, b: int, ids: list[int]) -> list[int]:
         """Feed `ids` to row b's draft; returns its greedy continuation: k tokens from a compiled chain (whose
         cache then also holds d_1..d_{k-1}), else the one next token."""
         p, q = len(self.held[b]), len(ids)
+        mask = np.zeros((1, 1, q, p + q), np.float32)       # one row, no padding: all the past, causal in the block
+        mask[0, 0, :, p:] = _causal(q)
         feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(p, p + q, dtype=np.int64)[None],
-                 "attn_mask": build_mask(np.ones((1, p + q), np.int8), p, q)}
+                 "attn_mask": mask}
         if "draft_k" in self.sess.inputs:      # a draft_loop chain: k of them
             feeds["draft_k"] = np.array(self.k, np.int64)
         out, self.cache[b] = self.sess.run(feeds, self.cache[b])
@@ -326,8 +330,10 @@ class _XTokDrafter:
         want = self._encode(b)
         if not want or len(want) + self.k > self.dmax:
             return []
-        held, p = self.held[b], 0
+        held = self.held[b]
         n = min(len(held), len(want) - 1)                    # feed at least one token: its logits give d1
+        # held is the previous step's encoding (and proposals); want[:kept] is unchanged from it
+        p = min(self.kept[b], n)
         while p < n and held[p] == want[p]:
             p += 1
         if p < len(held):
@@ -336,10 +342,16 @@ class _XTokDrafter:
         props = self._feed(b, want[p:])
         while len(props) < self.k:
             props += self._feed(b, [props[-1]])
-        # the proposals' text, decoded in context: byte-level merges and leading spaces depend on it
-        base = self.dt.decode(want, skip_special_tokens=False)
-        full = self.dt.decode(want + props, skip_special_tokens=False)
-        new = full[len(base):] if full.startswith(base) else self.dt.decode(props, skip_special_tokens=False)
+        # the proposals' text, decoded in context (byte-level merges and leading spaces depend on it): behind the
+        # last few tokens, or the whole row where a character is split there
+        for ctx in (want[-4:], want):
+            base = self.dt.decode(ctx, skip_special_tokens=False)
+            full = self.dt.decode(ctx + props, skip_special_tokens=False)
+            if full.startswith(base) and not base.endswith("\ufffd"):
+                new = full[len(base):]
+                break
+        else:
+            new = self.dt.decode(props, skip_special_tokens=False)
         tail = self.seqs[b][-self.LOOKBEHIND:]
         enc = self.tt.encode(self.tt.decode(tail, skip_special_tokens=False) + new, add_special_tokens=False).ids
         return enc[len(tail):] if enc[:len(tail)] == tail else self.tt.encode(new, add_special_tokens=False).ids
@@ -424,6 +436,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         for b, r in enumerate(rows):
             seen[b, r] = 1.0
     slots = _Slots(B)
+    ones = np.ones((B, 1), np.int8)         # the x-block's validity after prefill: one committed token per row
     cache = dec.session.new_cache(B)
     t_draft = 0.0
     out_ids: list[list[int]] = [[] for _ in range(B)]
@@ -478,22 +491,20 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         out, present = dec.session.run(feeds, cache)
         steps += 1
         if fused:
-            cands = out["proposals"][:, None, :].astype(np.int64)
+            cands = out["proposals"][:, None, :]
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
 
         # accept
-        alen = out["accept_len"].astype(np.int64)
-        chain = out["accept_tokens"].astype(np.int64)
-        best = out["best"].astype(np.int64)
+        alen, chain, best = out["accept_len"], out["accept_tokens"], out["best"]      # int64 [B], [B, K+1], [B]
         m = alen - 1
-        M = int(m.max())
         slots.append(x_valid)
         if speculative:     # a rejected proposal's slot stays, masked: no copy of the cache (compacted rarely)
             slots.append(np.arange(kk)[None, :] < m[:, None])
             idx = slots.compaction()
             cache = present if idx is None else dec.session.select(present, idx)
         else:               # lookahead, jacobi: most of a step's slots are guesses; keep the accepted ones only
+            M = int(m.max())
             cache = dec.session.commit(present, past + k, past + k + best * K, M)
             slots.append(np.arange(M)[None, :] < m[:, None])   # shorter rows: masked holes
 
@@ -529,10 +540,10 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
 
         # next x-block: the last accepted token of each row
         last = chain[np.arange(B), m]
-        x_ids = np.where(done, dec.pad, last)[:, None].astype(np.int64)
+        x_ids = np.where(done, dec.pad, last)[:, None]
         # finished rows stay where they are: their positions must not run past the model's position table
-        x_pos = np.where(done, pos_last, pos_last + m + 1)[:, None].astype(np.int64)
-        x_valid = np.ones((B, 1), np.int8)
+        x_pos = np.where(done, pos_last, pos_last + m + 1)[:, None]
+        x_valid = ones
         if lookahead and levels_max:
             la = out["lookahead_tokens"][:, k:].reshape(B, levels, W).astype(np.int64)
             if levels < levels_max:

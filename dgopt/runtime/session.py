@@ -86,13 +86,15 @@ class OrtSession:
         """Keep slots idx [B, keep] of each row (a cache compaction), in the tensors of kv input `part`."""
         out = list(cache)
         sl = self.parts[self._part_name(part)]
-        ix = np.asarray(idx, np.int64)[:, None, :, None]
-        out[sl] = [np.take_along_axis(t, ix, 2) for t in cache[sl]]
+        idx = np.asarray(idx, np.int64)
+        # one np.take per row: np.take_along_axis with a broadcast index ran ~40x slower (100 us per [1,4,150,64])
+        out[sl] = [np.take(t, idx[0], axis=2) if len(idx) == 1 else
+                   np.stack([np.take(t[b], idx[b], axis=1) for b in range(len(idx))]) for t in cache[sl]]
         return out
 
     def run(self, feeds: dict, cache) -> tuple[dict, object]:
         if self.past:
-            feeds = dict(feeds, **dict(zip(self.past["tensors"], cache)))
+            feeds = {**feeds, **dict(zip(self.past["tensors"], cache))}
         vals = self.sess.run(self._out_names, feeds)
         out = dict(zip(self._out_names, vals))
         new_cache = [out.pop(n) for n in self.present["tensors"]] if self.present else cache
