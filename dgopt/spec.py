@@ -73,9 +73,8 @@ class StrategySpec(_Strict):
         if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         if self.k_schedule == "heuristic":
-            if self.kind not in ("speculative", "uag") or not self.fused:
-                raise ValueError(f"k_schedule heuristic needs strategy uag, or speculative with fused true (got "
-                                 f"{self.kind}{'' if self.fused else ', fused false'})")
+            if self.kind not in ("speculative", "uag"):
+                raise ValueError(f"k_schedule heuristic needs strategy speculative or uag (got {self.kind})")
             if self.k > self.k_max:
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
         return self

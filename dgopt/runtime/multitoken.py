@@ -187,7 +187,10 @@ class _Drafter:
 
     def _step(self, ids, valid_blk, pos, out_name: str = "next_token"):
         ids, pos, mask = self._inputs(ids, valid_blk, pos)
-        out, self.cache = self.sess.run({"input_ids": ids, "position_ids": pos, "attn_mask": mask}, self.cache)
+        feeds = {"input_ids": ids, "position_ids": pos, "attn_mask": mask}
+        if "draft_k" in self.sess.inputs:           # draft.onnx's chain is a loop: this step's k proposals
+            feeds["draft_k"] = np.array(self.k, np.int64)
+        out, self.cache = self.sess.run(feeds, self.cache)
         if self.uniform is None:
             return out[out_name].astype(np.int64)
         q = out["probs"].astype(np.float64)

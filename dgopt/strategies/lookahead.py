@@ -167,9 +167,11 @@ def expand_speculative(spec: Spec) -> Graph:
     if fuses_draft(spec):
         return _fused_speculative(g, past, spec)
     if spec.sampling.kind == "greedy" or spec.strategy.kind == "uag":    # uag samples by matching draws
-        # greedy uag: the re-tokenized proposals' count varies per step; verify that many (length -1)
-        greedy_uag = spec.strategy.kind == "uag" and spec.sampling.kind == "greedy"
-        _verify(g, past, 1, -1 if greedy_uag else spec.strategy.k, spec)
+        # greedy uag: the re-tokenized proposals' count varies per step, and so does k with the heuristic
+        # schedule: verify as many as the step has (length -1)
+        varies = spec.sampling.kind == "greedy" and (spec.strategy.kind == "uag" or
+                                                     spec.strategy.k_schedule == "heuristic")
+        _verify(g, past, 1, -1 if varies else spec.strategy.k, spec)
         return g
     from .autoregressive import add_processors
     K = spec.strategy.k
