@@ -480,9 +480,10 @@ def _accept_one_chain(b, node, am, cands):
     start = b.op("Sub", [i64([-1]), _dim(b, c, 1)])                              # -(K + 1)
     pred = b.op("Slice", [am, start, i64([INT_MAX]), i64([1])])                  # [B, K + 1]: the argmax chain
     head = b.op("Slice", [pred, i64([0]), i64([-1]), i64([1])])
-    miss = b.op("Cast", [b.op("Not", [b.op("Equal", [c, head])])], to=F32)       # float CumSum: TensorRT's has no int
-    matched = b.op("ReduceSum", [b.op("Cast", [b.op("Equal", [b.op("CumSum", [miss, i64(1)]), b.const(0.0)])],
-                                      to=I64), i64([1])], keepdims=0)            # [B]
+    # leading matches = the first 0 of [c == head, 0]: one ArgMin instead of a CumSum and a sum (fewer kernels)
+    hit = b.op("Pad", [b.op("Cast", [b.op("Equal", [c, head])], to=TensorProto.INT32), i64([0, 0, 0, 1]),
+                       b.const(0, np.int32)], mode="constant")                   # [B, K + 1]
+    matched = b.op("ArgMin", [hit], axis=1, keepdims=0)                          # [B]
     b.names[node.out("tokens")] = pred
     b.names[node.out("accept_len")] = b.op("Add", [matched, i64(1)])
     b.names[node.out("best")] = b.op("Mul", [matched, i64(0)])
@@ -505,13 +506,12 @@ def _draft_loop(b, node, ins):
     body_out = [x for n in carried for x in flat(sub.names[body.outputs[n]])] + [sub.names[body.outputs["token"]]]
     vi = {v.name: v for v in sub.inputs}
     p = node.id
-    cond_in, cond_out = f"{p}/cond", f"{p}/cond_out"
-    nodes = sub.nodes + [helper.make_node("Identity", [cond_in], [cond_out], name=f"{p}/cond/Identity")]
+    cond = f"{p}/cond"          # passed through as the body's output: no Identity kernel per iteration
     bool_vi = lambda name: helper.make_tensor_value_info(name, TensorProto.BOOL, [])  # noqa: E731
     graph = helper.make_graph(
-        nodes, f"{p}/body",
-        [helper.make_tensor_value_info(f"{p}/iter", I64, []), bool_vi(cond_in)] + [vi[x] for x in body_in],
-        [bool_vi(cond_out)] + [helper.make_tensor_value_info(o, vi[i].type.tensor_type.elem_type, None)
+        sub.nodes, f"{p}/body",
+        [helper.make_tensor_value_info(f"{p}/iter", I64, []), bool_vi(cond)] + [vi[x] for x in body_in],
+        [bool_vi(cond)] + [helper.make_tensor_value_info(o, vi[i].type.tensor_type.elem_type, None)
                                for o, i in zip(body_out, body_in)]      # carried: typed as they came in
         + [helper.make_tensor_value_info(body_out[-1], I64, None)],      # the scan output: this iteration's token
         list(sub.inits.values()))
