@@ -81,11 +81,11 @@ def chi2_pvalue(counts: dict, probs: dict) -> float:
     return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
-def hf_greedy(model, prompt, max_new_tokens):
+def hf_greedy(model, prompt, max_new_tokens, repetition_penalty: float = 1.0):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
+                             do_sample=False, repetition_penalty=repetition_penalty)
     return out[0, len(prompt):].tolist()
 
 

@@ -3,7 +3,6 @@ re-tokenization in one forward. Random-init pairs over two real byte-level BPE t
 of the corpus, different vocab sizes and merges): token-identical to target-only transformers generate, batch 1 and
 4, repeated calls identical, O0 == O2."""
 import pytest
-import torch
 
 import dgopt
 from dgopt.errors import SpecError

@@ -73,9 +73,9 @@ def direct_forward(lm, contrib: bool = False):
     """ModelProto of one fp32 forward of a Llama / Qwen2 model (check `unsupported_reason` first)."""
     model = lm.model
     c, m = model.config, model.model
-    L, Hq, Hkv = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
+    Hq, Hkv = c.num_attention_heads, c.num_key_value_heads
     D = getattr(c, "head_dim", None) or c.hidden_size // Hq
-    hid, inter, groups = c.hidden_size, c.intermediate_size, Hq // Hkv
+    inter, groups = c.intermediate_size, Hq // Hkv
     g = _G()
 
     def w(t):
