@@ -69,6 +69,17 @@ class _Slots:
         self.buf[:, self.n:self.n + k] = 0.0
         self.n += k
 
+    def append_prefix(self, m: np.ndarray, k: int) -> None:
+        """k slots of which row b's first m[b] hold committed tokens (accepted proposals), the rest are holes."""
+        self._room(k)
+        blk = self.buf[:, self.n:self.n + k]
+        if len(m) == 1:     # one row: two slice writes instead of an [1, k] comparison and a where
+            m0 = int(m[0])
+            blk[0, :m0], blk[0, m0:] = 0.0, MASK_MIN
+        else:
+            blk[:] = np.where(_arange(k)[None, :] < m[:, None], 0.0, MASK_MIN)
+        self.n += k
+
     def mask(self, block: np.ndarray, x_valid: np.ndarray | None = None) -> np.ndarray:
         """[B, 1, q, n + q]: the past, then `block` [q, q] (the step's structure as an additive bias); x_valid [B, k]
         limits the block's first k columns (the x-block: a left-padded prompt at prefill)."""
@@ -91,6 +102,13 @@ def _frozen(fn):
         a.setflags(write=False)
         return a
     return wrapped
+
+
+@lru_cache(maxsize=64)
+def _arange(n: int) -> np.ndarray:
+    a = np.arange(n)
+    a.setflags(write=False)
+    return a
 
 
 @_frozen
@@ -236,7 +254,7 @@ class _Drafter:
         """Mask the rejected proposals out of the draft's cache; fused: it is part of the step's `cache`, returned."""
         # d_1..d_{k-1} are in the draft's cache: the rejected ones stay as masked holes (compacted rarely)
         self.slots.n = self.base
-        self.slots.append(np.arange(self.k - 1)[None, :] < np.minimum(m, self.k - 1)[:, None])
+        self.slots.append_prefix(np.minimum(m, self.k - 1), self.k - 1)
         idx = self.slots.compaction()
         if idx is not None and self.fused:
             cache = self.sess.select(cache, idx, part="draft_past")
@@ -346,14 +364,16 @@ class _XTokDrafter:
         while len(props) < self.k:
             props += self._feed(b, [props[-1]])
         # the proposals' text, decoded in context (byte-level merges and leading spaces depend on it): behind the
-        # last few tokens, or the whole row where a character is split there
-        for ctx in (want[-4:], want):
-            base = self.dt.decode(ctx, skip_special_tokens=False)
+        # last few tokens, whose text is the committed text from their offset on (no decode), or behind the whole
+        # row where that does not hold up (a character split there)
+        new = None
+        for ctx, base in ((want[-4:], self.text[b][self.start[b][-4]:] if len(want) >= 4 else None), (want, None)):
+            base = self.dt.decode(ctx, skip_special_tokens=False) if base is None else base
             full = self.dt.decode(ctx + props, skip_special_tokens=False)
             if full.startswith(base) and not base.endswith("\ufffd"):
                 new = full[len(base):]
                 break
-        else:
+        if new is None:
             new = self.dt.decode(props, skip_special_tokens=False)
         tail = self.seqs[b][-self.LOOKBEHIND:]
         enc = self.tt.encode(self.tt.decode(tail, skip_special_tokens=False) + new, add_special_tokens=False).ids
@@ -472,8 +492,12 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             t_draft += time.perf_counter() - td
         else:
             cands = guess[:, None, :]
-        v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(np.arange(1, kk + 1), G)[None]], 1)
-        feeds.update(verify_position_ids=v_pos, verify_mask=slots.mask(_verify_structure(k, G, kk), x_valid))
+        if k == 1 and G == 1:       # a decode step: the x token, then its kk successors
+            v_pos = x_pos + _arange(kk + 1)
+        else:
+            v_pos = np.concatenate([x_pos, pos_last[:, None] + np.tile(np.arange(1, kk + 1), G)[None]], 1)
+        x_part = None if x_valid is ones else x_valid          # after prefill every row's x token is valid
+        feeds.update(verify_position_ids=v_pos, verify_mask=slots.mask(_verify_structure(k, G, kk), x_part))
         if seen is not None:
             feeds["seen"] = seen
         if not fused:
@@ -493,7 +517,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             la_pos = (pos_last[:, None, None] + 1 + cols[None, None, :] + np.arange(levels)[None, :, None])
             feeds.update(lookahead_ids=np.concatenate([x_ids, window.reshape(B, -1)], 1),
                          lookahead_position_ids=np.concatenate([x_pos, la_pos.reshape(B, -1)], 1),
-                         lookahead_mask=slots.mask(_lookahead_structure(k, levels, W), x_valid))
+                         lookahead_mask=slots.mask(_lookahead_structure(k, levels, W), x_part))
         out, present = dec.session.run(feeds, cache)
         steps += 1
         if fused:
@@ -504,15 +528,15 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         # accept
         alen, chain, best = out["accept_len"], out["accept_tokens"], out["best"]      # int64 [B], [B, K+1], [B]
         m = alen - 1
-        slots.append(x_valid)
+        slots.append_ones(1) if x_part is None else slots.append(x_valid)
         if speculative:     # a rejected proposal's slot stays, masked: no copy of the cache (compacted rarely)
-            slots.append(np.arange(kk)[None, :] < m[:, None])
+            slots.append_prefix(m, kk)
             idx = slots.compaction()
             cache = present if idx is None else dec.session.select(present, idx)
         else:               # lookahead, jacobi: most of a step's slots are guesses; keep the accepted ones only
             M = int(m.max())
             cache = dec.session.commit(present, past + k, past + k + best * K, M)
-            slots.append(np.arange(M)[None, :] < m[:, None])   # shorter rows: masked holes
+            slots.append_prefix(m, M)                           # shorter rows: masked holes
 
         emitted: list[list[int] | None] = [None] * B
         active = ~done
@@ -520,10 +544,10 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         for b in range(B):
             if done[b]:
                 continue
-            hist[int(alen[b])] += 1
+            n_acc = int(alen[b])
+            hist[n_acc] += 1
             got = []
-            for t in chain[b, :alen[b]]:
-                t = int(t)
+            for t in chain[b, :n_acc].tolist():
                 out_ids[b].append(t)
                 got.append(t)
                 if t in dec.eos:
