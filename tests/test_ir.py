@@ -69,6 +69,20 @@ def test_verifier_rules_catch_bad_graphs(mutate, message):
         verify(g)
 
 
+def test_dynamic_length_needs_one_guess():
+    """verify_greedy length -1 reads K off one candidate's shape: with several guesses it would be lowered as one."""
+    from dgopt.ir import Graph
+    g = Graph()
+    x = g.add("input", attrs={"name": "logits", "type": "logits_seq"}, id="x")
+    c = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="c")
+    v = g.add("verify_greedy", [x, c], {"guesses": 1, "length": -1}, id="v")
+    g.set_output("accept_len", v.out("accept_len"))
+    verify(g)
+    g.node("v").attrs.update(guesses=3)
+    with pytest.raises(IRError, match="length -1 needs guesses 1, got 3"):
+        verify(g)
+
+
 def test_add_rejects_unknown_op_and_bad_refs():
     g = Graph()
     with pytest.raises(IRError, match="unknown op"):

@@ -78,6 +78,14 @@ def _unique_input_names(g: Graph):
         seen[n.attrs["name"]] = n.id
 
 
+def _one_guess_when_dynamic(g: Graph):
+    """length -1 (K off the candidates' shape) is defined for one candidate only."""
+    for n in g.nodes():
+        if n.op in ("verify_greedy", "verify_sample_match") and n.attrs.get("length") == -1 \
+                and n.attrs.get("guesses") != 1:
+            yield f"node '{n.id}' ({n.op}): length -1 needs guesses 1, got {n.attrs.get('guesses')}"
+
+
 RULES: dict[str, Callable[[Graph], object]] = {
     "known_ops": _known_ops,
     "arity_and_types": _arity_and_types,
@@ -85,6 +93,7 @@ RULES: dict[str, Callable[[Graph], object]] = {
     "acyclic": _acyclic,
     "outputs": _outputs,
     "unique_input_names": _unique_input_names,
+    "one_guess_when_dynamic": _one_guess_when_dynamic,
 }
 
 
