@@ -131,6 +131,12 @@ def _edit_model(a, **kw):
     (a / "manifest.json").write_text(json.dumps(m))
 
 
+def _edit_strategy(a, **kw):
+    m = json.loads((a / "manifest.json").read_text())
+    m["strategy"].update(kw)
+    (a / "manifest.json").write_text(json.dumps(m))
+
+
 @pytest.mark.parametrize("damage, needle", [
     (lambda a: (a / "manifest.json").write_text("{not json"), "corrupt manifest.json"),
     (lambda a: (a / "manifest.json").write_text(json.dumps({"schema_version": "1.0"})), "missing key"),
@@ -142,6 +148,7 @@ def _edit_model(a, **kw):
     (lambda a: _edit_model(a, kv_dtype="float16"), "model.kv_dtype 'float16' does not match"),
     (lambda a: _edit_model(a, kv_dtype="int8"), "model.kv_dtype 'int8'"),
     (lambda a: _rename_kv_output(a, "draft_present"), "do not pair with its kv inputs"),
+    (lambda a: _edit_strategy(a, k_schedule="heuristic"), "k_schedule 'heuristic' but the step graphs take no"),
 ])
 def test_damaged_artifact_one_line_error(artifact, damage, needle, capsys):
     damage(artifact)

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..artifact import read_manifest
+from ..errors import ArtifactError
 from .noise import NoiseStream
 from .session import make_session
 
@@ -50,6 +51,13 @@ class Decoder:
             dman = {**self.manifest, "step": d["step"], "io": d["io"], "model": d["model"],
                     "target": {**self.manifest["target"], "backend": "onnx"}}
             self.draft_session = make_session(self.path, dman, device, 1, io_binding=io_binding)
+        # k_schedule heuristic feeds a per-step draft_k to whichever graph holds the draft's loop
+        adaptive = self.manifest["strategy"].get("k_schedule") == "heuristic"
+        has_k = any("draft_k" in s.inputs for s in (self.session, self.draft_session) if s is not None)
+        if adaptive != has_k:
+            raise ArtifactError(f"corrupt manifest: strategy.k_schedule "
+                                f"'{self.manifest['strategy'].get('k_schedule')}' but the step graphs "
+                                f"{'take no' if adaptive else 'take a'} draft_k input")
         m = self.manifest["model"]
         self.vocab_size = m["vocab_size"]
         self.eos = set(m["eos_token_ids"])
