@@ -237,4 +237,5 @@ register(OpSchema("draft_loop", (("input_ids", ("tokens",)), ("position_ids", ("
                       "loop (ONNX Loop; what an unrolled chain of forward, last_position, to_target_vocab, argmax "
                       "and next_inputs nodes computes for a fixed k). With `seen` (penalty != 1) each choice is "
                       "made under the repetition penalty of the committed tokens and the chain's own earlier ones. "
-                      "proposals [B, k] in the target's vocabulary; kv: the cache after the block and d_1..d_{k-1}."))
+                      "proposals [B, k]: in the target's vocabulary for model \"draft\" (a fused step), in its own for "
+                      "\"target\" (a draft compiled as its own step); kv: the cache after the block and d_1..d_{k-1}."))

@@ -488,7 +488,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         elif speculative:
             td = time.perf_counter()
             cands = drafter.propose()
-            kk = cands.shape[2]             # uag's re-tokenized proposals: as many as the step has
+            kk = cands.shape[2]             # unfused speculative: k; uag: as many as the translation gave
             t_draft += time.perf_counter() - td
         else:
             cands = guess[:, None, :]
