@@ -122,9 +122,11 @@ def cmd_run(a) -> int:
     hist = s.get("accepted_hist")
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
     if "acceptance_rate" in s:
-        adaptive = dec.manifest["strategy"].get("k_schedule") == "heuristic"
+        st = dec.manifest["strategy"]
+        varies = "k adapts" if st.get("k_schedule") == "heuristic" else (
+            f"the draft stops below confidence {st['confidence']}" if st.get("confidence") else "")
         accepted += f"; draft acceptance {s['acceptance_rate']:.2f}" + (
-            f" of {s['mean_k']:.1f} proposals per step (k adapts)" if adaptive else "") + ", " + (
+            f" of {s['mean_k']:.1f} proposals per step ({varies})" if varies else "") + ", " + (
             "draft and target fused in one call per step" if s.get("fused")
             else f"draft {s['draft_s']:.3f}s vs target {s['target_s']:.3f}s")
     _console().print(f"[dim]{s['new_tokens']} tokens in {s['steps']} steps ({s['tokens_per_step']:.2f} tokens/step, "

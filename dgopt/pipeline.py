@@ -242,9 +242,9 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
                                     "sampling": spec.sampling.model_copy(update={"repetition_penalty": 1.0})
                                     if sampled else SamplingSpec(kind="greedy")})
-    heuristic = spec.strategy.k_schedule == "heuristic"
+    st = spec.strategy
     g0 = expand_draft_probs(dspec) if sampled else expand_draft_chain(
-        dspec, spec.strategy.k_max if heuristic else spec.strategy.k, loop=heuristic)
+        dspec, st.k_max if st.k_schedule == "heuristic" else st.k, loop=st.draft_loop, confidence=st.confidence)
     g, _ = optimize(g0, dspec, opt_level)
     dm = _load_draft(spec, stage)
     with stage(f"exporting draft {dm.family} forward to ONNX"):

@@ -62,6 +62,9 @@ class StrategySpec(_Strict):
     # proposal, else k - 1, within 1..k_max; k is the first step's): the draft's chain is a loop run k times
     k_schedule: Literal["constant", "heuristic"] = "constant"
     k_max: int = Field(8, ge=1)
+    # speculative, uag (greedy): the draft ends a step's chain after a proposal it gives less than this probability
+    # (transformers' assistant_confidence_threshold; 0: off): k is then the most it proposes
+    confidence: float = Field(0.0, ge=0, lt=1)
     # speculative (greedy and sampling): draft chain and target verification in one step graph (one call per step);
     # false keeps the draft in its own draft.onnx, called before the target
     fused: bool = True
@@ -77,7 +80,14 @@ class StrategySpec(_Strict):
                 raise ValueError(f"k_schedule heuristic needs strategy speculative or uag (got {self.kind})")
             if self.k > self.k_max:
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
+        if self.confidence and self.kind not in ("speculative", "uag"):
+            raise ValueError(f"confidence needs strategy speculative or uag (got {self.kind})")
         return self
+
+    @property
+    def draft_loop(self) -> bool:
+        """The draft's chain is a loop (its length varies per step: a heuristic k, or an early stop)."""
+        return self.k_schedule == "heuristic" or self.confidence > 0
 
 
 class SamplingSpec(_Strict):
@@ -146,10 +156,11 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
         raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
-    if spec.strategy.k_schedule == "heuristic" and spec.sampling.kind == "sample":
-        raise SpecError("spec field 'strategy.k_schedule': heuristic runs the draft chain as a loop, which proposes "
-                        "greedily; speculative sampling needs the draft's distribution at each proposal: use "
-                        "k_schedule constant")
+    if spec.strategy.draft_loop and spec.sampling.kind == "sample":
+        field = "k_schedule" if spec.strategy.k_schedule == "heuristic" else "confidence"
+        raise SpecError(f"spec field 'strategy.{field}': {'heuristic' if field == 'k_schedule' else 'an early stop'} "
+                        "runs the draft chain as a loop, which proposes greedily; speculative sampling needs the "
+                        "draft's distribution at each proposal: use k_schedule constant and confidence 0")
     if spec.strategy.kind in MULTI_TOKEN and spec.sampling.kind == "sample" and spec.sampling.noise != "precomputed":
         raise SpecError(f"spec field 'sampling.noise': {spec.strategy.kind} sampling draws its noise on the host; "
                         "use precomputed")

@@ -148,7 +148,9 @@ def _edit_strategy(a, **kw):
     (lambda a: _edit_model(a, kv_dtype="float16"), "model.kv_dtype 'float16' does not match"),
     (lambda a: _edit_model(a, kv_dtype="int8"), "model.kv_dtype 'int8'"),
     (lambda a: _rename_kv_output(a, "draft_present"), "do not pair with its kv inputs"),
-    (lambda a: _edit_strategy(a, k_schedule="heuristic"), "k_schedule 'heuristic' but the step graphs take no"),
+    (lambda a: _edit_strategy(a, k_schedule="heuristic"), "k_schedule 'heuristic' and confidence 0.0 but the "
+                                                           "step graphs take no"),
+    (lambda a: _edit_strategy(a, confidence=0.4), "confidence 0.4 but the step graphs take no draft_k"),
 ])
 def test_damaged_artifact_one_line_error(artifact, damage, needle, capsys):
     damage(artifact)

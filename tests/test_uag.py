@@ -38,25 +38,34 @@ def pair(tmp_path_factory):
     return {"target": target, "draft": draft, "same": same, "prompts": prompts, "refs": refs}
 
 
-def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2, schedule="constant"):
+def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2, schedule="constant", confidence=0.0):
     spec = {"model": {"path": str(pair["target"])}, "draft": {"path": str(pair[draft])},
-            "strategy": {"kind": "uag", "k": k, "k_schedule": schedule, "k_max": 6}, "target": {"max_seq_len": 256}}
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"uag-{draft}-{k}-{opt_level}-{schedule}", opt_level=opt_level))
+            "strategy": {"kind": "uag", "k": k, "k_schedule": schedule, "k_max": 6, "confidence": confidence},
+            "target": {"max_seq_len": 256}}
+    return dgopt.load(dgopt.compile(spec, tmp_path / f"uag-{draft}-{k}-{opt_level}-{schedule}-{confidence}",
+                                    opt_level=opt_level))
 
 
-@pytest.mark.parametrize("draft,schedule", [("draft", "constant"), ("same", "constant"), ("draft", "heuristic"),
-                                            ("same", "heuristic")])
-def test_uag_greedy_exact_batch1_and_batch4(draft, schedule, pair, tmp_path):
-    """k_schedule heuristic: the draft's chain is a draft_loop (draft_k in draft.onnx); the step verifies as many
-    candidates as a step has (verify_greedy length -1) under either schedule."""
-    dec = compile_uag(tmp_path, pair, draft, schedule=schedule)
-    assert ("draft_k" in dec.draft_session.inputs) == (schedule == "heuristic")
+@pytest.mark.parametrize("draft,schedule,confidence", [
+    ("draft", "constant", 0.0), ("same", "constant", 0.0), ("draft", "heuristic", 0.0), ("same", "heuristic", 0.0),
+    ("draft", "heuristic", 0.0045), ("draft", "constant", 0.0045)])
+def test_uag_greedy_exact_batch1_and_batch4(draft, schedule, confidence, pair, tmp_path):
+    """k_schedule heuristic or a confidence threshold: the draft's chain is a draft_loop (draft_k in draft.onnx);
+    the step verifies as many candidates as a step has (verify_greedy length -1) under either schedule."""
+    dec = compile_uag(tmp_path, pair, draft, schedule=schedule, confidence=confidence)
+    assert ("draft_k" in dec.draft_session.inputs) == (schedule == "heuristic" or confidence > 0)
+    if confidence:      # near uniform over its ids, the random draft gives its argmax ~0.0045: stops sometimes
+        from test_draft_confidence import record_chains
+        chains = record_chains(dec)
     assert (dec.path / "draft_tokenizer" / "tokenizer.json").is_file()
     for p, ref in zip(pair["prompts"], pair["refs"]):
         assert dec.generate(p, max_new_tokens=NEW).ids[0] == ref
     res = dec.generate(pair["prompts"][:4], max_new_tokens=NEW)
     assert res.ids == pair["refs"][:4]
     assert {"acceptance_rate", "draft_s", "target_s", "tokens_per_step"} <= set(res.stats)
+    if confidence:
+        early = [n < k for k, n in chains]
+        assert any(early) and not all(early), chains
     # no acceptance threshold here: random weights emit lone UTF-8 bytes that no text round trip preserves; the
     # trained pairs (test_trained_models.py) check that translation keeps what the draft gets right
 

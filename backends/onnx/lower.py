@@ -76,7 +76,7 @@ class _Builder:
             "uniform": (F32, ["batch"]), "token": (I64, ["batch"]), "logits_seq": (F32, ["batch", "q", V]),
             "candidates": (I64, ["batch", "guesses", "length"]), "count": (I64, ["batch"]),
             "probs_seq": (F32, ["batch", "length", V]), "uniform_seq": (F32, ["batch", "length"]),
-            "trip_count": (I64, []),
+            "trip_count": (I64, []), "flag": (TensorProto.BOOL, []),
         }[vtype]
 
     # -- main
@@ -506,12 +506,13 @@ def _draft_loop(b, node, ins):
     body_out = [x for n in carried for x in flat(sub.names[body.outputs[n]])] + [sub.names[body.outputs["token"]]]
     vi = {v.name: v for v in sub.inputs}
     p = node.id
-    cond = f"{p}/cond"          # passed through as the body's output: no Identity kernel per iteration
+    cond = f"{p}/cond"          # passed through as the body's output (no Identity kernel per iteration) ...
+    stop = sub.names[body.outputs["cond"]] if "cond" in body.outputs else cond    # ... unless the chain can stop
     bool_vi = lambda name: helper.make_tensor_value_info(name, TensorProto.BOOL, [])  # noqa: E731
     graph = helper.make_graph(
         sub.nodes, f"{p}/body",
         [helper.make_tensor_value_info(f"{p}/iter", I64, []), bool_vi(cond)] + [vi[x] for x in body_in],
-        [bool_vi(cond)] + [helper.make_tensor_value_info(o, vi[i].type.tensor_type.elem_type, None)
+        [bool_vi(stop)] + [helper.make_tensor_value_info(o, vi[i].type.tensor_type.elem_type, None)
                                for o, i in zip(body_out, body_in)]      # carried: typed as they came in
         + [helper.make_tensor_value_info(body_out[-1], I64, None)],      # the scan output: this iteration's token
         list(sub.inits.values()))
@@ -520,6 +521,22 @@ def _draft_loop(b, node, ins):
     n_kv = len(ins[3])
     b.names[node.out("kv")] = outs[3:3 + n_kv]
     b.names[node.out("proposals")] = b.op("Transpose", [outs[-1]], perm=[1, 0])     # [k, B] -> [B, k]
+
+
+def _confident(b, node, ins):
+    # any row's max probability >= t: the max over the whole [B, V] softmax (one reduction, no per-row step)
+    top = b.op("ReduceMax", [b.op("Softmax", [ins[0]], axis=-1)], keepdims=0)
+    b.names[node.out()] = b.op("GreaterOrEqual", [top, b.const(node.attrs["threshold"])])
+
+
+def _trim_block(b, node, ins):
+    pos, mask, ids = ins
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    q = _dim(b, ids, 1)                                                           # [1]: q'
+    b.names[node.out("positions")] = b.op("Slice", [pos, i64([0]), q, i64([1])])
+    # columns: the past (total - q of them) and the block's first q'
+    cols = b.op("Add", [b.op("Sub", [_dim(b, mask, 3), _dim(b, mask, 2)]), q])
+    b.names[node.out("mask")] = b.op("Slice", [mask, i64([0, 0]), b.op("Concat", [q, cols], axis=0), i64([2, 3])])
 
 
 def _verify_sample_match(b, node, ins):
@@ -621,6 +638,7 @@ LOWERINGS = {
     "split_kv": _split_kv,
     "verify_greedy": _verify_greedy, "tail_positions": _tail_positions, "verify_sample": _verify_sample,
     "verify_sample_match": _verify_sample_match, "draft_loop": _draft_loop,
+    "confident": _confident, "trim_block": _trim_block,
 }
 
 

@@ -120,8 +120,16 @@ def _split_kv(node, ins):
             "tail": [torch.cat([t[:, :, :past], t[:, :, past + qa:]], 2) for t in kv]}
 
 
+def _trim_block(node, ins):
+    pos, mask, ids = ins
+    q, cut = ids.shape[1], mask.shape[2] - ids.shape[1]        # cut: the block's tokens past q'
+    return {"positions": pos[:, :q], "mask": mask[:, :, :q, :mask.shape[3] - cut]}
+
+
 RULES = {
     "last_position": lambda n, i: i[0][:, -1, :],
+    "confident": lambda n, i: bool((i[0].softmax(-1).max() >= n.attrs["threshold"]).item()),
+    "trim_block": _trim_block,
     "repetition_penalty": _rep,
     "repetition_penalty_seq": _rep_seq,
     "temperature": lambda n, i: _hf("TemperatureLogitsWarper", n.attrs["value"])(None, i[0]),
@@ -156,7 +164,10 @@ def _draft_loop(node, ins, models):
     for _ in range(int(ins[4])):
         out = run_graph(body, {p + n: v for n, v in state.items()}, models)
         tokens.append(out.pop("token"))
+        go = out.pop("cond", True)          # a confidence threshold: the chain ends after an unsure proposal
         state = out
+        if not go:
+            break
     return {"proposals": torch.stack(tokens, 1), "kv": state["past"]}
 
 

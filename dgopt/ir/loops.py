@@ -15,8 +15,9 @@ LOOP_CARRIED = ("input_ids", "position_ids", "attn_mask", "past", "seen")
 def draft_loop_body(node: Node) -> Graph:
     """Inputs (names prefixed by the loop node's id): input_ids, position_ids, attn_mask, past and, with a
     penalty, seen. A loop over model "target" (a draft compiled as its own step: uag) proposes in its own
-    vocabulary; over "draft" (a fused step) in the target's. Outputs: the next iteration's input_ids, position_ids, attn_mask, past (the forward's cache),
-    seen, and token, this iteration's proposal [B]."""
+    vocabulary; over "draft" (a fused step) in the target's. Outputs: the next iteration's input_ids, position_ids,
+    attn_mask, past (the forward's cache), seen, token (this iteration's proposal [B]) and, with a confidence
+    threshold, cond: whether to go on (a row's draft gave its proposal at least that probability)."""
     g, p = Graph(), f"{node.id}/"
     penalty = node.attrs.get("penalty", 1.0)
     types = {"input_ids": "tokens", "position_ids": "positions", "attn_mask": "mask", "past": "kv", "seen": "seen"}
@@ -30,6 +31,8 @@ def draft_loop_body(node: Node) -> Graph:
     if "seen" in ins:
         x = g.add("repetition_penalty", [x, ins["seen"]], {"penalty": penalty}, id=p + "repetition_penalty")
     tok = g.add("argmax", [x], id=p + "argmax")
+    if node.attrs.get("confidence", 0.0) > 0:        # the probability of the argmax, under the scores it is taken of
+        g.set_output("cond", g.add("confident", [x], {"threshold": node.attrs["confidence"]}, id=p + "confident"))
     nxt = g.add("next_inputs", [tok, ins["position_ids"], ins["attn_mask"]], id=p + "next")
     g.set_output("input_ids", nxt.out("ids"))
     g.set_output("position_ids", nxt.out("positions"))

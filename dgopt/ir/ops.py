@@ -5,7 +5,8 @@ logits_seq [B,q,V], logits [B,V], probs [B,V] (normalised), token [B] int64, uni
 gumbel [B,V], seen [B,V] (1.0 where a token already occurred: for repetition penalty).
 candidates [B,G,K] int64 (G guessed K-token continuations), count [B] int64.
 probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1), trip_count [] int64 (how
-many times a loop runs: a step's number of draft proposals when it varies per step).
+many times a loop runs: a step's number of draft proposals when it varies per step), flag [] bool (a loop's
+continue condition).
 Randomness is always an explicit value (uniform / gumbel), produced by an `input` or by an impure op.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ..errors import IRError
 __all__ = ["OpSchema", "Attr", "schema", "register", "OPS", "VALUE_TYPES"]
 
 VALUE_TYPES = ("tokens", "positions", "mask", "kv", "logits_seq", "logits", "probs", "token", "uniform",
-               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq", "trip_count")
+               "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq", "trip_count",
+               "flag")
 _SCORES = ("logits",)
 
 
@@ -230,7 +232,7 @@ register(OpSchema("draft_loop", (("input_ids", ("tokens",)), ("position_ids", ("
                                  ("past", ("kv",)), ("k", ("trip_count",)), ("seen", ("seen",))),
                   ("proposals", "kv"), ("tokens", "kv"),
                   {"model": Attr(str, "draft"), "k_max": Attr(int, required=True, check=_ge1),
-                   "penalty": Attr(float, 1.0, check=_pos)},
+                   "penalty": Attr(float, 1.0, check=_pos), "confidence": Attr(float, 0.0, check=_unit)},
                   min_inputs=5,
                   doc="A draft's greedy chain of k proposals, k a step input (at most k_max): k forwards of `model`, "
                       "the first over the given block, each later one over the token the one before chose, in ONE "
@@ -238,4 +240,15 @@ register(OpSchema("draft_loop", (("input_ids", ("tokens",)), ("position_ids", ("
                       "and next_inputs nodes computes for a fixed k). With `seen` (penalty != 1) each choice is "
                       "made under the repetition penalty of the committed tokens and the chain's own earlier ones. "
                       "proposals [B, k]: in the target's vocabulary for model \"draft\" (a fused step), in its own for "
-                      "\"target\" (a draft compiled as its own step); kv: the cache after the block and d_1..d_{k-1}."))
+                      "\"target\" (a draft compiled as its own step); kv: the cache after the block and d_1..d_{k-1}. "
+                      "confidence > 0: the chain also ends after a proposal to which every row's draft gives less "
+                      "than this probability (k is then at most the trip count; read it off proposals' shape)."))
+register(OpSchema("confident", (("x", ("logits",)),), ("out",), ("flag",),
+                  {"threshold": Attr(float, required=True, check=_unit)},
+                  doc="Whether any row's top softmax probability of x is at least threshold: a draft_loop's "
+                      "continue condition (transformers' assistant_confidence_threshold, per batch)."))
+register(OpSchema("trim_block", (("positions", ("positions",)), ("mask", ("mask",)), ("ids", ("tokens",))),
+                  ("positions", "mask"), ("positions", "mask"),
+                  doc="A block's positions [B, q] and mask [B, 1, q, P + q], built for q tokens, cut to the q' <= q "
+                      "tokens that ids [B, q'] has (its first q' rows and the past's and block's first q' columns): "
+                      "the verify block of a draft chain that stopped early."))

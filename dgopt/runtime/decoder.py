@@ -51,13 +51,15 @@ class Decoder:
             dman = {**self.manifest, "step": d["step"], "io": d["io"], "model": d["model"],
                     "target": {**self.manifest["target"], "backend": "onnx"}}
             self.draft_session = make_session(self.path, dman, device, 1, io_binding=io_binding)
-        # k_schedule heuristic feeds a per-step draft_k to whichever graph holds the draft's loop
-        adaptive = self.manifest["strategy"].get("k_schedule") == "heuristic"
+        # k_schedule heuristic or a confidence threshold: a per-step draft_k goes to whichever graph holds the
+        # draft's loop
+        st = self.manifest["strategy"]
+        loop = st.get("k_schedule") == "heuristic" or bool(st.get("confidence"))
         has_k = any("draft_k" in s.inputs for s in (self.session, self.draft_session) if s is not None)
-        if adaptive != has_k:
-            raise ArtifactError(f"corrupt manifest: strategy.k_schedule "
-                                f"'{self.manifest['strategy'].get('k_schedule')}' but the step graphs "
-                                f"{'take no' if adaptive else 'take a'} draft_k input")
+        if loop != has_k:
+            raise ArtifactError(f"corrupt manifest: strategy.k_schedule '{st.get('k_schedule')}' and confidence "
+                                f"{st.get('confidence', 0)} but the step graphs "
+                                f"{'take no' if loop else 'take a'} draft_k input")
         m = self.manifest["model"]
         self.vocab_size = m["vocab_size"]
         self.eos = set(m["eos_token_ids"])

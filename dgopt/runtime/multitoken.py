@@ -184,6 +184,7 @@ class _Drafter:
 
     def __init__(self, dec, x_ids, x_valid, x_pos, k: int, uniform=None):
         self.dec, self.k = dec, k            # k: this step's proposals (k_schedule heuristic: set per step)
+        self.n = k                          # the last step's proposals: k, or fewer where the chain stopped early
         self.fused = dec.draft_session is None
         self.sess = dec.session if self.fused else dec.draft_session
         self.uniform = uniform              # sampling: a NoiseStream of [B, 1] draws; proposals come from the draft's q
@@ -234,9 +235,9 @@ class _Drafter:
         B = len(self.pend)
         self.base = self.slots.n + self.pend.shape[1]
         self.q = []
-        if "proposals" in self.sess.outputs:      # the compiled chain: all k proposals in one call
+        if "proposals" in self.sess.outputs:      # the compiled chain: k proposals (fewer if it stops early)
             props = self._step(self.pend, self.pend_valid, self.pend_pos, "proposals")
-            self.slots.append_ones(self.k - 1)
+            self.slots.append_ones(props.shape[1] - 1)
         else:
             d = [self._step(self.pend, self.pend_valid, self.pend_pos)]
             last = self.pend_pos[:, -1]
@@ -248,20 +249,22 @@ class _Drafter:
         return np.where(props < self.tvocab, props, 0)[:, None, :]
 
     def all_accepted(self, m: np.ndarray, active: np.ndarray) -> bool:
-        return bool((m[active] == self.k).all())
+        return bool((m[active] == self.n).all())
 
     def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray, cache=None):
         """Mask the rejected proposals out of the draft's cache; fused: it is part of the step's `cache`, returned."""
-        # d_1..d_{k-1} are in the draft's cache: the rejected ones stay as masked holes (compacted rarely)
+        # d_1..d_{n-1} are in the draft's cache (n: the proposals made, k or fewer where the chain stopped early):
+        # the rejected ones stay as masked holes (compacted rarely)
+        self.n = n = proposals.shape[-1]
         self.slots.n = self.base
-        self.slots.append_prefix(np.minimum(m, self.k - 1), self.k - 1)
+        self.slots.append_prefix(np.minimum(m, n - 1), n - 1)
         idx = self.slots.compaction()
         if idx is not None and self.fused:
             cache = self.sess.select(cache, idx, part="draft_past")
         elif idx is not None:
             self.cache = self.sess.select(self.cache, idx)
         B = len(m)
-        full = m == self.k                                  # d_k accepted but never fed to the draft
+        full = m == n                                       # d_n accepted but never fed to the draft
         q = 2 if full.any() else 1
         self.pend = np.zeros((B, q), np.int64)
         self.pend_valid = np.zeros((B, q), np.int8)
@@ -339,7 +342,7 @@ class _XTokDrafter:
         if "draft_k" in self.sess.inputs:      # a draft_loop chain: k of them
             feeds["draft_k"] = np.array(self.k, np.int64)
         out, self.cache[b] = self.sess.run(feeds, self.cache[b])
-        if "proposals" in out:
+        if "proposals" in out:          # k of them, fewer where the chain stopped at an unsure one
             props = [int(t) for t in out["proposals"][0]]
             self.held[b].extend(ids + props[:-1])
             return props
@@ -361,7 +364,7 @@ class _XTokDrafter:
             self.cache[b] = self.sess.commit(self.cache[b], p, np.array([p]), 0)
             del held[p:]
         props = self._feed(b, want[p:])
-        while len(props) < self.k:
+        while len(props) < self.k and "proposals" not in self.sess.outputs:      # one-token draft steps
             props += self._feed(b, [props[-1]])
         # the proposals' text, decoded in context (byte-level merges and leading spaces depend on it): behind the
         # last few tokens, whose text is the committed text from their offset on (no decode), or behind the whole
@@ -483,7 +486,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         elif fused:
             feeds.update(drafter.feeds(), x_ids=x_ids)
             kk = drafter.k
-            if adaptive:
+            if "draft_k" in dec.session.inputs:
                 feeds["draft_k"] = np.array(kk, np.int64)
         elif speculative:
             td = time.perf_counter()
@@ -520,8 +523,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                          lookahead_mask=slots.mask(_lookahead_structure(k, levels, W), x_part))
         out, present = dec.session.run(feeds, cache)
         steps += 1
-        if fused:
+        if fused:       # kk: the proposals made (a chain with a confidence threshold can stop early)
             cands = out["proposals"][:, None, :]
+            kk = cands.shape[2]
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
 

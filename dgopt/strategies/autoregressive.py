@@ -79,14 +79,16 @@ def add_draft_chain(g: Graph, ids, pos, mask, kv, k: int, model: str = "target",
     return props, kv
 
 
-def expand_draft_chain(spec: Spec, k: int, loop: bool = False) -> Graph:
+def expand_draft_chain(spec: Spec, k: int, loop: bool = False, confidence: float = 0.0) -> Graph:
     """A greedy draft's own step that proposes k tokens in ONE call (draft.onnx beside the target's step); `loop`:
-    as many as its input draft_k says, up to k (a draft_loop: uag's k_schedule heuristic)."""
+    as many as its input draft_k says, up to k (a draft_loop: k_schedule heuristic), fewer where the draft's
+    confidence in a proposal falls below `confidence`."""
     g = Graph()
     ids, pos, mask, past = add_model_inputs(g)
     if loop:
         n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
-        chain = g.add("draft_loop", [ids, pos, mask, past, n], {"model": "target", "k_max": k}, id="draft")
+        chain = g.add("draft_loop", [ids, pos, mask, past, n],
+                      {"model": "target", "k_max": k, "confidence": confidence}, id="draft")
         props, kv = chain.out("proposals"), chain.out("kv")
     else:
         props, kv = add_draft_chain(g, ids, pos, mask, past, k)

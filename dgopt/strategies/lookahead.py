@@ -93,8 +93,9 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     Sampling: the draft's scores are restricted to the target's vocabulary, processed like the target's, and d_i is
     drawn from their softmax q_i by inverse CDF (noise input draft_uniform_i: q is computed for verification
     anyway, so Gumbel-max would only trade a [B] uniform for [B, V] noise); verify_sample gets q_1..q_k.
-    k_schedule heuristic (greedy): the chain is one draft_loop node whose trip count, the step input draft_k, the
-    host sets per step; verification reads the number of proposals off their shape."""
+    k_schedule heuristic or a confidence threshold (greedy): the chain is one draft_loop node whose trip count, the
+    step input draft_k, the host sets per step; verification reads the number of proposals off their shape (with a
+    threshold the chain can stop early: the host's verify positions and mask, built for draft_k, are cut to it)."""
     from .autoregressive import add_draft_chain, add_processors
     k, sampled = spec.strategy.k, spec.sampling.kind == "sample"
     dpast = g.add("input", attrs={"name": "draft_past", "type": "kv"}, id="draft_past")
@@ -124,11 +125,13 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
             seen.append(g.add("mark_seen", [seen[-1], tok], id=f"draft{i}/mark_seen"))
         return tok
 
-    if spec.strategy.k_schedule == "heuristic":     # k varies per step: the chain is a loop run draft_k times
+    loop = spec.strategy.draft_loop
+    if loop:        # k varies per step (heuristic, or an early stop): the chain is a loop run up to draft_k times
         n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
-        loop = g.add("draft_loop", [d_ids, d_pos, d_mask, dpast, n] + seen, {"k_max": spec.strategy.k_max,
-                                                                             "penalty": pen}, id="draft")
-        props, dkv = loop.out("proposals"), loop.out("kv")
+        chain = g.add("draft_loop", [d_ids, d_pos, d_mask, dpast, n] + seen,
+                      {"k_max": spec.strategy.k_max if spec.strategy.k_schedule == "heuristic" else k,
+                       "penalty": pen, "confidence": spec.strategy.confidence}, id="draft")
+        props, dkv = chain.out("proposals"), chain.out("kv")
     else:
         props, dkv = add_draft_chain(g, d_ids, d_pos, d_mask, dpast, k, model="draft", pick=pick)
     cand = g.add("to_candidates", [props], id="draft/candidates")
@@ -136,6 +139,9 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
     pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
     mask = g.add("input", attrs={"name": "verify_mask", "type": "mask"}, id="verify_mask")
     ids = g.add("concat_seq", [x, cand.out("ids")], id="verify_ids")
+    if spec.strategy.confidence:    # the host built them for draft_k proposals: cut to the ones the draft gave
+        trim = g.add("trim_block", [pos, mask, ids], id="verify/trim")
+        pos, mask = trim.out("positions"), trim.out("mask")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
     logits = _penalized(g, fwd.out("logits"), cand.out("candidates"), spec)
     if sampled:
@@ -144,7 +150,7 @@ def _fused_speculative(g: Graph, past, spec: Spec) -> Graph:
         px = add_processors(g, tail, plain, prefix="verify")
         v = g.add("verify_sample", [px, cand.out("candidates"), qs[-1], u], {"length": k}, id="verify/accept")
     else:
-        length = -1 if spec.strategy.k_schedule == "heuristic" else k      # -1: the candidates' length, per step
+        length = -1 if loop else k                  # -1: the candidates' length, per step
         v = g.add("verify_greedy", [logits, cand.out("candidates")], {"guesses": 1, "length": length},
                   id="verify/accept")
     g.set_output("accept_len", v.out("accept_len"))
@@ -169,8 +175,7 @@ def expand_speculative(spec: Spec) -> Graph:
     if spec.sampling.kind == "greedy" or spec.strategy.kind == "uag":    # uag samples by matching draws
         # greedy uag: the re-tokenized proposals' count varies per step, and so does k with the heuristic
         # schedule: verify as many as the step has (length -1)
-        varies = spec.sampling.kind == "greedy" and (spec.strategy.kind == "uag" or
-                                                     spec.strategy.k_schedule == "heuristic")
+        varies = spec.sampling.kind == "greedy" and (spec.strategy.kind == "uag" or spec.strategy.draft_loop)
         _verify(g, past, 1, -1 if varies else spec.strategy.k, spec)
         return g
     from .autoregressive import add_processors
