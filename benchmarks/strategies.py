@@ -49,6 +49,8 @@ def main():
                     "(target.forward: direct, no onnxruntime contrib ops)")
     ap.add_argument("--heuristic", nargs="*", type=int, default=[8], help="k_max of speculative and uag rows with "
                     "k_schedule heuristic (k + 2 after a step that accepted all, else k - 1; starting at k 3)")
+    ap.add_argument("--confidence", nargs="*", type=float, default=[0.3], help="the heuristic rows again with "
+                    "strategy.confidence (the draft's chain stops after a proposal it gives less than this)")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
     ap.add_argument("--unfused-k", nargs="*", type=int, default=[3], help="also time these k with the draft in its "
                     "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
@@ -148,14 +150,18 @@ def main():
             strategies.append((f"speculative k{k} ({d}, unfused)", {"kind": "speculative", "k": k, "fused": False},
                                {"draft": as_model(d)}))
         for km in a.heuristic:
-            strategies.append((f"speculative heuristic k3..{km} ({d})", {"kind": "speculative", "k": min(3, km),
-                               "k_schedule": "heuristic", "k_max": km}, {"draft": as_model(d)}))
+            for c in [0.0] + a.confidence:
+                strategies.append((f"speculative heuristic k3..{km}{f' conf {c:g}' if c else ''} ({d})",
+                                   {"kind": "speculative", "k": min(3, km), "k_schedule": "heuristic", "k_max": km,
+                                    "confidence": c}, {"draft": as_model(d)}))
     for d, xspec in xdraft_specs.items():
         for k in a.k:
             strategies.append((f"uag k{k} ({d})", {"kind": "uag", "k": k}, {"draft": xspec}))
         for km in a.heuristic:
-            strategies.append((f"uag heuristic k3..{km} ({d})", {"kind": "uag", "k": min(3, km),
-                               "k_schedule": "heuristic", "k_max": km}, {"draft": xspec}))
+            for c in [0.0] + a.confidence:
+                strategies.append((f"uag heuristic k3..{km}{f' conf {c:g}' if c else ''} ({d})",
+                                   {"kind": "uag", "k": min(3, km), "k_schedule": "heuristic", "k_max": km,
+                                    "confidence": c}, {"draft": xspec}))
     sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
     if a.sample_k:      # sampled rows, timed against autoregressive sampling
         strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))

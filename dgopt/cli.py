@@ -123,8 +123,8 @@ def cmd_run(a) -> int:
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
     if "acceptance_rate" in s:
         st = dec.manifest["strategy"]
-        varies = "k adapts" if st.get("k_schedule") == "heuristic" else (
-            f"the draft stops below confidence {st['confidence']}" if st.get("confidence") else "")
+        varies = ", ".join(([] if st.get("k_schedule") != "heuristic" else ["k adapts"])
+                           + ([f"stops below confidence {st['confidence']}"] if st.get("confidence") else []))
         accepted += f"; draft acceptance {s['acceptance_rate']:.2f}" + (
             f" of {s['mean_k']:.1f} proposals per step ({varies})" if varies else "") + ", " + (
             "draft and target fused in one call per step" if s.get("fused")
