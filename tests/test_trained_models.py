@@ -184,3 +184,28 @@ def test_confidence_stop_drafts_less_for_about_the_same_tokens(compiled):
             got[conf] = (_run_prompts(dec, ref, prompts), proposed / steps)
         (tps0, k0), (tps, k) = got[0.0], got[0.3]
         assert k < 0.95 * k0 and tps > 0.97 * tps0, (kind, got)
+
+
+def test_uag_batch_stats_count_each_rows_candidates(compiled, monkeypatch):
+    """A batch step verifies as many positions as its longest row has; acceptance and mean_k count each row's own
+    candidates (code-draft-xtok-sd's 3 tokens re-encode to 1-3 of code-tiny's), not that width."""
+    import numpy as np
+    from dgopt.runtime import multitoken
+    ref = compiled("code-tiny")
+    dec = compiled("code-tiny", "code-draft-xtok-sd", kind="uag", k=3)
+    counts, propose = [], multitoken._XTokDrafter.propose
+
+    def recording(self):
+        out = propose(self)
+        counts.append(self.counts.copy())
+        return out
+    monkeypatch.setattr(multitoken._XTokDrafter, "propose", recording)
+    prompts = [dec.encode(p) for p in PY_PROMPTS[:4]]
+    res = dec.generate(prompts, max_new_tokens=48)
+    assert res.ids == ref.generate(prompts, max_new_tokens=48).ids
+    c = np.stack(counts)
+    assert any(len(set(r[r > 0].tolist())) > 1 for r in c)      # a step whose rows have different counts
+    rows = sum(res.stats["accepted_hist"].values())
+    assert res.stats["mean_k"] == round(int(c.sum()) / rows, 3)
+    accepted = sum((int(a) - 1) * n for a, n in res.stats["accepted_hist"].items())
+    assert res.stats["acceptance_rate"] == round(accepted / int(c.sum()), 4)

@@ -544,7 +544,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
 
         emitted: list[list[int] | None] = [None] * B
         active = ~done
-        proposed += kk * int(active.sum())
+        # uag: each row's own candidates (a batch step is as wide as its longest row's)
+        proposed += int(drafter.counts[active].sum()) if isinstance(drafter, _XTokDrafter) else kk * int(active.sum())
         for b in range(B):
             if done[b]:
                 continue
