@@ -70,11 +70,12 @@ class _Slots:
         self.n += k
 
     def append_prefix(self, m: np.ndarray, k: int) -> None:
-        """k slots of which row b's first m[b] hold committed tokens (accepted proposals), the rest are holes."""
+        """k slots of which row b's first min(m[b], k) hold committed tokens (accepted proposals), the rest are
+        holes."""
         self._room(k)
         blk = self.buf[:, self.n:self.n + k]
         if len(m) == 1:     # one row: two slice writes instead of an [1, k] comparison and a where
-            m0 = int(m[0])
+            m0 = min(int(m[0]), k)
             blk[0, :m0], blk[0, m0:] = 0.0, MASK_MIN
         else:
             blk[:] = np.where(_arange(k)[None, :] < m[:, None], 0.0, MASK_MIN)
@@ -197,11 +198,12 @@ class _Drafter:
         self.dpad = dec.manifest["draft"]["model"]["pad_token_id"]
 
     def _inputs(self, ids, valid_blk, pos) -> tuple:
-        """ids, positions and mask of a block fed to the draft; its slots join the draft's slot map."""
+        """ids, positions and mask of a block fed to the draft (valid_blk None: every slot valid); its slots join
+        the draft's slot map."""
         if self.dvocab < self.tvocab:       # a smaller draft vocabulary: out-of-range ids -> pad
             ids = np.where(ids < self.dvocab, ids, self.dpad)
         mask = self.slots.mask(_causal(ids.shape[1]), valid_blk)
-        self.slots.append(valid_blk)
+        self.slots.append_ones(ids.shape[1]) if valid_blk is None else self.slots.append(valid_blk)
         return ids, pos, mask
 
     def _step(self, ids, valid_blk, pos, out_name: str = "next_token"):
@@ -242,7 +244,7 @@ class _Drafter:
             d = [self._step(self.pend, self.pend_valid, self.pend_pos)]
             last = self.pend_pos[:, -1]
             for i in range(1, self.k):
-                d.append(self._step(d[-1][:, None], np.ones((B, 1), np.int8), (last + i)[:, None]))
+                d.append(self._step(d[-1][:, None], None, (last + i)[:, None]))
             props = np.stack(d, 1)
         # a draft vocabulary larger than the target's can propose ids the target cannot embed: such a proposal can
         # never equal the target's argmax, so any in-range stand-in keeps verification exact
@@ -251,29 +253,28 @@ class _Drafter:
     def all_accepted(self, m: np.ndarray, active: np.ndarray) -> bool:
         return bool((m[active] == self.n).all())
 
-    def accept(self, m: np.ndarray, chain: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray, cache=None):
-        """Mask the rejected proposals out of the draft's cache; fused: it is part of the step's `cache`, returned."""
+    def accept(self, m: np.ndarray, last: np.ndarray, new_x_pos: np.ndarray, proposals: np.ndarray, cache=None):
+        """Mask the rejected proposals out of the draft's cache; fused: it is part of the step's `cache`, returned.
+        last: each row's last committed token (the bonus token), the draft's next input."""
         # d_1..d_{n-1} are in the draft's cache (n: the proposals made, k or fewer where the chain stopped early):
         # the rejected ones stay as masked holes (compacted rarely)
         self.n = n = proposals.shape[-1]
         self.slots.n = self.base
-        self.slots.append_prefix(np.minimum(m, n - 1), n - 1)
+        self.slots.append_prefix(m, n - 1)
         idx = self.slots.compaction()
         if idx is not None and self.fused:
             cache = self.sess.select(cache, idx, part="draft_past")
         elif idx is not None:
             self.cache = self.sess.select(self.cache, idx)
-        B = len(m)
         full = m == n                                       # d_n accepted but never fed to the draft
-        q = 2 if full.any() else 1
-        self.pend = np.zeros((B, q), np.int64)
-        self.pend_valid = np.zeros((B, q), np.int8)
-        self.pend_pos = np.zeros((B, q), np.int64)
-        self.pend[:, -1], self.pend_valid[:, -1], self.pend_pos[:, -1] = chain[np.arange(B), m], 1, new_x_pos
-        if q == 2:
-            self.pend[:, 0] = proposals[:, 0, -1]
-            self.pend_valid[:, 0] = full
-            self.pend_pos[:, 0] = new_x_pos - 1
+        if not full.any():          # the usual step: the bonus token alone, valid in every row
+            self.pend, self.pend_valid, self.pend_pos = last[:, None], None, new_x_pos[:, None]
+            return cache
+        B = len(m)
+        self.pend = np.stack([proposals[:, 0, -1], last], 1)
+        self.pend_valid = np.ones((B, 2), np.int8)
+        self.pend_valid[:, 0] = full
+        self.pend_pos = np.stack([new_x_pos - 1, new_x_pos], 1)
         return cache
 
 
@@ -574,7 +575,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             break
 
         # next x-block: the last accepted token of each row
-        last = chain[np.arange(B), m]
+        last = chain[_arange(B), m]
         x_ids = np.where(done, dec.pad, last)[:, None]
         # finished rows stay where they are: their positions must not run past the model's position table
         x_pos = np.where(done, pos_last, pos_last + m + 1)[:, None]
@@ -591,7 +592,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         elif isinstance(drafter, _XTokDrafter):
             drafter.accept(done)
         elif speculative:
-            cache = drafter.accept(m, chain, x_pos[:, 0], cands, cache)
+            cache = drafter.accept(m, last, x_pos[:, 0], cands, cache)
         elif not lookahead:
             for b in range(B):
                 rest = list(chain[b, m[b] + 1:])
