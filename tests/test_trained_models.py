@@ -209,3 +209,17 @@ def test_uag_batch_stats_count_each_rows_candidates(compiled, monkeypatch):
     assert res.stats["mean_k"] == round(int(c.sum()) / rows, 3)
     accepted = sum((int(a) - 1) * n for a, n in res.stats["accepted_hist"].items())
     assert res.stats["acceptance_rate"] == round(accepted / int(c.sum()), 4)
+
+
+@pytest.mark.parametrize("draft,kind", [("code-draft-sd", "speculative"), ("code-draft-xtok-sd", "uag")])
+def test_one_row_loop_equals_batch_loop_on_trained_pairs(draft, kind, compiled):
+    """The shipped specs' settings (k 3..12, confidence 0.4): speculative_row's loop and the batch loop give the same
+    tokens and stats for each prompt (uag's candidate counts vary per step here)."""
+    from dgopt.runtime.multitoken import generate_multitoken
+    dec = compiled("code-tiny", draft, kind=kind, k=3, k_schedule="heuristic", k_max=12, confidence=0.4)
+    keys = ("steps", "new_tokens", "accepted_hist", "stop", "acceptance_rate", "mean_k", "cache_compactions")
+    for p in PY_PROMPTS[:6]:
+        ids = dec.encode(p)
+        fast, slow = dec.generate(ids, max_new_tokens=96), generate_multitoken(dec, [ids], 96, one_row=False)
+        assert fast.ids == slow.ids
+        assert {k: fast.stats[k] for k in keys} == {k: slow.stats[k] for k in keys}

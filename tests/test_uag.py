@@ -70,6 +70,20 @@ def test_uag_greedy_exact_batch1_and_batch4(draft, schedule, confidence, pair, t
     # trained pairs (test_trained_models.py) check that translation keeps what the draft gets right
 
 
+@pytest.mark.parametrize("schedule,confidence", [("constant", 0.0), ("heuristic", 0.0), ("heuristic", 0.0045)])
+def test_uag_one_row_loop_equals_batch_loop(schedule, confidence, pair, tmp_path):
+    """One prompt takes speculative_row's loop: the same tokens and stats as the batch loop for that prompt."""
+    from dgopt.runtime.multitoken import generate_multitoken
+    from test_speculative_row import SAME_STATS
+    dec = compile_uag(tmp_path, pair, schedule=schedule, confidence=confidence)
+    for p, ref in zip(pair["prompts"], pair["refs"]):
+        fast, slow = dec.generate(p, max_new_tokens=NEW), generate_multitoken(dec, [p], NEW, one_row=False)
+        assert fast.ids == slow.ids == [ref]
+        assert {s: fast.stats[s] for s in SAME_STATS if s != "fused"} == \
+            {s: slow.stats[s] for s in SAME_STATS if s != "fused"}
+        assert "draft_s" in fast.stats and "fused" not in fast.stats
+
+
 def test_uag_O0_equals_O2_and_repeated_calls(pair, tmp_path):
     d0, d2 = compile_uag(tmp_path, pair, k=3, opt_level=0), compile_uag(tmp_path, pair, k=3, opt_level=2)
     r0, r2 = d0.generate(pair["prompts"], max_new_tokens=NEW), d2.generate(pair["prompts"], max_new_tokens=NEW)

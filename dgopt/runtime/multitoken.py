@@ -402,8 +402,8 @@ class _XTokDrafter:
 
 def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_token=None,
                         seed: int | None = None, one_row: bool = True) -> GenerateResult:
-    """one_row: a single prompt of fused greedy speculative decoding takes speculative_row's leaner loop (same
-    tokens and stats; False forces this one, for the tests that compare them)."""
+    """one_row: a single prompt of greedy fused speculative decoding or greedy uag takes speculative_row's leaner
+    loop (same tokens and stats; False forces this one, for the tests that compare them)."""
     st = dec.manifest["strategy"]
     sampled = dec.manifest["sampling"]["kind"] == "sample"
     lookahead = st["kind"] == "lookahead"
@@ -423,7 +423,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     if budget < 1:
         raise ValueError(f"prompt of {L} tokens plus the strategy's {span} lookahead positions leaves no room "
                          f"under target.max_seq_len {dec.max_seq_len}")
-    if one_row and B == 1 and st["kind"] == "speculative" and dec.draft_session is None and not sampled:
+    if one_row and B == 1 and not sampled and (st["kind"] == "uag" or
+                                               st["kind"] == "speculative" and dec.draft_session is None):
         from .speculative_row import generate_speculative_row
         return generate_speculative_row(dec, rows[0], max_new_tokens, budget, on_token)
     # sampling: rejection sampling against the draft's q (speculative), else the draws are matched against guesses

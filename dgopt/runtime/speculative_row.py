@@ -1,5 +1,6 @@
-"""One row of fused greedy speculative decoding: generate_multitoken's algorithm for the case users run most (one
-prompt, draft and verification in one step graph), with Python ints where the batch loop keeps [B] arrays.
+"""One row of greedy speculative decoding (fused: draft and verification in one step graph) or of greedy UAG:
+generate_multitoken's algorithm for the case users run most, one prompt, with Python ints where the batch loop
+keeps [B] arrays.
 
 Each step costs one session call plus this bookkeeping; on the 2-core CPU with code-tiny + code-draft-sd the
 bookkeeping, not the call, was what separated the speculative step from the autoregressive one (the batch loop's
@@ -14,7 +15,7 @@ from collections import Counter
 import numpy as np
 
 from .decoder import GenerateResult
-from .multitoken import _arange, _causal, _Slots
+from .multitoken import _arange, _causal, _Slots, _XTokDrafter
 
 __all__ = ["generate_speculative_row"]
 
@@ -33,37 +34,52 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
     if has_seen:
         seen = np.zeros((1, tvocab), np.float32)
         seen[0, row] = 1.0
-    tslots, dslots = _Slots(1), _Slots(1)           # the target's and the draft's cache slots
+    tslots, dslots = _Slots(1), _Slots(1)           # the target's and (fused) the draft's cache slots
     cache = sess.new_cache(1)
     L = len(row)
     x = np.array([row], np.int64)                   # the x-block: the prompt, then each step's bonus token
     x0 = 0                                          # its first position
-    pend, pend_pos = x, _arange(L)[None]            # what the draft has not seen yet
+    pend, pend_pos = x, _arange(L)[None]            # what the draft has not seen yet (fused)
+    seq = list(row)                                 # uag: the committed ids its drafter re-encodes as text
+    xtok = _XTokDrafter(dec, [seq], k) if st["kind"] == "uag" else None
     out_ids: list[int] = []
     reason = "max_new_tokens"
     hist: Counter = Counter()
     steps = proposed = 0
+    t_draft = 0.0
     t0 = time.perf_counter()
     t_prefill = None
     while True:
-        qx, qd = x.shape[1], pend.shape[1]
-        if dvocab < tvocab:         # a smaller draft vocabulary: ids it cannot embed -> its pad
-            pend = np.where(pend < dvocab, pend, dpad)
-        dmask = dslots.mask(_causal(qd))
-        base = dslots.n + qd
-        dslots.append_ones(qd + k - 1)              # the pending block, then d_1..d_{k-1}
-        feeds = {"draft_ids": pend, "draft_position_ids": pend_pos, "draft_mask": dmask, "x_ids": x,
-                 "verify_position_ids": (x0 + _arange(qx + k))[None], "verify_mask": tslots.mask(_causal(qx + k))}
-        if has_k:
-            feeds["draft_k"] = np.array(k, np.int64)
+        qx = x.shape[1]
+        if xtok is not None:        # the draft's own call: its proposals re-tokenized for the target
+            td = time.perf_counter()
+            cands = xtok.propose()
+            t_draft += time.perf_counter() - td
+            kk = cands.shape[2]
+            feeds = {"verify_ids": np.concatenate([x, cands[0]], 1), "candidates": cands}
+        else:
+            kk, qd = k, pend.shape[1]
+            if dvocab < tvocab:     # a smaller draft vocabulary: ids it cannot embed -> its pad
+                pend = np.where(pend < dvocab, pend, dpad)
+            feeds = {"draft_ids": pend, "draft_position_ids": pend_pos, "draft_mask": dslots.mask(_causal(qd)),
+                     "x_ids": x}
+            base = dslots.n + qd
+            dslots.append_ones(qd + k - 1)          # the pending block, then d_1..d_{k-1}
+            if has_k:
+                feeds["draft_k"] = np.array(k, np.int64)
+        feeds["verify_position_ids"] = (x0 + _arange(qx + kk))[None]
+        feeds["verify_mask"] = tslots.mask(_causal(qx + kk))
         if has_seen:
             feeds["seen"] = seen
         out, present = sess.run(feeds, cache)
         steps += 1
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
-        props = out["proposals"]
-        n = props.shape[1]                          # k, or fewer where the chain stopped early
+        if xtok is None:
+            props = out["proposals"]
+            n = props.shape[1]                      # k, or fewer where the chain stopped early
+        else:
+            n = kk
         a = int(out["accept_len"][0])
         m = a - 1
         got = out["accept_tokens"][0, :a].tolist()
@@ -73,7 +89,7 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
         idx = tslots.compaction()
         cache = present if idx is None else sess.select(present, idx)
         hist[a] += 1
-        proposed += n
+        proposed += n if xtok is None else int(xtok.counts[0])
         done = False
         for i, t in enumerate(got):
             out_ids.append(t)
@@ -83,6 +99,7 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
             if len(out_ids) >= budget:
                 done, got = True, got[:i + 1]
                 break
+        seq.extend(got)
         if seen is not None:
             seen[0, got] = 1.0
         if on_token:
@@ -93,6 +110,10 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
         last = got[m]
         x0 = x0 + qx + m                            # the bonus token's position
         x = np.array([[last]], np.int64)
+        if xtok is not None:
+            if adaptive:        # transformers' heuristic on the draft's own tokens, as in the batch loop
+                xtok.k = min(xtok.k + 2, K) if m >= xtok.counts[0] else max(xtok.k - 1, 1)
+            continue
         # draft: d_1..d_{n-1} are in its cache, the rejected ones masked; d_n, when accepted, was never fed to it
         dslots.n = base
         dslots.append_prefix((m,), n - 1)
@@ -109,7 +130,7 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
     if reason == "max_new_tokens" and len(out_ids) < max_new_tokens:
         reason = "max_seq_len"
     elapsed = time.perf_counter() - t0
-    return GenerateResult([out_ids], None, {
+    stats = {
         "steps": steps, "new_tokens": len(out_ids), "batch": 1,
         "tokens_per_step": round(len(out_ids) / steps, 4),
         "accepted_hist": {str(a): c for a, c in sorted(hist.items())},
@@ -117,4 +138,9 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
         "tokens_per_s": round(len(out_ids) / max(elapsed, 1e-9), 2), "stop": [reason],
         "acceptance_rate": round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4),
         "mean_k": round(proposed / max(steps, 1), 3),
-        "cache_compactions": tslots.compactions + dslots.compactions, "fused": True})
+        "cache_compactions": tslots.compactions + dslots.compactions}
+    if xtok is None:
+        stats["fused"] = True
+    else:
+        stats["draft_s"], stats["target_s"] = round(t_draft, 6), round(elapsed - t_draft, 6)
+    return GenerateResult([out_ids], None, stats)
