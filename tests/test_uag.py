@@ -38,12 +38,12 @@ def pair(tmp_path_factory):
     return {"target": target, "draft": draft, "same": same, "prompts": prompts, "refs": refs}
 
 
-def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2, schedule="constant", confidence=0.0):
+def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2, schedule="constant", confidence=0.0, penalty=1.0):
     spec = {"model": {"path": str(pair["target"])}, "draft": {"path": str(pair[draft])},
             "strategy": {"kind": "uag", "k": k, "k_schedule": schedule, "k_max": 6, "confidence": confidence},
-            "target": {"max_seq_len": 256}}
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"uag-{draft}-{k}-{opt_level}-{schedule}-{confidence}",
-                                    opt_level=opt_level))
+            "sampling": {"kind": "greedy", "repetition_penalty": penalty}, "target": {"max_seq_len": 256}}
+    return dgopt.load(dgopt.compile(
+        spec, tmp_path / f"uag-{draft}-{k}-{opt_level}-{schedule}-{confidence}-{penalty}", opt_level=opt_level))
 
 
 @pytest.mark.parametrize("draft,schedule,confidence", [
@@ -70,13 +70,21 @@ def test_uag_greedy_exact_batch1_and_batch4(draft, schedule, confidence, pair, t
     # trained pairs (test_trained_models.py) check that translation keeps what the draft gets right
 
 
-@pytest.mark.parametrize("schedule,confidence", [("constant", 0.0), ("heuristic", 0.0), ("heuristic", 0.0045)])
-def test_uag_one_row_loop_equals_batch_loop(schedule, confidence, pair, tmp_path):
-    """One prompt takes speculative_row's loop: the same tokens and stats as the batch loop for that prompt."""
+@pytest.mark.parametrize("schedule,confidence,penalty", [("constant", 0.0, 1.0), ("heuristic", 0.0, 1.0),
+                                                      ("heuristic", 0.0045, 1.0), ("heuristic", 0.0, 1.8)])
+def test_uag_one_row_loop_equals_batch_loop(schedule, confidence, penalty, pair, tmp_path):
+    """One prompt takes speculative_row's loop: the same tokens and stats as the batch loop for that prompt, both
+    equal to transformers generate (with a repetition penalty too: the one-row loop keeps `seen` itself)."""
     from dgopt.runtime.multitoken import generate_multitoken
     from test_speculative_row import SAME_STATS
-    dec = compile_uag(tmp_path, pair, schedule=schedule, confidence=confidence)
-    for p, ref in zip(pair["prompts"], pair["refs"]):
+    dec = compile_uag(tmp_path, pair, schedule=schedule, confidence=confidence, penalty=penalty)
+    refs = pair["refs"]
+    if penalty != 1.0:
+        model = config_model({**TINY["llama"], "vocab_size": dec.vocab_size}, 0).eval()
+        refs = [hf_greedy(model, p, NEW, repetition_penalty=penalty) for p in pair["prompts"]]
+        assert refs != pair["refs"]
+        assert "seen" in dec.session.inputs
+    for p, ref in zip(pair["prompts"], refs):
         fast, slow = dec.generate(p, max_new_tokens=NEW), generate_multitoken(dec, [p], NEW, one_row=False)
         assert fast.ids == slow.ids == [ref]
         assert {s: fast.stats[s] for s in SAME_STATS if s != "fused"} == \
