@@ -49,8 +49,9 @@ def main():
                     "(target.forward: direct, no onnxruntime contrib ops)")
     ap.add_argument("--heuristic", nargs="*", type=int, default=[8], help="k_max of speculative and uag rows with "
                     "k_schedule heuristic (k + 2 after a step that accepted all, else k - 1; starting at k 3)")
-    ap.add_argument("--confidence", nargs="*", type=float, default=[0.3], help="the heuristic rows again with "
-                    "strategy.confidence (the draft's chain stops after a proposal it gives less than this)")
+    ap.add_argument("--confidence", nargs="*", type=float, default=[0.4], help="the heuristic rows again with "
+                    "strategy.confidence (the draft's chain stops after a proposal it gives less than this; 0.4: "
+                    "the shipped specs')")
     ap.add_argument("--k", nargs="*", type=int, default=[2, 4], help="speculative / uag proposal lengths")
     ap.add_argument("--unfused-k", nargs="*", type=int, default=[3], help="also time these k with the draft in its "
                     "own draft.onnx (strategy.fused false: two calls per step) beside the fused step")
