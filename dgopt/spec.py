@@ -158,9 +158,11 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
     if spec.strategy.draft_loop and spec.sampling.kind == "sample":
         field = "k_schedule" if spec.strategy.k_schedule == "heuristic" else "confidence"
+        why = ("speculative sampling needs the draft's distribution at each proposal" if spec.strategy.kind ==
+               "speculative" else "uag sampling matches draws against a fixed width of k candidates")
         raise SpecError(f"spec field 'strategy.{field}': {'heuristic' if field == 'k_schedule' else 'an early stop'} "
-                        "runs the draft chain as a loop, which proposes greedily; speculative sampling needs the "
-                        "draft's distribution at each proposal: use k_schedule constant and confidence 0")
+                        f"runs the draft chain as a loop of varying length, greedy only; {why}: use k_schedule "
+                        "constant and confidence 0")
     if spec.strategy.kind in MULTI_TOKEN and spec.sampling.kind == "sample" and spec.sampling.noise != "precomputed":
         raise SpecError(f"spec field 'sampling.noise': {spec.strategy.kind} sampling draws its noise on the host; "
                         "use precomputed")

@@ -122,6 +122,7 @@ def test_confidence_O0_equals_O2_and_dump_recompiles(draft, refs, tmp_path):
 
 @pytest.mark.parametrize("strategy,sampling,match", [
     ({"kind": "speculative", "confidence": 0.4}, {"kind": "sample"}, "strategy.confidence': an early stop runs"),
+    ({"kind": "uag", "confidence": 0.4}, {"kind": "sample"}, "uag sampling matches draws against a fixed width"),
     ({"kind": "jacobi", "confidence": 0.4}, {}, "confidence needs strategy speculative or uag"),
     ({"kind": "speculative", "confidence": 1.0}, {}, "strategy.confidence"),
 ])
