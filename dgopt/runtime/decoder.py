@@ -124,7 +124,7 @@ class Decoder:
 
         needs = self.session.inputs
         sseed = self.manifest["sampling"].get("seed", 0) if seed is None else seed
-        noise = {name: NoiseStream(name, sseed, (B,) if name == "uniform" else (B, self.vocab_size))
+        noise = {name: NoiseStream(name, sseed, (B,) if name == "uniform" else (B, self.vocab_size), total=budget)
                  for name in ("uniform", "gumbel") if name in needs}
         seen = None
         if "seen" in needs:

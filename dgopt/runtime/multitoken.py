@@ -433,11 +433,14 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     if rejection:   # two independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
         streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(2)
         # the draft's proposals: drawn in a fused step's graph (k uniforms per row) or on the host (one per call)
-        noise = {"draft": NoiseStream("uniform", streams[0], (B, K) if dec.draft_session is None else (B, 1)),
-                 "accept_uniform": NoiseStream("uniform", streams[1], (B, K + 1))}   # k tests + the one draw
+        # every step commits >= 1 token per unfinished row: at most `budget` steps
+        fused = dec.draft_session is None
+        noise = {"draft": NoiseStream("uniform", streams[0], (B, K) if fused else (B, 1),
+                                      total=budget if fused else budget * K),
+                 "accept_uniform": NoiseStream("uniform", streams[1], (B, K + 1), total=budget)}  # k tests + 1 draw
     elif sampled:   # one uniform per verified depth, shared by the guesses
         noise = {"depth_uniform": NoiseStream("uniform", dec.manifest["sampling"]["seed"] if seed is None else seed,
-                                              (B, K + 1))}
+                                              (B, K + 1), total=budget)}
 
     # prefill: the x-block is the left-padded prompt
     x_ids = np.full((B, L), dec.pad, np.int64)
