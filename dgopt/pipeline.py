@@ -29,7 +29,8 @@ def _passes():
 OPT_LEVELS: dict[int, list[str]] = {
     0: [],
     1: ["eliminate_softmax_before_argmax", "eliminate_dead_nodes"],
-    2: ["eliminate_softmax_before_argmax", "fuse_gumbel_sampling", "merge_forwards", "eliminate_dead_nodes"],
+    2: ["eliminate_softmax_before_argmax", "fuse_gumbel_sampling", "fuse_draft_top_k_sampling", "merge_forwards",
+        "eliminate_dead_nodes"],
 }
 
 

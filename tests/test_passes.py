@@ -102,3 +102,89 @@ def test_pass_does_not_mutate_its_input():
     fp = g.fingerprint()
     EliminateDeadNodes()(EliminateSoftmaxBeforeArgmax()(g).graph)
     assert g.fingerprint() == fp
+
+
+def _draft_sampler(k=10, temperature=0.7, with_verify=True):
+    """A sampled draft's pick: multinomial(softmax(top_k(x / T))), its q read by verify_sample (as the fused
+    speculative step does) or, with_verify False, returned as an output."""
+    g = Graph()
+    x = g.add("input", attrs={"name": "logits", "type": "logits"}, id="logits")
+    u = g.add("input", attrs={"name": "u", "type": "uniform"}, id="u")
+    t = g.add("temperature", [x], {"value": temperature}, id="draft0/temperature")
+    sm = g.add("softmax", [g.add("top_k", [t], {"k": k}, id="draft0/top_k")], id="draft0/softmax")
+    tok = g.add("multinomial", [sm, u], id="draft0/multinomial")
+    g.set_output("token", tok)
+    if with_verify:
+        q = g.add("as_seq", [sm], id="draft0/q")
+        vl = g.add("input", attrs={"name": "verify_logits", "type": "logits"}, id="verify_logits")
+        cands = g.add("to_candidates", [g.add("input", attrs={"name": "d", "type": "tokens"}, id="d")])
+        us = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
+        v = g.add("verify_sample", [vl, cands.out("candidates"), q, us], {"length": 1}, id="verify/accept")
+        g.set_output("accept_len", v.out("accept_len"))
+    else:
+        g.set_output("q", sm)
+    return g
+
+
+def test_fuse_draft_top_k_sampling_structure():
+    from dgopt.passes import FuseDraftTopKSampling
+    g = _draft_sampler()
+    res = FuseDraftTopKSampling()(g)
+    assert res.modified
+    verify(res.graph)
+    after = EliminateDeadNodes()(res.graph).graph
+    assert not {"multinomial", "softmax", "top_k", "temperature"} & set(after.ops())
+    fused = after.find("sample_top_k")
+    assert len(fused) == 1 and fused[0].attrs == {"k": 10, "temperature": 0.7}
+    assert after.node("draft0/q").inputs[0] == fused[0].out("probs")
+    assert not FuseDraftTopKSampling()(res.graph).modified                               # idempotent
+    # q that is not only a draft's proposal distribution (here: an output) stays exact per draw: no rewrite
+    assert not FuseDraftTopKSampling()(_draft_sampler(with_verify=False)).modified
+
+
+def test_fuse_draft_top_k_sampling_in_the_pipeline():
+    """Every proposal of a sampled fused speculative step is rewritten; the target's own sampler, and a draft whose
+    chain ends in top_p, are not."""
+    from dgopt.pipeline import build_ir, optimize
+    from dgopt.spec import spec_from_dict
+    from conftest import tiny_spec
+
+    def ops(strategy, sampling, draft=True):
+        spec = tiny_spec(strategy=strategy, sampling={"kind": "sample", **sampling})
+        if draft:
+            spec["draft"] = {"config": spec["model"]["config"], "seed": 1}
+        s = spec_from_dict(spec)
+        return optimize(build_ir(s), s)[0].ops()
+    o = ops({"kind": "speculative", "k": 3}, {"temperature": 0.8, "top_k": 6})
+    assert o.count("sample_top_k") == 3 and "multinomial" not in o and "top_k" in o     # top_k: the verifier's
+    assert "sample_top_k" not in ops({"kind": "speculative", "k": 3}, {"top_k": 6, "top_p": 0.9})
+    assert "sample_top_k" not in ops({"kind": "autoregressive"}, {"top_k": 6}, draft=False)
+
+
+def test_fuse_draft_top_k_sampling_numerics():
+    """q equals the unfused softmax(top_k(x / T)) (reference and ONNX, rows with -inf scores); the lowered op's draws
+    equal the reference's; and over a grid of N uniforms each token is drawn N * q times (+-1): a draw from q."""
+    g = _draft_sampler(with_verify=False)
+    after = Graph()                                      # what the pass puts in its place
+    f = after.add("sample_top_k", [after.add("input", attrs={"name": "logits", "type": "logits"}),
+                                   after.add("input", attrs={"name": "u", "type": "uniform"})],
+                  {"k": 10, "temperature": 0.7})
+    after.set_output("token", f.out("token"))
+    after.set_output("q", f.out("probs"))
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, V)) * 3).astype(np.float32)
+    x[:4, :V // 2] = -np.inf                             # a draft lacking ids (to_target_vocab's fill)
+    u = rng.random(64).astype(np.float32)
+    ref_q = run_graph(g, {"logits": torch.from_numpy(x), "u": torch.from_numpy(u)})["q"].numpy()
+    onnx_q = run_onnx(g, {"logits": x, "u": u})["q"]
+    ref = run_graph(after, {"logits": torch.from_numpy(x), "u": torch.from_numpy(u)})
+    got = run_onnx(after, {"logits": x, "u": u})
+    np.testing.assert_allclose(ref["q"].numpy(), ref_q, atol=1e-6)
+    np.testing.assert_allclose(got["q"], onnx_q, atol=1e-6)
+    assert not np.isnan(got["q"]).any()
+    assert (got["token"] == ref["token"].numpy()).all()
+    N = 4000
+    row = np.repeat(x[4:5], N, 0)
+    grid = ((np.arange(N) + 0.5) / N).astype(np.float32)
+    counts = np.bincount(run_onnx(after, {"logits": row, "u": grid})["token"], minlength=V)
+    assert (np.abs(counts - N * got["q"][4]) <= 1.0 + 1e-3 * N).all(), (counts, N * got["q"][4])

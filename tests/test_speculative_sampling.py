@@ -33,11 +33,17 @@ def exact():
     return _exact()
 
 
-def compile_sampler(tmp_path, draft, opt_level=2, k=3, fused=True, penalty=1.0):
+def compile_sampler(tmp_path, draft, opt_level=2, k=3, fused=True, penalty=1.0, disable=()):
     spec = tiny_spec("llama", strategy={"kind": "speculative", "k": k, "fused": fused},
                      sampling={**SAMPLING, "repetition_penalty": penalty}, target={"max_batch": BATCH})
     spec["draft"] = draft
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"ss-{opt_level}-{k}-{fused}-{penalty}", opt_level=opt_level))
+    out = tmp_path / f"ss-{opt_level}-{k}-{fused}-{penalty}-{'-'.join(disable)}"
+    return dgopt.load(dgopt.compile(spec, out, opt_level=opt_level, disable=list(disable)))
+
+
+def _draft_top_k_fused(dec) -> int:
+    """How many proposals the fuse_draft_top_k_sampling pass rewrote in this artifact's step graph."""
+    return (dec.path / "ir.yaml").read_text().count("op: sample_top_k")
 
 
 def _chi2(counts: dict, probs: dict, n: int) -> float:
@@ -52,6 +58,8 @@ def test_first_token_and_joint_match_target_distribution(name, fused, penalty, d
     With a repetition penalty the second token's distribution depends on the first (it is penalised once drawn):
     the joint checks that the verified position after d_1 sees d_1."""
     dec = compile_sampler(tmp_path, drafts[name], fused=fused, penalty=penalty)
+    # fused, -O2: the draft draws from its top-k alone (fuse_draft_top_k_sampling), tested here end to end
+    assert _draft_top_k_fused(dec) == (3 if fused else 0)
     if penalty != 1.0:
         exact = _exact(penalty)
     assert dec.draft_session is None if fused else dec.draft_session is not None
@@ -72,7 +80,11 @@ def test_first_token_and_joint_match_target_distribution(name, fused, penalty, d
 
 
 def test_seeded_repeatable_and_O0_equals_O2(drafts, tmp_path):
-    d0, d2 = compile_sampler(tmp_path, drafts["noisy"], 0), compile_sampler(tmp_path, drafts["noisy"], 2)
+    """Per seed, -O2 equals -O0 but for fuse_draft_top_k_sampling, which is exact in distribution only (its draft
+    draws in another order: the chi-square tests above cover it)."""
+    d0 = compile_sampler(tmp_path, drafts["noisy"], 0)
+    d2 = compile_sampler(tmp_path, drafts["noisy"], 2, disable=("fuse_draft_top_k_sampling",))
+    assert _draft_top_k_fused(d2) == 0
     a = d2.generate(PROMPTS[:4], max_new_tokens=24, seed=7)
     assert a.ids == d2.generate(PROMPTS[:4], max_new_tokens=24, seed=7).ids == \
         d0.generate(PROMPTS[:4], max_new_tokens=24, seed=7).ids

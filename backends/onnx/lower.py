@@ -316,6 +316,22 @@ def _multinomial(b, node, ins):
     b.names[node.out()] = b.op("Min", [idx, b.const(b.V - 1, np.int64)])
 
 
+def _sample_top_k(b, node, ins):
+    # [B, k] work instead of [B, V]: the k values' softmax and inverse CDF, one scatter for q (verification's input)
+    x, u = ins
+    k = min(node.attrs["k"], b.V)
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    vals, idx = b.op("TopK", [x, i64([k])], n_out=2, axis=-1, largest=1, sorted=1)
+    sm = b.op("Softmax", [b.op("Div", [vals, b.const(node.attrs["temperature"])])], axis=-1)
+    cdf = b.op("CumSum", [sm, i64(-1)])
+    thr = b.op("Mul", [b.op("Unsqueeze", [u, i64([-1])]), b.op("Slice", [cdf, i64([-1]), i64([k]), i64([-1])])])
+    j = b.op("Min", [b.op("ReduceSum", [b.op("Cast", [b.op("LessOrEqual", [cdf, thr])], to=I64), i64([-1])],
+                          keepdims=1), i64(k - 1)])
+    b.names[node.out("token")] = b.op("Squeeze", [b.op("GatherElements", [idx, j], axis=1), i64([1])])
+    zeros = b.op("Expand", [b.const(np.zeros((1, b.V), np.float32)), b.op("Shape", [x])])  # x may hold -inf: no x*0
+    b.names[node.out("probs")] = b.op("ScatterElements", [zeros, idx, sm], axis=-1)
+
+
 def _random_uniform(b, node, ins):
     like = b.op("ReduceMax", [ins[0], b.const([-1], np.int64)], keepdims=0)      # a [B] template
     b.names[node.out()] = b.op("RandomUniformLike", [like], dtype=F32, low=0.0, high=1.0,
@@ -629,6 +645,7 @@ LOWERINGS = {
     "input": _input, "forward": _forward, "last_position": _last_position,
     "repetition_penalty": _repetition_penalty, "temperature": _temperature, "top_k": _top_k, "top_p": _top_p,
     "min_p": _min_p, "softmax": _softmax, "argmax": _argmax, "multinomial": _multinomial,
+    "sample_top_k": _sample_top_k,
     "random_uniform": _random_uniform, "gumbel_argmax": _gumbel_argmax, "random_gumbel": _random_gumbel,
     "concat_seq": _concat_seq, "merge_masks": _merge_masks, "next_inputs": _next_inputs,
     "to_candidates": _to_candidates,

@@ -55,6 +55,15 @@ def _multinomial(node, ins):
     return (cdf <= thr).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def _sample_top_k(node, ins):
+    x, u = ins
+    vals, idx = torch.topk(x, min(node.attrs["k"], x.shape[-1]), -1)
+    sm = torch.softmax(vals / node.attrs["temperature"], -1)
+    cdf = sm.cumsum(-1)
+    j = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=sm.shape[-1] - 1)
+    return {"token": idx.gather(-1, j)[:, 0], "probs": torch.zeros_like(x).scatter(-1, idx, sm)}
+
+
 def _verify_greedy(node, ins):
     logits, cands = ins
     G, K = node.attrs["guesses"], node.attrs["length"]
@@ -139,6 +148,7 @@ RULES = {
     "softmax": lambda n, i: torch.softmax(i[0], -1),
     "argmax": lambda n, i: i[0].argmax(-1),
     "multinomial": _multinomial,
+    "sample_top_k": _sample_top_k,
     "gumbel_argmax": lambda n, i: (i[0] + i[1]).argmax(-1),
     "concat_seq": lambda n, i: torch.cat(i, 1),
     "as_seq": lambda n, i: i[0][:, None],

@@ -144,6 +144,11 @@ register(OpSchema("argmax", (("x", ("logits", "probs", "logits_seq")),), ("out",
                   type_fn=lambda n: None, doc="First index of the maximum over the vocabulary (as torch.argmax)."))
 register(OpSchema("multinomial", (("probs", ("probs",)), ("u", ("uniform",))), ("out",), ("token",),
                   doc="Inverse-CDF sample: the first index whose cumulative probability exceeds u * total."))
+register(OpSchema("sample_top_k", (("logits", _SCORES), ("u", ("uniform",))), ("token", "probs"), ("token", "probs"),
+                  {"k": Attr(int, required=True, check=_ge1), "temperature": Attr(float, 1.0, check=_pos)},
+                  doc="A draft's proposal from its k largest scores alone: q = softmax(top-k values / T) scattered "
+                      "over the vocabulary (exactly k kept: ties at the k-th are cut), token = inverse-CDF draw of "
+                      "q in descending-score order. Any q is exact for a proposal verify_sample checks against it."))
 register(OpSchema("random_uniform", (("like", ("logits", "probs")),), ("out",), ("uniform",),
                   {"seed": Attr(int, 0)}, impure=True, doc="In-graph U[0,1) per row (ONNX RandomUniformLike)."))
 register(OpSchema("gumbel_argmax", (("logits", _SCORES), ("g", ("gumbel",))), ("out",), ("token",),
