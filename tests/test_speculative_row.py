@@ -1,8 +1,8 @@
-"""One prompt of fused greedy speculative decoding runs speculative_row's loop (Python ints instead of [B] arrays):
-it must give what the batch loop gives for that prompt — the same tokens and the same stats (steps, accepted
-lengths, proposals, cache compactions, stop reasons) — for every kind of fused greedy step: constant k, the
-heuristic, an early stop, a repetition penalty, a draft with a smaller vocabulary, a poor draft whose holes make
-the caches compact, and a budget cut by max_seq_len or max_new_tokens."""
+"""One prompt of fused speculative decoding runs speculative_row's loop (Python ints instead of [B] arrays): it must
+give what the batch loop gives for that prompt — the same tokens and the same stats (steps, accepted lengths,
+proposals, cache compactions, stop reasons) — for every kind of fused step: constant k, the heuristic, an early
+stop, a repetition penalty, a draft with a smaller vocabulary, a poor draft whose holes make the caches compact,
+sampling (same seed, same draws), and a budget cut by max_seq_len or max_new_tokens."""
 import pytest
 
 import dgopt
@@ -27,6 +27,8 @@ def noisy(tmp_path_factory):
     ("penalty", {"k": 3, "k_schedule": "heuristic", "k_max": 6}, {"repetition_penalty": 1.5}, "noisy"),
     ("smaller-vocab", {"k": 3}, {}, {"config": {**TINY["gpt2"], "vocab_size": 200}, "seed": 2}),
     ("weak", {"k": 4}, {}, WEAK),
+    ("sample", {"k": 3}, {"kind": "sample", "temperature": 0.8, "top_k": 6}, "noisy"),
+    ("sample-penalty", {"k": 2}, {"kind": "sample", "top_p": 0.9, "repetition_penalty": 1.5}, "noisy"),
 ])
 def test_one_row_loop_equals_batch_loop(name, strategy, sampling, draft, noisy, tmp_path):
     spec = tiny_spec("llama", strategy={"kind": "speculative", **strategy}, sampling={"kind": "greedy", **sampling})
@@ -34,13 +36,18 @@ def test_one_row_loop_equals_batch_loop(name, strategy, sampling, draft, noisy, 
     dec = dgopt.load(dgopt.compile(spec, tmp_path / name))
     model = hf_model("llama")
     pen = sampling.get("repetition_penalty", 1.0)
+    sampled = sampling.get("kind") == "sample"
     for i, p in enumerate(PROMPTS):
         for new in (48, 230) if i < 2 else (48,):       # 230: max_seq_len 256 cuts the budget
-            fast = dec.generate(p, max_new_tokens=new)
-            slow = generate_multitoken(dec, [p], new, one_row=False)
+            fast = dec.generate(p, max_new_tokens=new, seed=i)
+            slow = generate_multitoken(dec, [p], new, one_row=False, seed=i)
             assert fast.ids == slow.ids, (name, new)
             assert {s: fast.stats[s] for s in SAME_STATS} == {s: slow.stats[s] for s in SAME_STATS}, (name, new)
-        assert fast.ids[0][:48] == hf_greedy(model, p, 48, repetition_penalty=pen)
+        if not sampled:
+            assert fast.ids[0][:48] == hf_greedy(model, p, 48, repetition_penalty=pen)
+    if sampled:     # the seed reaches the one-row loop's noise: another seed, other tokens
+        assert dec.generate(PROMPTS[0], max_new_tokens=48, seed=1).ids != \
+            dec.generate(PROMPTS[0], max_new_tokens=48, seed=2).ids
     if name == "weak":
         assert fast.stats["cache_compactions"] > 0
     seen = []

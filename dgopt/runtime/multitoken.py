@@ -400,10 +400,21 @@ class _XTokDrafter:
         self.done = done.copy()
 
 
+def rejection_noise(dec, seed, B: int, K: int, budget: int) -> tuple[NoiseStream, NoiseStream]:
+    """Speculative sampling's two independent precomputed streams (drawn in bulk off the critical path): the draft's
+    proposals (a fused step's graph takes k uniforms per row; a draft.onnx call one, drawn on the host) and the
+    acceptance tests (k tests + the one residual or bonus draw). Every step commits >= 1 token per unfinished row:
+    at most `budget` steps."""
+    streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(2)
+    fused = dec.draft_session is None
+    return (NoiseStream("uniform", streams[0], (B, K) if fused else (B, 1), total=budget if fused else budget * K),
+            NoiseStream("uniform", streams[1], (B, K + 1), total=budget))
+
+
 def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_token=None,
                         seed: int | None = None, one_row: bool = True) -> GenerateResult:
-    """one_row: a single prompt of greedy fused speculative decoding or greedy uag takes speculative_row's leaner
-    loop (same tokens and stats; False forces this one, for the tests that compare them)."""
+    """one_row: a single prompt of fused speculative decoding (greedy or sampled) or greedy uag takes
+    speculative_row's leaner loop (same tokens and stats; False forces this one, for the tests that compare them)."""
     st = dec.manifest["strategy"]
     sampled = dec.manifest["sampling"]["kind"] == "sample"
     lookahead = st["kind"] == "lookahead"
@@ -423,21 +434,15 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     if budget < 1:
         raise ValueError(f"prompt of {L} tokens plus the strategy's {span} lookahead positions leaves no room "
                          f"under target.max_seq_len {dec.max_seq_len}")
-    if one_row and B == 1 and not sampled and (st["kind"] == "uag" or
-                                               st["kind"] == "speculative" and dec.draft_session is None):
+    fused_spec = st["kind"] == "speculative" and dec.draft_session is None
+    if one_row and B == 1 and (fused_spec or st["kind"] == "uag" and not sampled):
         from .speculative_row import generate_speculative_row
-        return generate_speculative_row(dec, rows[0], max_new_tokens, budget, on_token)
+        return generate_speculative_row(dec, rows[0], max_new_tokens, budget, on_token, seed)
     # sampling: rejection sampling against the draft's q (speculative), else the draws are matched against guesses
     rejection = sampled and st["kind"] == "speculative"
     noise = {}
-    if rejection:   # two independent precomputed streams (NoiseStream: drawn in bulk off the critical path)
-        streams = np.random.SeedSequence(dec.manifest["sampling"]["seed"] if seed is None else seed).spawn(2)
-        # the draft's proposals: drawn in a fused step's graph (k uniforms per row) or on the host (one per call)
-        # every step commits >= 1 token per unfinished row: at most `budget` steps
-        fused = dec.draft_session is None
-        noise = {"draft": NoiseStream("uniform", streams[0], (B, K) if fused else (B, 1),
-                                      total=budget if fused else budget * K),
-                 "accept_uniform": NoiseStream("uniform", streams[1], (B, K + 1), total=budget)}  # k tests + 1 draw
+    if rejection:
+        noise = dict(zip(("draft", "accept_uniform"), rejection_noise(dec, seed, B, K, budget)))
     elif sampled:   # one uniform per verified depth, shared by the guesses
         noise = {"depth_uniform": NoiseStream("uniform", dec.manifest["sampling"]["seed"] if seed is None else seed,
                                               (B, K + 1), total=budget)}

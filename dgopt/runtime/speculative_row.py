@@ -1,6 +1,6 @@
-"""One row of greedy speculative decoding (fused: draft and verification in one step graph) or of greedy UAG:
-generate_multitoken's algorithm for the case users run most, one prompt, with Python ints where the batch loop
-keeps [B] arrays.
+"""One row of speculative decoding (fused: draft and verification in one step graph; greedy or sampled) or of greedy
+UAG: generate_multitoken's algorithm for the case users run most, one prompt, with Python ints where the batch loop
+keeps [B] arrays. Sampled, it draws the same noise streams as the batch loop: same tokens per seed.
 
 Each step costs one session call plus this bookkeeping; on the 2-core CPU with code-tiny + code-draft-sd the
 bookkeeping, not the call, was what separated the speculative step from the autoregressive one (the batch loop's
@@ -15,12 +15,13 @@ from collections import Counter
 import numpy as np
 
 from .decoder import GenerateResult
-from .multitoken import _arange, _causal, _Slots, _XTokDrafter
+from .multitoken import _arange, _causal, _Slots, _XTokDrafter, rejection_noise
 
 __all__ = ["generate_speculative_row"]
 
 
-def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: int, on_token=None) -> GenerateResult:
+def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: int, on_token=None,
+                             seed: int | None = None) -> GenerateResult:
     st = dec.manifest["strategy"]
     adaptive = st.get("k_schedule") == "heuristic"
     K = st["k_max"] if adaptive else st["k"]
@@ -34,6 +35,9 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
     if has_seen:
         seen = np.zeros((1, tvocab), np.float32)
         seen[0, row] = 1.0
+    noise = None
+    if dec.manifest["sampling"]["kind"] == "sample":    # fused speculative: k draft draws, k tests + 1 draw a step
+        noise = rejection_noise(dec, seed, 1, K, budget)
     tslots, dslots = _Slots(1), _Slots(1)           # the target's and (fused) the draft's cache slots
     cache = sess.new_cache(1)
     L = len(row)
@@ -71,6 +75,9 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
         feeds["verify_mask"] = tslots.mask(_causal(qx + kk))
         if has_seen:
             feeds["seen"] = seen
+        if noise:
+            du = noise[0].next()
+            feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(K)}, accept_uniform=noise[1].next())
         out, present = sess.run(feeds, cache)
         steps += 1
         if t_prefill is None:
@@ -127,6 +134,8 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
         if adaptive:    # transformers' heuristic: 2 more after a step that accepted every proposal, else 1 fewer
             k = min(k + 2, K) if m == n else max(k - 1, 1)
 
+    for stream in noise or ():
+        stream.close()
     if reason == "max_new_tokens" and len(out_ids) < max_new_tokens:
         reason = "max_seq_len"
     elapsed = time.perf_counter() - t0
