@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimisation level: -O0 no passes (the baseline), -O1, -O2 (default); see `dgopt passes`")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set model.path=DIR --set sampling.temperature=0.7 (repeatable)")
-    c.add_argument("--disable-pass", action="append", metavar="NAME", help="skip one pass of the pipeline")
+    c.add_argument("--disable-pass", action="append", metavar="NAME",
+                   help="skip one pass of the pipeline (repeatable; names: `dgopt passes`)")
     c.add_argument("--dump-passes", metavar="DIR", help="write the IR after every pass that changed it (each file "
                    "is a complete spec `dgopt compile` accepts)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
