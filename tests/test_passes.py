@@ -174,6 +174,7 @@ def test_fuse_draft_top_k_sampling_numerics():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(64, V)) * 3).astype(np.float32)
     x[:4, :V // 2] = -np.inf                             # a draft lacking ids (to_target_vocab's fill)
+    x[5:7, 5:] = -np.inf                                 # fewer finite scores than k: -inf among the kept ten
     u = rng.random(64).astype(np.float32)
     ref_q = run_graph(g, {"logits": torch.from_numpy(x), "u": torch.from_numpy(u)})["q"].numpy()
     onnx_q = run_onnx(g, {"logits": x, "u": u})["q"]
@@ -181,7 +182,8 @@ def test_fuse_draft_top_k_sampling_numerics():
     got = run_onnx(after, {"logits": x, "u": u})
     np.testing.assert_allclose(ref["q"].numpy(), ref_q, atol=1e-6)
     np.testing.assert_allclose(got["q"], onnx_q, atol=1e-6)
-    assert not np.isnan(got["q"]).any()
+    assert not np.isnan(got["q"]).any() and np.allclose(got["q"].sum(-1), 1.0, atol=1e-5)
+    assert (got["q"][np.arange(64), got["token"]] > 0).all()
     assert (got["token"] == ref["token"].numpy()).all()
     N = 4000
     row = np.repeat(x[4:5], N, 0)

@@ -30,7 +30,11 @@ def noisy(tmp_path_factory):
     ("sample", {"k": 3}, {"kind": "sample", "temperature": 0.8, "top_k": 6}, "noisy"),
     ("sample-penalty", {"k": 2}, {"kind": "sample", "top_p": 0.9, "repetition_penalty": 1.5}, "noisy"),
 ])
-def test_one_row_loop_equals_batch_loop(name, strategy, sampling, draft, noisy, tmp_path):
+def test_one_row_loop_equals_batch_loop(name, strategy, sampling, draft, noisy, tmp_path, monkeypatch):
+    import dgopt.runtime.speculative_row as row_mod
+    calls = []
+    real = row_mod.generate_speculative_row
+    monkeypatch.setattr(row_mod, "generate_speculative_row", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = tiny_spec("llama", strategy={"kind": "speculative", **strategy}, sampling={"kind": "greedy", **sampling})
     spec["draft"] = noisy if draft == "noisy" else draft
     dec = dgopt.load(dgopt.compile(spec, tmp_path / name))
@@ -45,6 +49,7 @@ def test_one_row_loop_equals_batch_loop(name, strategy, sampling, draft, noisy, 
             assert {s: fast.stats[s] for s in SAME_STATS} == {s: slow.stats[s] for s in SAME_STATS}, (name, new)
         if not sampled:
             assert fast.ids[0][:48] == hf_greedy(model, p, 48, repetition_penalty=pen)
+    assert len(calls) == len(PROMPTS) + 2               # every dec.generate above took the one-row loop
     if sampled:     # the seed reaches the one-row loop's noise: another seed, other tokens
         assert dec.generate(PROMPTS[0], max_new_tokens=48, seed=1).ids != \
             dec.generate(PROMPTS[0], max_new_tokens=48, seed=2).ids
