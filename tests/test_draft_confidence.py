@@ -132,3 +132,22 @@ def test_confidence_bad_specs(strategy, sampling, match, draft, tmp_path):
     with pytest.raises(DgoptError, match=match):
         dgopt.compile(spec, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_confident_needs_every_row():
+    """In a batch the chain goes on only while every row's draft is sure of its proposal: one unsure row ends it
+    (measured faster at batch 2, 4 and 8 than going on while any row is sure). Lowered and reference alike."""
+    import onnxruntime as ort
+    from dgopt.backends.onnx import lower_to_onnx
+    from dgopt.backends.reference import run_graph
+    from dgopt.ir import Graph
+    g = Graph()
+    c = g.add("confident", [g.add("input", attrs={"name": "x", "type": "logits"})], {"threshold": 0.5})
+    g.set_output("flag", c)
+    sess = ort.InferenceSession(lower_to_onnx(g, {}, vocab_size=8)[0].SerializeToString())
+    sure, unsure = np.eye(8, dtype=np.float32)[1] * 9, np.zeros(8, np.float32)      # max prob ~0.9996 / 0.125
+    for rows, want in (([sure, sure], True), ([sure, unsure], False), ([unsure, sure], False),
+                       ([unsure, unsure], False), ([sure], True)):
+        x = np.stack(rows)
+        assert bool(sess.run(None, {"x": x})[0]) is want, (len(rows), want)
+        assert run_graph(g, {"x": torch.from_numpy(x)})["flag"] is want

@@ -159,7 +159,7 @@ def _domains(nodes) -> set[str]:
 
 
 def _dtname(et: int) -> str:
-    return {F32: "float32", I64: "int64"}[et]
+    return {F32: "float32", I64: "int64", TensorProto.BOOL: "bool"}[et]   # bool: a flag (tests lower one alone)
 
 
 # -- lowering rules, one per IR op ---------------------------------------------------------------------------------
@@ -540,8 +540,10 @@ def _draft_loop(b, node, ins):
 
 
 def _confident(b, node, ins):
-    # any row's max probability >= t: the max over the whole [B, V] softmax (one reduction, no per-row step)
-    top = b.op("ReduceMax", [b.op("Softmax", [ins[0]], axis=-1)], keepdims=0)
+    # every row's max probability >= t: one row the draft is unsure of ends the batch's chain (at batch 2/4/8 that
+    # measured 1.45/0.99/0.81x -> 1.52/1.07/0.91x autoregressive against going on while any row is sure)
+    top = b.op("ReduceMin", [b.op("ReduceMax", [b.op("Softmax", [ins[0]], axis=-1), b.const([-1], np.int64)],
+                                  keepdims=0)], keepdims=0)
     b.names[node.out()] = b.op("GreaterOrEqual", [top, b.const(node.attrs["threshold"])])
 
 

@@ -137,7 +137,7 @@ def _trim_block(node, ins):
 
 RULES = {
     "last_position": lambda n, i: i[0][:, -1, :],
-    "confident": lambda n, i: bool((i[0].softmax(-1).max() >= n.attrs["threshold"]).item()),
+    "confident": lambda n, i: bool((i[0].softmax(-1).amax(-1).min() >= n.attrs["threshold"]).item()),
     "trim_block": _trim_block,
     "repetition_penalty": _rep,
     "repetition_penalty_seq": _rep_seq,

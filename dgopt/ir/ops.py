@@ -246,12 +246,13 @@ register(OpSchema("draft_loop", (("input_ids", ("tokens",)), ("position_ids", ("
                       "made under the repetition penalty of the committed tokens and the chain's own earlier ones. "
                       "proposals [B, k]: in the target's vocabulary for model \"draft\" (a fused step), in its own for "
                       "\"target\" (a draft compiled as its own step); kv: the cache after the block and d_1..d_{k-1}. "
-                      "confidence > 0: the chain also ends after a proposal to which every row's draft gives less "
+                      "confidence > 0: the chain also ends after a proposal to which any row's draft gives less "
                       "than this probability (k is then at most the trip count; read it off proposals' shape)."))
 register(OpSchema("confident", (("x", ("logits",)),), ("out",), ("flag",),
                   {"threshold": Attr(float, required=True, check=_unit)},
-                  doc="Whether any row's top softmax probability of x is at least threshold: a draft_loop's "
-                      "continue condition (transformers' assistant_confidence_threshold, per batch)."))
+                  doc="Whether every row's top softmax probability of x is at least threshold: a draft_loop's "
+                      "continue condition (transformers' assistant_confidence_threshold; in a batch one unsure row "
+                      "ends the chain)."))
 register(OpSchema("trim_block", (("positions", ("positions",)), ("mask", ("mask",)), ("ids", ("tokens",))),
                   ("positions", "mask"), ("positions", "mask"),
                   doc="A block's positions [B, q] and mask [B, 1, q, P + q], built for q tokens, cut to the q' <= q "
