@@ -146,3 +146,31 @@ def test_heuristic_bad_specs(strategy, sampling, match, drafts, tmp_path):
     with pytest.raises(DgoptError, match=match):
         dgopt.compile(spec, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name,fused", [("same", True), ("noisy", True), ("same", False)])
+def test_heuristic_k_shrinks_to_fit_max_seq_len(name, fused, drafts, tmp_path):
+    """No positions are held back for k_max: near target.max_seq_len each step's k shrinks to what fits, so the
+    heuristic generates exactly as many tokens as autoregressive decoding (max_seq_len - prompt), the same ones,
+    one prompt (the one-row loop) and a batch (the batch loop). ("same" climbs to k_max and meets the limit there.)"""
+    spec = tiny_spec("llama", strategy={"kind": "speculative", "k": 2, "k_schedule": "heuristic", "k_max": 6,
+                                        "fused": fused}, target={"max_seq_len": 40})
+    spec["draft"] = drafts[name]
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / f"fit-{name}-{fused}"))
+    top = []                                    # the highest position any call was given
+    for sess in (dec.session, dec.draft_session):
+        if sess is not None:
+            def run(feeds, cache, _run=sess.run):
+                top.append(max(int(v.max()) for n, v in feeds.items() if n.endswith("position_ids")))
+                return _run(feeds, cache)
+            sess.run = run
+    m = hf_model("llama")
+    for p in PROMPTS[:3]:
+        res = dec.generate(p, max_new_tokens=100)
+        assert len(res.ids[0]) == 40 - len(p) and res.stats["stop"] == ["max_seq_len"], res.stats
+        assert res.ids[0] == hf_greedy(m, p, 40 - len(p))
+    L = max(len(p) for p in PROMPTS[:4])
+    batch = dec.generate(PROMPTS[:4], max_new_tokens=100)
+    assert [len(r) for r in batch.ids] == [40 - L] * 4
+    assert batch.ids == [hf_greedy(m, p, 40 - L) for p in PROMPTS[:4]]
+    assert max(top) == 39                       # up to the limit, never past it

@@ -429,10 +429,14 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         W, G, K, levels_max = 0, 1, st["block"], 0
     B = len(rows)
     L = max(len(r) for r in rows)
-    span = max(K, W + levels_max - 1 if levels_max else 0)
+    # speculative's heuristic k is a step input: near max_seq_len each step's k shrinks to fit (below), so no
+    # positions are held back for k_max and the budget is autoregressive's
+    shrink_k = adaptive and st["kind"] == "speculative"
+    span = 0 if shrink_k else max(K, W + levels_max - 1 if levels_max else 0)
     budget = min(max_new_tokens, dec.max_seq_len - L - span)
     if budget < 1:
-        raise ValueError(f"prompt of {L} tokens plus the strategy's {span} lookahead positions leaves no room "
+        plus = f" plus the strategy's {span} lookahead positions" if span else ""
+        raise ValueError(f"prompt of {L} tokens{plus} leaves no room "
                          f"under target.max_seq_len {dec.max_seq_len}")
     fused_spec = st["kind"] == "speculative" and dec.draft_session is None
     if one_row and B == 1 and (fused_spec or st["kind"] == "uag" and not sampled):
@@ -496,6 +500,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         past = slots.n
         pos_last = x_pos[:, -1]
         feeds = {}
+        if shrink_k:        # this step verifies positions up to pos_last + k: all under max_seq_len
+            drafter.k = min(drafter.k, dec.max_seq_len - 1 - int(pos_last.max()))
         if lookahead:
             cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
         elif fused:

@@ -62,6 +62,8 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
             kk = cands.shape[2]
             feeds = {"verify_ids": np.concatenate([x, cands[0]], 1), "candidates": cands}
         else:
+            if adaptive:        # verify positions x0 .. x0 + qx + k - 1 under max_seq_len (as the batch loop)
+                k = min(k, dec.max_seq_len - x0 - qx)
             kk, qd = k, pend.shape[1]
             if dvocab < tvocab:     # a smaller draft vocabulary: ids it cannot embed -> its pad
                 pend = np.where(pend < dvocab, pend, dpad)
