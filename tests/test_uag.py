@@ -35,7 +35,7 @@ def pair(tmp_path_factory):
     model = config_model({**TINY["llama"], "vocab_size": len(ttok)}, 0).eval()
     refs = [hf_greedy(model, p, NEW) for p in prompts]
     assert len(ttok) != len(dtok)
-    return {"target": target, "draft": draft, "same": same, "prompts": prompts, "refs": refs}
+    return {"target": target, "draft": draft, "same": same, "prompts": prompts, "refs": refs, "model": model}
 
 
 def compile_uag(tmp_path, pair, draft="draft", k=4, opt_level=2, schedule="constant", confidence=0.0, penalty=1.0):
@@ -136,3 +136,29 @@ def test_incremental_translation_state_matches_full(pair):
         full = d.tt.decode(ids[:n], skip_special_tokens=False)
         assert d.text[0] == full
         assert d.dt.decode(d._encode(0), skip_special_tokens=False) == full
+
+
+@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
+def test_uag_candidates_shrink_to_fit_max_seq_len(schedule, pair, tmp_path):
+    """Greedy UAG holds no positions back for k: near target.max_seq_len a step verifies only the candidates that
+    fit, so it generates as many tokens as autoregressive decoding (max_seq_len - prompt), the same ones, one prompt
+    and a batch, and no call sees a position past the limit. ("same" proposes the target's own tokens: full k.)"""
+    spec = {"model": {"path": str(pair["target"])}, "draft": {"path": str(pair["same"])},
+            "strategy": {"kind": "uag", "k": 4, "k_schedule": schedule, "k_max": 6},
+            "sampling": {"kind": "greedy"}, "target": {"max_seq_len": 40}}
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / f"uag-fit-{schedule}"))
+    top = []
+    def run(feeds, cache, _run=dec.session.run):
+        top.append(int(feeds["verify_position_ids"].max()))
+        return _run(feeds, cache)
+    dec.session.run = run
+    model = pair["model"]
+    for p in pair["prompts"][:2]:
+        res = dec.generate(p, max_new_tokens=100)
+        assert len(res.ids[0]) == 40 - len(p) and res.stats["stop"] == ["max_seq_len"], res.stats
+        assert res.ids[0] == hf_greedy(model, p, 40 - len(p))
+    L = max(len(p) for p in pair["prompts"][:4])
+    batch = dec.generate(pair["prompts"][:4], max_new_tokens=100)
+    assert [len(r) for r in batch.ids] == [40 - L] * 4
+    assert batch.ids == [hf_greedy(model, p, 40 - L) for p in pair["prompts"][:4]]
+    assert max(top) == 39

@@ -294,6 +294,7 @@ class _XTokDrafter:
         # k: draft tokens per step (k_schedule heuristic: set per step); the step verifies `width` candidates
         # (sampled: its K), or as many as the longest row has (greedy: the step reads their count off the shape)
         self.sess, self.k, self.width = dec.draft_session, k, width
+        self.room = k           # the most candidates this step's verify positions have room for under max_seq_len
         self.tt, self.dt = dec.tokenizer.backend_tokenizer, dec.draft_tokenizer.backend_tokenizer
         self.seqs = seqs                                     # committed target ids per row, extended by the host
         self.cache = [self.sess.new_cache(1) for _ in seqs]
@@ -385,7 +386,7 @@ class _XTokDrafter:
 
     def propose(self) -> np.ndarray:
         """[B, 1, n]: each row's candidates (at most k), padded to the width."""
-        rows = [[] if self.done[b] else [t for t in self._row(b) if t < self.tvocab][:self.k]
+        rows = [[] if self.done[b] else [t for t in self._row(b) if t < self.tvocab][:min(self.k, self.room)]
                 for b in range(len(self.seqs))]
         self.counts = np.array([len(c) for c in rows])
         cands = np.full((len(rows), 1, self.width or max(1, self.counts.max())), self.pad, np.int64)
@@ -429,9 +430,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         W, G, K, levels_max = 0, 1, st["block"], 0
     B = len(rows)
     L = max(len(r) for r in rows)
-    # speculative's heuristic k is a step input: near max_seq_len each step's k shrinks to fit (below), so no
-    # positions are held back for k_max and the budget is autoregressive's
-    shrink_k = adaptive and st["kind"] == "speculative"
+    # speculative's heuristic k is a step input and greedy uag's candidates a list: near max_seq_len a step's k
+    # shrinks to fit (below), so no positions are held back for k_max and the budget is autoregressive's
+    shrink_k = adaptive and st["kind"] == "speculative" or st["kind"] == "uag" and not sampled
     span = 0 if shrink_k else max(K, W + levels_max - 1 if levels_max else 0)
     budget = min(max_new_tokens, dec.max_seq_len - L - span)
     if budget < 1:
@@ -501,7 +502,11 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         pos_last = x_pos[:, -1]
         feeds = {}
         if shrink_k:        # this step verifies positions up to pos_last + k: all under max_seq_len
-            drafter.k = min(drafter.k, dec.max_seq_len - 1 - int(pos_last.max()))
+            room = dec.max_seq_len - 1 - int(pos_last.max())
+            if isinstance(drafter, _XTokDrafter):
+                drafter.room = room
+            else:
+                drafter.k = min(drafter.k, room)
         if lookahead:
             cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
         elif fused:

@@ -57,6 +57,7 @@ def generate_speculative_row(dec, row: list[int], max_new_tokens: int, budget: i
         qx = x.shape[1]
         if xtok is not None:        # the draft's own call: its proposals re-tokenized for the target
             td = time.perf_counter()
+            xtok.room = dec.max_seq_len - x0 - qx           # verify positions under max_seq_len (as the batch loop)
             cands = xtok.propose()
             t_draft += time.perf_counter() - td
             kk = cands.shape[2]
