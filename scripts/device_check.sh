@@ -3,7 +3,11 @@
 # build code-small on the GPU, check GPU tokens == CPU tokens == transformers, then time autoregressive,
 # speculative and UAG side by side on onnxruntime's CUDA EP with code-small as the target.
 #
-#   run(command="bash scripts/device_check.sh", carry=[...ort-gpu parts, see DEVICE.md...], timeout_s=540)
+#   run(command="bash scripts/device_check.sh", carry=[".ortgpu/ort.04", ".ortgpu/ort-gpu-install.sh",
+#       ".ortgpu/ort.name", ".ortgpu/ort.sha256"], timeout_s=540)
+#
+# after ort.00..ort.03 went over in calls of their own (../shared/DEVICE.md: bash ../shared/tools/ort-gpu-parts.sh
+# here first): with .ortgpu/ carried it gathers the parts and installs onnxruntime-gpu into /tmp/ortsite itself.
 #
 # Everything it reports goes to $OUT (env.txt, train.txt, cuda_tests.txt, strategies.txt, strategies.json). It needs
 # no pip: a missing `dgopt` is put on PYTHONPATH from this checkout. Knobs (environment): DEVICE (cuda; cpu runs
@@ -32,6 +36,12 @@ if ! "$PY" -c "import dgopt.passes" 2>/dev/null; then      # the package maps pa
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
     export PYTHONSAFEPATH=1         # else `python -m` puts this checkout's dgopt/ (without passes/) first
 fi
+
+if [ "$DEVICE" = cuda ] && [ -f .ortgpu/ort-gpu-install.sh ]; then      # DEVICE.md's last part call
+    mkdir -p /tmp/ortp && cp .ortgpu/ort.0* /tmp/ortp/ 2>/dev/null || true
+    bash .ortgpu/ort-gpu-install.sh
+fi
+if [ -d /tmp/ortsite/onnxruntime ]; then export PYTHONPATH="/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}"; fi
 
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt"
 import platform, onnxruntime, torch, transformers, dgopt
