@@ -36,6 +36,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="auto")
     ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1, help="dgopt rows generate the prompts in batches of this many "
+                    "(left-padded; at most the specs' max_batch 8); transformers rows stay at batch 1 (its assisted "
+                    "generation and UAG take one prompt); tok/step is then per row")
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--configs", nargs="*", default=["5,4,5", "7,4,7", "5,3,5"], help="lookahead W,N,G")
     ap.add_argument("--jacobi", nargs="*", type=int, default=[8], help="jacobi block sizes")
@@ -68,6 +71,8 @@ def main():
                          "transformers on the GPU; timings synchronise the device")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
+    if not 1 <= a.batch <= 8:
+        ap.error(f"--batch {a.batch}: must be 1..8 (the benchmark specs' target.max_batch)")
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(a.threads)
@@ -101,9 +106,11 @@ def main():
     ref, _ = hf_run()
     rows = []
 
-    def add(name, outs, secs, steps=None, extra=None):
+    def add(name, outs, secs, steps=None, extra=None, row_steps=None):
         toks = sum(len(o) for o in outs)
-        rows.append({"name": name, "tokens_per_s": toks / secs, "tokens_per_step": toks / steps if steps else None,
+        row_steps = row_steps or steps          # a batch's step advances every row in it
+        rows.append({"name": name, "tokens_per_s": toks / secs,
+                     "tokens_per_step": toks / row_steps if row_steps else None,
                      "ms_per_step": 1e3 * secs / steps if steps else None,
                      "identical": outs == ref, **(extra or {})})
 
@@ -199,13 +206,15 @@ def main():
     by_name = dict(decs)
 
     def block(name):
-        r = {"outs": [], "secs": 0.0, "steps": 0, "acc": []}
-        for p in prompts:
+        r = {"outs": [], "secs": 0.0, "steps": 0, "row_steps": 0, "acc": []}
+        for i in range(0, len(prompts), a.batch):
+            chunk = prompts[i:i + a.batch]
             t = time.perf_counter()
-            g = by_name[name].generate(p, max_new_tokens=a.new)
+            g = by_name[name].generate(chunk, max_new_tokens=a.new)
             r["secs"] += time.perf_counter() - t
-            r["outs"].append(g.ids[0])
+            r["outs"].extend(g.ids)
             r["steps"] += g.stats["steps"]
+            r["row_steps"] += g.stats["steps"] * len(chunk)
             r["acc"].append(g.stats.get("acceptance_rate"))
         return r
     rounds = []
@@ -234,14 +243,14 @@ def main():
             extra["identical"] = None       # sampled: tokens are not compared
         if last["acc"][0] is not None:
             extra["acceptance_rate"] = statistics.mean(last["acc"])
-        add(name, last["outs"], secs, last["steps"], extra)
+        add(name, last["outs"], secs, last["steps"], extra, last["row_steps"])
 
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
     ar_s = next((r for r in rows if r["name"].startswith("dgopt autoregressive (sample)")), None)
     gpu = f"; {torch.cuda.get_device_name()}" if dev.type == "cuda" else ""
     print(f"machine: {machine()}; onnxruntime {a.device.upper()}, {a.threads} threads{gpu}")
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
-          f"new tokens, batch 1, greedy")
+          f"new tokens, batch {a.batch} (transformers rows: batch 1), greedy")
     print(f"{'':52s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
           "  identical")
     hf = rows[0]["tokens_per_s"]
