@@ -1,0 +1,298 @@
+"""`dgopt train recycle MODEL_DIR -o OUT`: train a recyclable module (dgopt.models.recycle) for a frozen target.
+
+Teacher = the target itself: one frozen target forward per batch gives the post-norm hidden states (regression
+targets and chain inputs) and the next-token distributions (soft labels). The loss unrolls the module's chain
+UNROLL steps from every position (step j reads the module's own hidden state from step j-1, as at decode time),
+so the training sees the chain's drift and not only one step.
+
+Data: the target's greedy continuations of short prompts (what greedy decoding will verify), mixed 1:1 with
+plain corpus windows. `--data stdlib` / PATH... draw prompts and windows from that text (tokenized with the
+target's tokenizer); `--data self` needs no text and no tokenizer: prompts are BOS + a few random token ids,
+continuations half greedy, half sampled at temperature 1 (Medusa-2 / EAGLE self-distillation).
+
+Validation: held-out greedy continuations (prompts from the validation files, or other random seeds for `self`).
+Printed per evaluation: top-1 agreement of the module's first proposal with the target's greedy next-next token,
+and the chain's mean accepted length at k (teacher-forced on the target's own greedy text, which is exactly what
+greedy verification accepts: while the chain agrees, its proposals are the text's tokens). Early stopping keeps
+the best state by mean accepted length.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ModelError
+from ..models import recycle as R
+
+UNROLL = 4                 # chain steps trained from each position
+PROMPT, NEW = 16, 112      # rows: 128 tokens (--data self: a sampled prompt of 16, then the continuation)
+FEAT_W = 1.0               # weight of the feature regression next to the soft cross-entropy
+
+
+def _load_target(model_dir: str, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        from ..models.train import model_dir as built
+        try:
+            p = built(model_dir)
+        except (FileNotFoundError, KeyError) as e:
+            raise ModelError(f"MODEL_DIR: {e.args[0] if e.args else e}") from None
+    m = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, attn_implementation="eager")
+    R.final_norm(m)   # refuses unsupported families early
+    for q in m.parameters():
+        q.requires_grad_(False)
+    return m.eval().to(device), p
+
+
+def _corpus_streams(data: list[str], target_dir: Path):
+    """(train, val) int32 token streams of the text named by --data, tokenized with the target's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ..models import corpus as C
+    from ..models.train import encode_stream
+    if not any((target_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelError(f"--data: {target_dir} has no tokenizer; use --data self")
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    if data == ["stdlib"]:
+        train, val = C.split_files("stdlib")
+    else:
+        files = []
+        for d in data:
+            p = Path(d)
+            if not p.exists():
+                raise ModelError(f"--data: {p} does not exist")
+            files += sorted(p.rglob("*.py")) + sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+        if len(files) < 2:
+            raise ModelError("--data: need at least 2 text files (one is held out for validation)")
+        val, train = files[: max(1, len(files) // 30)], files[max(1, len(files) // 30):]
+    return encode_stream(tok, train), encode_stream(tok, val)
+
+
+def _sample_rows(target, n: int, gen, device, vocab: int, bos: int, greedy: bool):
+    """n rows of PROMPT + NEW tokens the target writes itself: BOS + 3 random ids, then sampled at temperature 1
+    up to PROMPT tokens, then greedy (or sampled) to the end. A plain KV-cached loop: generate()'s per-step
+    overhead is many times the 5 M-parameter forward on a shared CPU."""
+    import torch
+    x = torch.cat([torch.full((n, 1), bos), torch.randint(1, vocab, (n, 3), generator=gen)], 1).to(device)
+    out, past, cur = [x], None, x
+    with torch.no_grad():
+        for i in range(PROMPT + NEW - x.shape[1]):
+            o = target(input_ids=cur, past_key_values=past, use_cache=True)
+            past, logits = o.past_key_values, o.logits[:, -1].float()
+            if greedy and x.shape[1] + i >= PROMPT:
+                cur = logits.argmax(-1, keepdim=True)
+            else:
+                u = torch.rand(logits.shape, generator=gen).to(device).clamp_min(1e-20)
+                cur = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)   # Gumbel-max: a sample
+            out.append(cur)
+    return torch.cat(out, 1).cpu()
+
+
+def _windows(stream, n: int, seq: int, gen):
+    import torch
+    starts = torch.randint(0, len(stream) - seq, (n,), generator=gen)
+    return stream[starts[:, None] + torch.arange(seq)[None, :]].long()
+
+
+def _teacher(target, x):
+    import torch
+    with torch.no_grad():
+        hn = target.model(input_ids=x).last_hidden_state
+        return hn, torch.log_softmax(target.get_output_embeddings()(hn), -1)
+
+
+def chain_loss(module, frozen, x, hn, logp, gen=None, ce_frac: float = 1.0):
+    """Unrolled chain loss over a batch: from every position t, UNROLL steps reading the module's own hidden.
+    Soft cross-entropy against the target's distribution on a random ce_frac of the positions (the LM head over
+    the whole vocabulary is most of a step's cost on a CPU), feature regression on all of them."""
+    import torch
+    T = x.shape[1]
+    L = T - UNROLL
+    h = hn[:, :L]
+    total = 0.0
+    for j in range(UNROLL):
+        h = frozen.norm(module(h, frozen.embed(x[:, 1 + j:1 + j + L])))
+        hs, ps = h.reshape(-1, h.shape[-1]), logp[:, 1 + j:1 + j + L].reshape(-1, logp.shape[-1])
+        if ce_frac < 1.0:
+            sel = torch.randperm(hs.shape[0], generator=gen)[:max(1, int(hs.shape[0] * ce_frac))].to(hs.device)
+            hs, ps = hs[sel], ps[sel]
+        ce = -(ps.exp() * torch.log_softmax(frozen.head(hs), -1)).sum(-1).mean()
+        feat = torch.nn.functional.smooth_l1_loss(h, hn[:, 1 + j:1 + j + L])
+        total = total + ce + FEAT_W * feat
+    return total / UNROLL
+
+
+def evaluate(module, frozen, target, rows, k: int) -> dict:
+    """Agreement of the first proposal with the target's greedy next-next token, and the chain's mean accepted
+    length at k: the leading proposals that equal the target's argmax, the chain reading the row's tokens. On the
+    target's own greedy text that is exactly what verification accepts; on other text it is a close proxy."""
+    import torch
+    module.eval()
+    acc_sum = n = first = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 16):
+            x = rows[i:i + 16]
+            hn, logp = _teacher(target, x)
+            want = logp.argmax(-1)
+            L = x.shape[1] - k
+            h = hn[:, :L]
+            alive = torch.ones(x.shape[0], L, dtype=torch.bool)
+            accepted = torch.zeros(x.shape[0], L)
+            for j in range(k):
+                h, logits = frozen.step(module, h, x[:, 1 + j:1 + j + L])
+                ok = logits.argmax(-1) == want[:, 1 + j:1 + j + L]
+                if j == 0:
+                    first += int(ok.sum())
+                alive &= ok
+                accepted += alive
+            acc_sum += float(accepted.sum())
+            n += accepted.numel()
+    module.train()
+    return {"agreement": first / max(1, n), "accepted": acc_sum / max(1, n)}
+
+
+def train(model_dir: str, out: str, data: list[str], minutes: float, device: str = "cpu", seed: int = 0,
+          intermediate: int | None = None, batch: int = 16, lr: float = 3e-3, k: int = 4, gen_rows: int = 512,
+          val_rows: int = 32, eval_every: int = 25, patience: int = 6, progress: bool = True, ce_frac: float = 0.25,
+          command: str | None = None) -> dict:
+    import torch
+
+    from ..models.train import _Progress, _set_seeds
+    t_start = time.time()
+    _set_seeds(seed)
+    gen = torch.Generator().manual_seed(seed)
+    target, tdir = _load_target(model_dir, device)
+    cfg = target.config
+    vocab, bos = int(target.get_output_embeddings().weight.shape[0]), int(cfg.bos_token_id or 0)
+    H = int(cfg.hidden_size)
+    frozen = R.Frozen(target)
+    module = R.new_module(H, intermediate or 2 * H, float(getattr(cfg, "rms_norm_eps", 1e-5)), seed).to(device)
+
+    self_data = data == ["self"]
+    train_s, val_s = (None, None) if self_data else _corpus_streams(data, tdir)
+    say = print if progress else (lambda *a, **k: None)
+    seq = PROMPT + NEW
+    vgen = torch.Generator().manual_seed(seed + 1_000_003)
+    if self_data:
+        say(f"sampling {gen_rows} training + {val_rows} validation rows with the target ...", flush=True)
+        half = gen_rows // 2     # half greedy (what greedy decoding verifies), half sampled (diversity)
+        rows = torch.cat([_sample_rows(target, half, gen, device, vocab, bos, True),
+                          _sample_rows(target, gen_rows - half, gen, device, vocab, bos, False)])
+        val = _sample_rows(target, val_rows, vgen, device, vocab, bos, True)
+    else:
+        rows = None
+        val = _windows(val_s, val_rows, seq, vgen)
+
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    budget = minutes * 60.0
+    t0 = time.time()
+    first_eval = evaluate(module, frozen, target, val, k)
+    say(f"step 0: agreement {first_eval['agreement']:.3f} accepted@{k} {first_eval['accepted']:.3f} "
+        f"(eval {time.time() - t0:.1f}s)", flush=True)
+    t_train = time.time()
+    bar = _Progress(progress, 100_000, "recycle")
+    best, best_state, evals, bad, step, last_loss = -1.0, None, [], 0, 0, float("nan")
+    stopped = "time budget"
+    while True:
+        el = time.time() - t_train
+        if el >= budget:
+            break
+        frac = min(1.0, el / budget)
+        for g in opt.param_groups:   # linear warmup over 20 steps, cosine to 10% over the time budget
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        if rows is None:
+            x = _windows(train_s, batch, seq, gen)
+        else:
+            x = rows[torch.randint(0, len(rows), (batch,), generator=gen)]
+        x = x.to(device)
+        hn, logp = _teacher(target, x)
+        loss = chain_loss(module, frozen, x, hn, logp, gen, ce_frac)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        step += 1
+        last_loss = float(loss)
+        bar.update(step, loss=last_loss)
+        if step % eval_every == 0:
+            e = evaluate(module, frozen, target, val, k)
+            evals.append([step, round(e["agreement"], 4), round(e["accepted"], 4)])
+            bar.log(f"step {step}: loss {last_loss:.3f} agreement {e['agreement']:.3f} "
+                    f"accepted@{k} {e['accepted']:.3f} ({time.time() - t_train:.0f}s)")
+            if e["accepted"] > best:
+                best, bad = e["accepted"], 0
+                best_state = {n: v.detach().clone() for n, v in module.state_dict().items()}
+            else:
+                bad += 1
+                if patience and bad >= patience:
+                    stopped = f"early stop: no gain in {patience} evaluations"
+                    break
+    bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    final = evaluate(module, frozen, target, val, k)
+    info = {
+        "seed": seed, "data": data, "device": device, "steps": step, "stopped": stopped, "unroll": UNROLL,
+        "batch": batch, "seq_len": seq, "lr": lr, "minutes": minutes, "gen_rows": gen_rows if self_data else 0,
+        "val_rows": val_rows, "ce_frac": ce_frac,
+        "val_agreement": round(final["agreement"], 4), f"val_accepted_at_{k}": round(final["accepted"], 4),
+        "val_tokens_per_forward_at_k": round(1 + final["accepted"], 4), "k": k, "evals": evals,
+        "last_train_loss": round(last_loss, 4), "train_wall_s": round(time.time() - t_train, 1),
+        "total_wall_s": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
+        "command": command or "",
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+    }
+    R.save(module.cpu(), Path(out), str(model_dir), R.target_hash(target.cpu()), {"training": info})
+    say(f"saved {out}: agreement {final['agreement']:.3f}, accepted@{k} {final['accepted']:.3f} "
+        f"(~{1 + final['accepted']:.2f} tokens per target forward), {step} steps, {stopped}", flush=True)
+    return info
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the target: a Hugging Face model dir or a built name")
+    p.add_argument("-o", "--out", required=True, help="output directory for the module")
+    p.add_argument("--data", nargs="+", default=["stdlib"], metavar="self|stdlib|PATH",
+                   help="training text: 'stdlib', 'self' (the target's own samples; no tokenizer needed) or files")
+    p.add_argument("--minutes", type=float, default=20.0, help="training time budget (default 20)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--gen-rows", type=int, default=512, help="--data self: rows the target writes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(a, argv) -> int:
+    import torch
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if "self" in a.data and len(a.data) > 1:
+        raise ModelError("--data: 'self' cannot be combined with other data")
+    if a.minutes <= 0:
+        raise ModelError(f"--minutes: must be positive, got {a.minutes}")
+    train(a.model_dir, a.out, a.data, a.minutes, a.device, a.seed, a.intermediate, a.batch, gen_rows=a.gen_rows,
+          progress=not a.no_progress, command="dgopt train recycle " + shlex.join(argv))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dgopt train recycle", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(argv)
+    try:
+        return run(a, argv)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
