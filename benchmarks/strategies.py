@@ -1,7 +1,7 @@
 """Decoding strategies side by side on one model and one prompt set, in one run: autoregressive, lookahead at several
 (W, N, G), jacobi, each at -O0 (separate forwards) and -O2 (merged), speculative with a draft of the same tokenizer
-(several k; draft and target fused in one step graph, and for --unfused-k in two) and UAG with a draft of another
-tokenizer, plus transformers generate greedy, with prompt lookup decoding, assisted generation and UAG as external
+(several k; draft and target fused in one step graph, and for --unfused-k in two), UAG with a draft of another
+tokenizer and recycle (RecycleGPT/EAGLE: a recyclable module drafting from the target's hidden states; --recycle), plus transformers generate greedy, with prompt lookup decoding, assisted generation and UAG as external
 baselines. Greedy rows are checked token-identical; sampling rows (--sample-k: speculative fused and unfused, uag;
 lookahead at the first config) are timed against autoregressive sampling only.
 
@@ -64,6 +64,9 @@ def main():
     ap.add_argument("--sample-draft", default="auto", help="the draft of the sampled speculative rows; auto: "
                     "code-draft-kd with code-tiny (KL-distilled: its q is closest to the target's p), else the last "
                     "--draft")
+    ap.add_argument("--recycle", nargs="*", default=["auto"], help="recyclable modules for recycle rows (strategy "
+                    "recycle, lossless): built names or dirs, or none; auto: code-tiny-recycle with code-tiny")
+    ap.add_argument("--recycle-k", nargs="*", type=int, default=[3, 4, 6], help="recycle proposal lengths")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -170,6 +173,13 @@ def main():
                 strategies.append((f"uag heuristic k3..{km}{f' conf {c:g}' if c else ''} ({d})",
                                    {"kind": "uag", "k": min(3, km), "k_schedule": "heuristic", "k_max": km,
                                     "confidence": c}, {"draft": xspec}))
+    modules = a.recycle
+    if modules == ["auto"]:
+        modules = ["code-tiny-recycle"] if base["model"].get("name") == "code-tiny" else []
+    for r in (r for r in modules if r != "none"):
+        rspec = {"path": str(Path(r).resolve())} if Path(r).is_dir() else {"name": r}
+        for k in a.recycle_k:
+            strategies.append((f"recycle k{k} ({r})", {"kind": "recycle", "k": k}, {"recycle": rspec}))
     sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
     if a.sample_k:      # sampled rows, timed against autoregressive sampling
         strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))

@@ -307,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     mb.set_defaults(fn=cmd_models)
     ml = msub.add_parser("list", help="list recipes and where each model exists")
     ml.set_defaults(fn=cmd_models)
+
+    from .training import recycle as train_recycle
+    t = sub.add_parser("train", help="train helper modules for a model (recycle: RecycleGPT's recyclable module)")
+    tsub = t.add_subparsers(dest="train_cmd", required=True, metavar="WHAT")
+    tr = tsub.add_parser("recycle", help="train a recyclable module for strategy recycle on a frozen target")
+    train_recycle.add_arguments(tr)
+    tr.set_defaults(fn=lambda a: train_recycle.run(a, sys.argv[3:] if sys.argv[1:3] == ["train", "recycle"]
+                                                   else []))
     return p
 
 

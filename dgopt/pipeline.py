@@ -147,6 +147,15 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         with stage(f"exporting draft {dm.family} forward to ONNX"):
             forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec)), dm.info)
 
+    recycle = None
+    if g.find("recycle_step"):  # strategy recycle: the module's weights (and the target's frozen head) in the step
+        if spec.recycle is None:
+            raise SpecError("spec field 'recycle': the graph runs a recyclable module but the spec names none")
+        from .models.recycle import for_spec
+        with stage("loading recyclable module"):
+            recycle, forwards["recycle"] = for_spec(spec, lm)
+            forwards["recycle"] = (None, forwards["recycle"])
+
     from dgopt.backends.onnx import lower_to_onnx
     with stage("lowering to ONNX"):
         step, io = lower_to_onnx(g, forwards, lm.info["vocab_size"])
@@ -181,6 +190,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         "step": "step.onnx",
         "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
     }
+    if recycle is not None:
+        manifest["recycle"] = recycle | {"lossy": not spec.strategy.verify}
     if dm is not None:
         manifest["draft"] = {"fused": True, "model": {**dm.info, "source": dm.source}}
     if draft is not None:

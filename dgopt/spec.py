@@ -14,12 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import SpecError
 
 __all__ = ["Spec", "ModelSpec", "SamplingSpec", "TargetSpec", "StrategySpec", "load_spec", "spec_from_dict",
-           "apply_overrides", "FAMILIES", "STRATEGY_KINDS"]
+           "apply_overrides", "FAMILIES", "STRATEGY_KINDS", "RecycleSpec"]
 
 FAMILIES = ("llama", "gpt2", "qwen2")
 STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
-IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag")
-MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag")
+IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
+MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag", "recycle")
 
 
 class _Strict(BaseModel):
@@ -68,6 +68,9 @@ class StrategySpec(_Strict):
     # speculative (greedy and sampling): draft chain and target verification in one step graph (one call per step);
     # false keeps the draft in its own draft.onnx, called before the target
     fused: bool = True
+    # recycle: true (lossless) verifies the module's k proposals with the target each step; false is RecycleGPT's
+    # own mode, LOSSY: tokens from the module are committed unverified
+    verify: bool = True
 
     @model_validator(mode="after")
     def _degenerate(self):
@@ -114,9 +117,23 @@ class TargetSpec(_Strict):
     forward: Literal["auto", "contrib", "direct", "traced"] = "auto"
 
 
+class RecycleSpec(_Strict):
+    """The recyclable module for strategy recycle: a directory written by `dgopt train recycle`, or a built name."""
+    path: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("path", "name") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, name (got {given or 'none'})")
+        return self
+
+
 class Spec(_Strict):
     model: ModelSpec
     draft: ModelSpec | None = None
+    recycle: RecycleSpec | None = None
     strategy: StrategySpec = StrategySpec()
     sampling: SamplingSpec = SamplingSpec()
     target: TargetSpec = TargetSpec()
@@ -169,6 +186,15 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind in ("speculative", "uag") and spec.draft is None:
         raise SpecError(f"spec field 'draft': strategy '{spec.strategy.kind}' needs a draft model (path, name or "
                         "config)")
+    if spec.strategy.kind == "recycle" and spec.recycle is None:
+        raise SpecError("spec field 'recycle': strategy 'recycle' needs a recyclable module (recycle: {path: DIR} or "
+                        "{name: NAME}; train one with: dgopt train recycle MODEL_DIR -o DIR)")
+    if spec.recycle is not None and spec.strategy.kind != "recycle":
+        raise SpecError(f"spec field 'recycle': a recyclable module is used by strategy recycle only, not "
+                        f"'{spec.strategy.kind}'")
+    if not spec.strategy.verify and spec.strategy.kind != "recycle":
+        raise SpecError(f"spec field 'strategy.verify': false applies to strategy recycle only, not "
+                        f"'{spec.strategy.kind}'")
     if spec.target.backend == "tensorrt" and spec.target.device != "cuda":
         raise SpecError("spec field 'target.device': the tensorrt backend needs device 'cuda'")
     spec._base_dir = Path(base_dir).resolve()

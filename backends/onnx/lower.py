@@ -234,6 +234,9 @@ def _forward(b: _Builder, node, ins):
     # processors and samplers run on fp32 scores, as transformers' generate upcasts the next-token logits
     b.names[node.out("logits")] = b.op("Cast", [outs[0]], to=F32) if half else outs[0]
     b.names[node.out("kv")] = outs[1:]
+    if _used(b, node, "hidden"):
+        from .lower_recycle import forward_hidden
+        b.names[node.out("hidden")] = forward_hidden(b, fg, outs[0], nm, half)
 
 
 def _last_position(b, node, ins):
@@ -659,6 +662,9 @@ LOWERINGS = {
     "verify_sample_match": _verify_sample_match, "draft_loop": _draft_loop,
     "confident": _confident, "trim_block": _trim_block,
 }
+from .lower_recycle import RECYCLE_LOWERINGS  # noqa: E402 - its rules use the helpers above
+
+LOWERINGS.update(RECYCLE_LOWERINGS)
 
 
 def lower_to_onnx(g: Graph, forwards: dict, vocab_size: int | None = None) -> tuple[onnx.ModelProto, dict]:

@@ -6,7 +6,8 @@ gumbel [B,V], seen [B,V] (1.0 where a token already occurred: for repetition pen
 candidates [B,G,K] int64 (G guessed K-token continuations), count [B] int64.
 probs_seq [B,K,V] (a draft's distributions for its K proposals), uniform_seq [B,K] in [0,1), trip_count [] int64 (how
 many times a loop runs: a step's number of draft proposals when it varies per step), flag [] bool (a loop's
-continue condition).
+continue condition). hidden_seq [B,q,H] (a forward's last hidden states, after the final norm: the LM head's input),
+hidden [B,H] (one position's).
 Randomness is always an explicit value (uniform / gumbel), produced by an `input` or by an impure op.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["OpSchema", "Attr", "schema", "register", "OPS", "VALUE_TYPES"]
 
 VALUE_TYPES = ("tokens", "positions", "mask", "kv", "logits_seq", "logits", "probs", "token", "uniform",
                "gumbel", "seen", "candidates", "count", "probs_seq", "uniform_seq", "trip_count",
-               "flag")
+               "flag", "hidden_seq", "hidden")
 _SCORES = ("logits",)
 
 
@@ -70,6 +71,8 @@ class OpSchema:
     def result_types(self, node, g=None) -> tuple[str, ...]:
         if self.name == "argmax":       # over [B,V] -> token [B]; over [B,q,V] -> tokens [B,q]
             return ("tokens",) if g is not None and _in_type(g, node, 0) == "logits_seq" else ("token",)
+        if self.name == "as_seq":       # a distribution [B,V] -> [B,1,V]; a token [B] -> tokens [B,1]
+            return ("tokens",) if g is not None and _in_type(g, node, 0) == "token" else ("probs_seq",)
         if self.name == "concat_seq":
             return (_in_type(g, node, 0),) if g is not None else ("tokens",)
         return self.type_fn(node) if self.type_fn else self.output_types
@@ -127,8 +130,9 @@ register(OpSchema("input", (), ("out",), attrs={"name": Attr(str, required=True)
                   doc="A step input bound by name by the runtime."))
 register(OpSchema("forward", (("input_ids", ("tokens",)), ("position_ids", ("positions",)), ("attn_mask", ("mask",)),
                               ("past", ("kv",))),
-                  ("logits", "kv"), ("logits_seq", "kv"), {"model": Attr(str, "target")},
-                  doc="One model call over q new tokens with explicit positions and additive 4D mask."))
+                  ("logits", "kv", "hidden"), ("logits_seq", "kv", "hidden_seq"), {"model": Attr(str, "target")},
+                  doc="One model call over q new tokens with explicit positions and additive 4D mask. hidden: the "
+                      "last hidden states after the final norm (the LM head's input; emitted only when used)."))
 register(OpSchema("last_position", (("x", ("logits_seq",)),), ("out",), ("logits",),
                   doc="x[:, -1, :]: the scores that predict the next token."))
 _proc("repetition_penalty", {"penalty": Attr(float, required=True, check=_pos)},
@@ -173,8 +177,9 @@ register(OpSchema("verify_greedy", (("logits", ("logits_seq",)), ("candidates", 
 _SEQS = ("tokens", "positions", "probs_seq")
 register(OpSchema("concat_seq", (("a", _SEQS), ("b", _SEQS)), ("out",), type_fn=lambda n: None,
                   doc="Concatenate two token/position blocks (or two runs of distributions) along q."))
-register(OpSchema("as_seq", (("x", ("probs",)),), ("out",), ("probs_seq",),
-                  doc="One distribution [B,V] as a run of one [B,1,V] (a draft's q for its first proposal)."))
+register(OpSchema("as_seq", (("x", ("probs", "token")),), ("out",), type_fn=lambda n: None,
+                  doc="One distribution [B,V] as a run of one [B,1,V] (a draft's q for its first proposal), or one "
+                      "token [B] as a block [B,1] (a chain's proposal)."))
 register(OpSchema("to_target_vocab", (("x", ("logits",)),), ("out",), ("logits",),
                   doc="A draft's scores [B,Vd] over the target's vocabulary [B,V]: ids >= V dropped, ids the draft "
                       "lacks (Vd < V) at -inf. Its distribution then proposes only tokens the target can verify."))
@@ -258,3 +263,18 @@ register(OpSchema("trim_block", (("positions", ("positions",)), ("mask", ("mask"
                   doc="A block's positions [B, q] and mask [B, 1, q, P + q], built for q tokens, cut to the q' <= q "
                       "tokens that ids [B, q'] has (its first q' rows and the past's and block's first q' columns): "
                       "the verify block of a draft chain that stopped early."))
+
+
+# RecycleGPT / EAGLE: the recyclable module's chain over the target's hidden states ----------------------------------
+register(OpSchema("accepted_hidden", (("hidden", ("hidden_seq",)), ("accept_len", ("count",)),
+                                      ("tokens", ("tokens",))), ("hidden", "token"), ("hidden", "token"),
+                  doc="Where the module's chain starts after verification. hidden: the verify forward's hidden states "
+                      "[B, T, H] whose last K+1 rows are the x-block's last position and K candidates; accept_len "
+                      "[B] and tokens [B, K+1] as verify_greedy gives them. Outputs the hidden state of the row's "
+                      "last accepted position (the one that predicted the bonus token: T-K-2+accept_len) and the "
+                      "bonus token tokens[accept_len-1]."))
+register(OpSchema("recycle_step", (("hidden", ("hidden",)), ("token", ("token",))), ("hidden", "logits"),
+                  ("hidden", "logits"), {"module": Attr(str, "recycle")},
+                  doc="One step of the recyclable module (dgopt/models/recycle.py): the target's post-norm hidden "
+                      "state at t and token t+1 -> the predicted post-norm hidden state at t+1 and, through the "
+                      "target's frozen final norm and LM head, the scores for token t+2."))

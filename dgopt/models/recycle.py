@@ -159,3 +159,40 @@ def check_target(cfg: dict, model, target_ref: str, path: Path, field: str = "re
     if cfg["target_sha"] != sha or int(cfg["hidden_size"]) != hidden:
         raise ModelError(f"{field}: module {path} was trained for {cfg.get('target', '?')} (sha {cfg['target_sha']}), "
                          f"not for this spec's model {target_ref} (sha {sha})")
+
+
+def step_weights(module, model) -> dict:
+    """What the step graph's recycle_step nodes need, as float32 numpy arrays laid out for x @ W: the module's own
+    weights and the target's frozen embedding, final norm and LM head; plus both norms' eps."""
+    import numpy as np
+    f = lambda t: t.detach().float().cpu().numpy().astype(np.float32)  # noqa: E731
+    norm = final_norm(model)
+    w = {"norm_h": f(module.norm_h.weight), "norm_e": f(module.norm_e.weight), "fc": f(module.fc.weight).T,
+         "norm_x": f(module.norm_x.weight), "gate": f(module.gate.weight).T, "up": f(module.up.weight).T,
+         "down": f(module.down.weight).T, "embed": f(model.get_input_embeddings().weight),
+         "final_norm": f(norm.weight), "lm_head": f(model.get_output_embeddings().weight).T}
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return {"weights": {k: np.ascontiguousarray(v) for k, v in w.items()}, "eps": float(module.eps),
+            "target_eps": float(eps)}
+
+
+def module_dir(rspec, resolve) -> tuple[Path, str]:
+    """(directory, field) of the spec's `recycle:` entry: a path (spec-relative), or a name among the committed
+    assets and the user's model cache."""
+    if rspec.path is not None:
+        return Path(resolve(rspec.path)), "recycle.path"
+    from .train import asset_dir, cache_dir
+    for d in (asset_dir(rspec.name), cache_dir(rspec.name)):
+        if (d / CONFIG).is_file():
+            return d, "recycle.name"
+    raise ModelError(f"recycle.name: recyclable module {rspec.name!r} is not built (looked in {asset_dir(rspec.name)} "
+                     f"and {cache_dir(rspec.name)}); build it with: dgopt models build {rspec.name}")
+
+
+def for_spec(spec, lm) -> tuple[dict, dict]:
+    """(the module's config for the manifest, the lowering's weights) for the spec's target `lm`, refusing a
+    module trained for another model."""
+    path, field = module_dir(spec.recycle, spec.resolve)
+    module, cfg = load(path, field)
+    check_target(cfg, lm.model, lm.source, path, field)
+    return {k: v for k, v in cfg.items() if k != "training"} | {"path": str(path)}, step_weights(module, lm.model)

@@ -4,9 +4,10 @@ from ..ir import Graph
 from ..spec import Spec
 from .autoregressive import expand_autoregressive
 from .lookahead import expand_jacobi, expand_lookahead, expand_speculative
+from .recycle import expand_recycle
 
 EXPANDERS = {"autoregressive": expand_autoregressive, "lookahead": expand_lookahead, "jacobi": expand_jacobi,
-             "speculative": expand_speculative, "uag": expand_speculative}
+             "speculative": expand_speculative, "uag": expand_speculative, "recycle": expand_recycle}
 
 __all__ = ["expand", "EXPANDERS"]
 

@@ -3,6 +3,7 @@ here and one line below."""
 from .autoregressive import Autoregressive
 from .jacobi import Jacobi
 from .lookahead import Lookahead
+from .recycle import Recycle
 from .speculative import Speculative
 from .uag import UAG
 
@@ -12,6 +13,7 @@ STRATEGIES = {
     "jacobi": Jacobi,
     "speculative": Speculative,
     "uag": UAG,
+    "recycle": Recycle,
 }
 
 __all__ = ["STRATEGIES"]

@@ -1,0 +1,81 @@
+"""Lowering rules of the RecycleGPT ops: the verify forward's hidden states, the chain's start after verification,
+and one step of the recyclable module (dgopt/models/recycle.py) as plain ONNX ops."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from dgopt.errors import BackendError
+
+__all__ = ["RECYCLE_LOWERINGS", "forward_hidden"]
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def forward_hidden(b, fg, logits: str, nm, half: bool) -> str:
+    """The inlined forward's LM-head input (post final norm): the first input of the MatMul that writes the logits
+    (a Cast in between for an fp16 forward is followed back)."""
+    producer = {o: n for n in fg.node for o in n.output}
+    name = fg.output[0].name
+    node = producer.get(name)
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("MatMul", "Gemm"):
+        raise BackendError("onnx backend: the target's exported forward does not end in an LM-head MatMul; its "
+                           "hidden states (for strategy recycle) cannot be read")
+    h = nm(node.input[0])
+    return b.op("Cast", [h], to=F32) if half else h
+
+
+def _accepted_hidden(b, node, ins):
+    hidden, alen, tokens = ins
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    m = b.op("Sub", [alen, i64(1)])                                                   # [B] accepted proposals
+    # row of the last accepted position: T - (K+1) + m, K+1 = tokens' width
+    T, K1 = b.op("Shape", [hidden], start=1, end=2), b.op("Shape", [tokens], start=1, end=2)
+    row = b.op("Add", [b.op("Sub", [T, K1]), m])                                      # [B]
+    H = b.op("Shape", [hidden], start=2, end=3)
+    idx = b.op("Expand", [b.op("Unsqueeze", [row, i64([1, 2])]),
+                          b.op("Concat", [i64([1, 1]), H], axis=0)])                  # [B, 1, H]
+    b.names[node.out("hidden")] = b.op("Squeeze", [b.op("GatherElements", [hidden, idx], axis=1), i64([1])])
+    tok = b.op("GatherElements", [tokens, b.op("Unsqueeze", [m, i64([1])])], axis=1)  # [B, 1]
+    b.names[node.out("token")] = b.op("Squeeze", [tok, i64([1])])
+
+
+def _rms(b, x: str, w: str, eps: float) -> str:
+    ms = b.op("ReduceMean", [b.op("Mul", [x, x]), b.const([-1], np.int64)], keepdims=1)
+    return b.op("Mul", [b.op("Mul", [x, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, b.const(eps)])])])]), w])
+
+
+def _recycle_step(b, node, ins):
+    """x = fc([rms(h); rms(E[tok])]); x += down(silu(gate(rms(x))) * up(rms(x))); h' = norm(x); logits = head(h').
+    The module's weights and the target's frozen embedding, final norm and LM head are initializers named
+    `<module>/...`, shared by every step of the chain."""
+    name = node.attrs["module"]
+    try:
+        info = b.forwards[name][1]
+    except KeyError:
+        raise BackendError(f"onnx backend: node '{node.id}' runs recyclable module '{name}', which the spec does "
+                           "not define") from None
+    w, eps = info["weights"], info["eps"]
+
+    def init(key: str) -> str:
+        full = f"{name}/{key}"
+        if full not in b.inits:
+            b.const(w[key], np.float32, name=full)
+        return full
+
+    h, tok = ins
+    e = b.op("Gather", [init("embed"), tok], axis=0)                                  # [B, H]
+    x = b.op("Concat", [_rms(b, h, init("norm_h"), eps), _rms(b, e, init("norm_e"), eps)], axis=-1)
+    x = b.op("MatMul", [x, init("fc")])
+    y = _rms(b, x, init("norm_x"), eps)
+    gate = b.op("MatMul", [y, init("gate")])
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), b.op("MatMul", [y, init("up")])])
+    x = b.op("Add", [x, b.op("MatMul", [act, init("down")])])
+    hn = _rms(b, x, init("final_norm"), info["target_eps"])
+    b.names[node.out("hidden")] = hn
+    b.names[node.out("logits")] = b.op("MatMul", [hn, init("lm_head")])
+
+
+RECYCLE_LOWERINGS = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step}

@@ -1,0 +1,50 @@
+"""RecycleGPT (arXiv 2308.03421) in EAGLE's lossless form (arXiv 2401.15077): a small recyclable module drafts from
+the target's own last hidden state, and the target verifies its proposals.
+
+One step graph, one call per step (verify: true):
+  verify   the target's forward over [x-block, d_1..d_k] (d: the proposals the previous step's chain made, fed back
+           as the input `candidates`), which also yields its post-norm hidden states; verify_greedy accepts the
+           longest prefix of d equal to the target's argmax chain, plus the bonus token: token-identical to greedy
+           decoding whatever d is.
+  chain    accepted_hidden picks the hidden state of each row's last accepted position and the bonus token; k
+           recycle_step nodes then propose d'_1..d'_k (each reads the hidden state the step before predicted and
+           the token it chose), the next step's candidates (output `proposals`).
+At prefill there are no proposals yet: the host feeds k tokens drawn from the prompt; verification rejects them or
+accepts them exactly like any others.
+-O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes."""
+from __future__ import annotations
+
+from ..ir import Graph
+from ..spec import Spec
+from .lookahead import _penalized
+
+__all__ = ["expand_recycle"]
+
+
+def expand_recycle(spec: Spec) -> Graph:
+    k = spec.strategy.k
+    g = Graph()
+    past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
+    ids = g.add("input", attrs={"name": "verify_ids", "type": "tokens"}, id="verify_ids")
+    pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
+    mask = g.add("input", attrs={"name": "verify_mask", "type": "mask"}, id="verify_mask")
+    cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
+    fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
+    logits = _penalized(g, fwd.out("logits"), cands, spec)
+    v = g.add("verify_greedy", [logits, cands], {"guesses": 1, "length": k}, id="verify/accept")
+    start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")],
+                  id="recycle/start")
+    h, tok, props = start.out("hidden"), start.out("token"), None
+    for i in range(k):
+        st = g.add("recycle_step", [h, tok], {"module": "recycle"}, id=f"recycle{i}")
+        probs = g.add("softmax", [st.out("logits")], id=f"recycle{i}/softmax")
+        tok = g.add("argmax", [probs], id=f"recycle{i}/argmax")
+        h = st.out("hidden")
+        seq = g.add("as_seq", [tok], id=f"recycle{i}/as_seq")
+        props = seq if props is None else g.add("concat_seq", [props, seq], id=f"recycle{i}/proposals")
+    g.set_output("accept_len", v.out("accept_len"))
+    g.set_output("accept_tokens", v.out("tokens"))
+    g.set_output("best", v.out("best"))
+    g.set_output("present", fwd.out("kv"))
+    g.set_output("proposals", props)
+    return g

@@ -1,0 +1,121 @@
+"""Strategy recycle (RecycleGPT, EAGLE-style lossless): token-identical to transformers' greedy generate whatever
+the module proposes (a random module that almost never agrees, and one trained for a few seconds on the tiny target
+that often does), batch 1 and batch 4, -O0 and -O2; bad inputs are one-line errors naming the field."""
+import json
+
+import pytest
+import torch
+
+import dgopt
+from conftest import PROMPTS, hf_greedy, hf_model, tiny_spec
+from dgopt.errors import DgoptError
+from dgopt.models import recycle as R
+
+NEW = 40
+
+
+def _train_briefly(module, target, steps: int):
+    """A few optimizer steps of the real chain loss on the target's own argmax text (seconds)."""
+    from dgopt.training.recycle import _teacher, chain_loss
+    frozen = R.Frozen(target)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    x = torch.randint(1, 320, (8, 24), generator=g)
+    for _ in range(steps):
+        hn, logp = _teacher(target, x)
+        loss = chain_loss(module, frozen, x, hn, logp, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return module
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recycle")
+    target = hf_model("llama")
+    sha = R.target_hash(target)
+    out = {}
+    for name, steps in (("random", 0), ("trained", 60)):
+        m = _train_briefly(R.new_module(64, 96, seed=1), target, steps)
+        R.save(m, root / name, "tiny llama", sha)
+        out[name] = root / name
+    other = hf_model("llama", seed=1)
+    R.save(R.new_module(64, 96), root / "other", "tiny llama seed 1", R.target_hash(other))
+    out["other"] = root / "other"
+    return out
+
+
+@pytest.fixture(scope="module")
+def refs():
+    m = hf_model("llama")
+    return [hf_greedy(m, p, NEW) for p in PROMPTS]
+
+
+def compile_recycle(tmp_path, module_dir, k=4, opt_level=2, **sampling):
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": k}, recycle={"path": str(module_dir)})
+    if sampling:
+        spec["sampling"] = sampling
+    return dgopt.load(dgopt.compile(spec, tmp_path / f"recycle-{module_dir.name}-{k}-{opt_level}",
+                                    opt_level=opt_level))
+
+
+@pytest.mark.parametrize("name", ["random", "trained"])
+def test_greedy_exact_batch1_and_batch4(name, modules, refs, tmp_path):
+    dec = compile_recycle(tmp_path, modules[name])
+    assert dec.manifest["recycle"]["lossy"] is False
+    for p, ref in zip(PROMPTS, refs):
+        assert dec.generate(p, max_new_tokens=NEW).ids[0] == ref
+    res = dec.generate(PROMPTS[:4], max_new_tokens=NEW)
+    assert res.ids == refs[:4]
+    rate = res.stats["acceptance_rate"]
+    if name == "random":
+        assert rate < 0.2
+    else:       # the chain must agree often, or this test would not exercise multi-token acceptance
+        assert rate > 0.3 and len(res.stats["accepted_hist"]) > 2, res.stats
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_O0_equals_O2(k, modules, refs, tmp_path):
+    d0 = compile_recycle(tmp_path, modules["trained"], k, 0)
+    d2 = compile_recycle(tmp_path, modules["trained"], k, 2)
+    ops0 = [n.op for n in dgopt.ir.graph_from_dict(
+        __import__("yaml").safe_load((d0.path / "ir.yaml").read_text())["graph"]).nodes.values()]
+    assert "softmax" in ops0
+    r0, r2 = d0.generate(PROMPTS, max_new_tokens=NEW), d2.generate(PROMPTS, max_new_tokens=NEW)
+    assert r0.ids == r2.ids == refs
+    assert r0.stats["accepted_hist"] == r2.stats["accepted_hist"]
+
+
+def test_max_seq_len_and_repetition_penalty(modules, tmp_path):
+    m = hf_model("llama")
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 4}, recycle={"path": str(modules["trained"])},
+                     sampling={"repetition_penalty": 1.3}, target={"max_seq_len": 30})
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "pen"))
+    for p in PROMPTS[:3]:
+        got = dec.generate(p, max_new_tokens=NEW).ids[0]
+        assert got == hf_greedy(m, p, 30 - len(p), repetition_penalty=1.3)
+
+
+def _err(spec, tmp_path) -> str:
+    with pytest.raises(DgoptError) as e:
+        dgopt.compile(spec, tmp_path / "bad")
+    msg = str(e.value)
+    assert "\n" not in msg and not (tmp_path / "bad").exists()
+    return msg
+
+
+def test_bad_inputs(modules, tmp_path):
+    st = {"kind": "recycle", "k": 4}
+    msg = _err(tiny_spec("llama", strategy=st), tmp_path)
+    assert "'recycle'" in msg and "needs a recyclable module" in msg
+    msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(tmp_path / "nope")}), tmp_path)
+    assert "recycle.path" in msg and "not found" in msg
+    msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(modules["other"])}), tmp_path)
+    assert "recycle.path" in msg and "tiny llama seed 1" in msg and "this spec's model" in msg
+    msg = _err(tiny_spec("llama", strategy={"kind": "speculative", "verify": False}), tmp_path)
+    assert "strategy.verify" in msg
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "recycle.json").write_text(json.dumps({"hidden_size": 64}))
+    msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(tmp_path / "broken")}), tmp_path)
+    assert "recycle.path" in msg and "not a recycle module" in msg
