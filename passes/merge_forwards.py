@@ -19,6 +19,8 @@ class MergeForwards(Pass):
     def call(self, g) -> bool:
         groups = defaultdict(list)
         for f in g.find("forward"):
+            if g.users(f.out("hidden")) or g.is_output(f.out("hidden")):   # its hidden states are read (recycle):
+                continue                                                   # split_seq does not split them
             groups[(f.attrs["model"], f.inputs[3])].append(f)
         modified = False
         for (model, past), fs in groups.items():

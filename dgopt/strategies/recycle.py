@@ -11,7 +11,12 @@ One step graph, one call per step (verify: true):
            the token it chose), the next step's candidates (output `proposals`).
 At prefill there are no proposals yet: the host feeds k tokens drawn from the prompt; verification rejects them or
 accepts them exactly like any others.
--O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes."""
+-O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes.
+
+Sampling (exact in distribution): the chain draws d'_i from the module's processed distribution q_i (the target's
+logits processors, inverse CDF with the input draft_uniform_i) and outputs q as `proposal_probs`; the next step's
+verify_sample accepts d_i with probability min(1, p_i(d_i) / q_i(d_i)) and draws a rejected position from
+norm(max(0, p - q)), as speculative sampling does. The prefill's guesses come with point-mass q (one-hot)."""
 from __future__ import annotations
 
 from ..ir import Graph
@@ -31,14 +36,32 @@ def expand_recycle(spec: Spec) -> Graph:
     cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
     logits = _penalized(g, fwd.out("logits"), cands, spec)
-    v = g.add("verify_greedy", [logits, cands], {"guesses": 1, "length": k}, id="verify/accept")
+    sampled = spec.sampling.kind == "sample"
+    plain = spec.sampling.model_copy(update={"repetition_penalty": 1.0})   # the penalty is applied explicitly
+    if sampled:
+        from .autoregressive import add_processors
+        q = g.add("input", attrs={"name": "draft_probs", "type": "probs_seq"}, id="draft_probs")
+        u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
+        tail = g.add("tail_positions", [logits], {"length": k}, id="verify/tail")
+        x = add_processors(g, tail, plain, prefix="verify")
+        v = g.add("verify_sample", [x, cands, q, u], {"length": k}, id="verify/accept")
+    else:
+        v = g.add("verify_greedy", [logits, cands], {"guesses": 1, "length": k}, id="verify/accept")
     start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")],
                   id="recycle/start")
-    h, tok, props = start.out("hidden"), start.out("token"), None
+    h, tok, props, qs = start.out("hidden"), start.out("token"), None, None
     for i in range(k):
         st = g.add("recycle_step", [h, tok], {"module": "recycle"}, id=f"recycle{i}")
-        probs = g.add("softmax", [st.out("logits")], id=f"recycle{i}/softmax")
-        tok = g.add("argmax", [probs], id=f"recycle{i}/argmax")
+        if sampled:
+            x = add_processors(g, st.out("logits"), plain, prefix=f"recycle{i}")
+            probs = g.add("softmax", [x], id=f"recycle{i}/softmax")
+            du = g.add("input", attrs={"name": f"draft_uniform_{i}", "type": "uniform"}, id=f"draft_uniform_{i}")
+            tok = g.add("multinomial", [probs, du], id=f"recycle{i}/multinomial")
+            qi = g.add("as_seq", [probs], id=f"recycle{i}/q")
+            qs = qi if qs is None else g.add("concat_seq", [qs, qi], id=f"recycle{i}/q_seq")
+        else:
+            probs = g.add("softmax", [st.out("logits")], id=f"recycle{i}/softmax")
+            tok = g.add("argmax", [probs], id=f"recycle{i}/argmax")
         h = st.out("hidden")
         seq = g.add("as_seq", [tok], id=f"recycle{i}/as_seq")
         props = seq if props is None else g.add("concat_seq", [props, seq], id=f"recycle{i}/proposals")
@@ -47,4 +70,6 @@ def expand_recycle(spec: Spec) -> Graph:
     g.set_output("best", v.out("best"))
     g.set_output("present", fwd.out("kv"))
     g.set_output("proposals", props)
+    if sampled:
+        g.set_output("proposal_probs", qs)
     return g

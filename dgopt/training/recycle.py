@@ -160,7 +160,7 @@ def evaluate(module, frozen, target, rows, k: int) -> dict:
 def train(model_dir: str, out: str, data: list[str], minutes: float, device: str = "cpu", seed: int = 0,
           intermediate: int | None = None, batch: int = 16, lr: float = 3e-3, k: int = 4, gen_rows: int = 512,
           val_rows: int = 32, eval_every: int = 25, patience: int = 6, progress: bool = True, ce_frac: float = 0.25,
-          command: str | None = None) -> dict:
+          command: str | None = None, init: str | None = None) -> dict:
     import torch
 
     from ..models.train import _Progress, _set_seeds
@@ -173,6 +173,10 @@ def train(model_dir: str, out: str, data: list[str], minutes: float, device: str
     H = int(cfg.hidden_size)
     frozen = R.Frozen(target)
     module = R.new_module(H, intermediate or 2 * H, float(getattr(cfg, "rms_norm_eps", 1e-5)), seed).to(device)
+    if init:    # continue a module trained for this target (a longer run in several sittings)
+        module, icfg = R.load(Path(init), "--init")
+        R.check_target(icfg, target, str(model_dir), Path(init), "--init")
+        module = module.train().to(device)
 
     self_data = data == ["self"]
     train_s, val_s = (None, None) if self_data else _corpus_streams(data, tdir)
@@ -218,7 +222,7 @@ def train(model_dir: str, out: str, data: list[str], minutes: float, device: str
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         step += 1
-        last_loss = float(loss)
+        last_loss = float(loss.detach())
         bar.update(step, loss=last_loss)
         if step % eval_every == 0:
             e = evaluate(module, frozen, target, val, k)
@@ -265,6 +269,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--gen-rows", type=int, default=512, help="--data self: rows the target writes")
+    p.add_argument("--init", default=None, help="continue training this module dir (trained for the same target)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--val-rows", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -277,7 +285,8 @@ def run(a, argv) -> int:
         raise ModelError("--data: 'self' cannot be combined with other data")
     if a.minutes <= 0:
         raise ModelError(f"--minutes: must be positive, got {a.minutes}")
-    train(a.model_dir, a.out, a.data, a.minutes, a.device, a.seed, a.intermediate, a.batch, gen_rows=a.gen_rows,
+    train(a.model_dir, a.out, a.data, a.minutes, a.device, a.seed, a.intermediate, a.batch, lr=a.lr,
+          gen_rows=a.gen_rows, init=a.init, eval_every=a.eval_every, val_rows=a.val_rows,
           progress=not a.no_progress, command="dgopt train recycle " + shlex.join(argv))
     return 0
 

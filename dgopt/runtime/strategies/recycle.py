@@ -1,8 +1,13 @@
 """RecycleGPT, lossless (EAGLE-style): the step graph verifies the k proposals the recyclable module made in the
 previous step and runs the module's chain from the accepted position for the next step's proposals (output
 `proposals`, fed back as `candidates`). One call per step, no draft cache: the host only carries the proposals.
-The first step (prefill) verifies k tokens drawn from the prompt."""
+The first step (prefill) verifies k tokens drawn from the prompt. Sampled: the chain's distributions q come back
+as `proposal_probs` and go into the next step's rejection sampling (`draft_probs`); the prefill's guesses are
+point masses (one-hot q), which rejection sampling handles exactly like any q. Two noise streams, as speculative's:
+the chain's draws and the acceptance tests."""
 from __future__ import annotations
+
+import numpy as np
 
 from .base import Strategy, initial_guesses
 from .speculative import draft_stats
@@ -16,17 +21,33 @@ class Recycle(Strategy):
         self.K = K = loop.dec.manifest["strategy"]["k"]
         self.cands = initial_guesses(loop.rows, K)[:, None, :]
         self.proposed_n = 0
+        self.draft_noise = self.accept_noise = None
+        if loop.sampled:
+            B, n = loop.B, loop.steps_max
+            streams = np.random.SeedSequence(loop.seed).spawn(2)
+            self.draft_noise = loop.stream("uniform", streams[0], (B, K), n)
+            self.accept_noise = loop.stream("uniform", streams[1], (B, K + 1), n)
+            self.q = np.zeros((B, K, loop.dec.vocab_size), np.float32)
+            np.put_along_axis(self.q, self.cands[:, 0, :, None], 1.0, axis=2)
 
     def propose(self, feeds):
+        if self.draft_noise is not None:
+            du = self.draft_noise.next()
+            feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(self.K)}, draft_probs=self.q,
+                         accept_uniform=self.accept_noise.next())
         return self.cands, self.K, 1
 
     def proposed(self, out, cands, K):
         self.next = out["proposals"]
+        if self.draft_noise is not None:
+            self.next_q = out["proposal_probs"]
         self.proposed_n += K * (self.loop.B - sum(self.loop.done))
         return cands, K
 
     def advance(self, m, got):
         self.cands = self.next[:, None, :]
+        if self.draft_noise is not None:
+            self.q = self.next_q
 
     def stats(self):
         return draft_stats(self.loop, self.proposed_n, 0, None)
