@@ -237,7 +237,7 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     from dgopt.backends.onnx import lower_to_onnx
     from .models.hf import export_forward
     from .spec import SamplingSpec
-    from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
+    from .strategies.draft_chain import expand_draft_chain, expand_draft_probs
     sampled = spec.sampling.kind == "sample" and spec.strategy.kind == "speculative"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
