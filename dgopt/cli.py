@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import DgoptError
+from .version import __version__
 
 EPILOG = """examples:
   dgopt compile specs/greedy.yaml -o out/greedy
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "step artifacts (spec.yaml -> IR -> passes -> ONNX) and run them.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("--version", action="version", version=f"dgopt {__import__('dgopt').__version__}")
+    p.add_argument("--version", action="version", version=f"dgopt {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", help="compile a spec into an artifact directory",
