@@ -12,11 +12,11 @@ import yaml
 
 from .artifact import SCHEMA_VERSION, write_artifact
 from .errors import BackendError, DgoptError, IRError, SpecError
-from .ir import Graph, graph_from_dict, graph_to_dict, verify
+from .ir import Graph, graph_from_dict, spec_with_graph, verify
 from .passmgr import DumpInstrument, PassManager, VerifyInstrument
 from .spec import Spec, load_spec, spec_from_dict
 
-__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS", "spec_with_graph"]
+__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS"]
 log = logging.getLogger("dgopt")
 
 
@@ -42,12 +42,6 @@ def pipeline_passes(opt_level: int = 2, disable: list[str] | tuple = ()) -> list
     if unknown:
         raise SpecError(f"--disable-pass: unknown pass '{unknown[0]}' (known: {', '.join(registry)})")
     return [registry[n]() for n in OPT_LEVELS[opt_level] if n not in disable]
-
-
-def spec_with_graph(spec_dict: dict, g: Graph) -> dict:
-    d = {k: v for k, v in spec_dict.items() if k != "graph"}
-    d["graph"] = graph_to_dict(g)
-    return d
 
 
 def build_ir(spec: Spec) -> Graph:
@@ -84,7 +78,7 @@ def _versions() -> dict:
     import onnxruntime
     import torch
     import transformers
-    from . import __version__
+    from .version import __version__
     return {"dgopt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -237,7 +231,7 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     from dgopt.backends.onnx import lower_to_onnx
     from .models.hf import export_forward
     from .spec import SamplingSpec
-    from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
+    from .strategies.draft_chain import expand_draft_chain, expand_draft_probs
     sampled = spec.sampling.kind == "sample" and spec.strategy.kind == "speculative"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
