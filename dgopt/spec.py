@@ -116,7 +116,7 @@ class TargetSpec(_Strict):
     # None (left out): the pipeline uses min(1024, the model's max_position_embeddings, a speculative draft's)
     max_seq_len: int | None = Field(None, ge=2)
     # how the model's forward becomes ONNX: direct (Llama / Qwen2 fp32, written from the weights, half the kernels),
-    # contrib (direct with onnxruntime's contrib ops: half again; multi-head attention, onnx backend only), traced
+    # contrib (direct with onnxruntime's contrib ops: half again; onnx backend only), traced
     # (torch.onnx.export of the transformers forward), auto (contrib for the onnx backend on the cpu, else direct,
     # where they apply; else traced)
     forward: Literal["auto", "contrib", "direct", "traced"] = "auto"
