@@ -248,7 +248,13 @@ def main():
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
     ar_s = next((r for r in rows if r["name"].startswith("dgopt autoregressive (sample)")), None)
     gpu = f"; {torch.cuda.get_device_name()}" if dev.type == "cuda" else ""
-    print(f"machine: {machine()}; onnxruntime {a.device.upper()}, {a.threads} threads{gpu}")
+    # label rows by the provider each session actually started on (onnxruntime can drop CUDA with a log line)
+    ran = {n: dec.session.providers[0] for n, dec in decs}
+    for r in rows:
+        if r["name"] in ran:
+            r["provider"] = ran[r["name"]]
+    providers = sorted(set(ran.values()))
+    print(f"machine: {machine()}; onnxruntime {', '.join(providers)}, {a.threads} threads{gpu}")
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
           f"new tokens, batch {a.batch} (transformers rows: batch 1), greedy")
     print(f"{'':52s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
@@ -271,7 +277,7 @@ def main():
             print(f"merge_forwards per-step speedup {r['name'][6:-4]}: {r0['ms_per_step'] / r['ms_per_step']:.2f}x")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "strategies.json").write_text(json.dumps({"machine": machine() + gpu, "device": a.device,
+    (out / "strategies.json").write_text(json.dumps({"machine": machine() + gpu, "device": a.device, "providers": providers,
                                                      "model": lm.source,
                                                      "params": lm.info["num_parameters"], "rows": rows}, indent=2))
 
