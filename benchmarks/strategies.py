@@ -106,6 +106,8 @@ def main():
     ref, _ = hf_run()
     rows = []
 
+    partial = Path(a.out) / "strategies.json"
+
     def add(name, outs, secs, steps=None, extra=None, row_steps=None):
         toks = sum(len(o) for o in outs)
         row_steps = row_steps or steps          # a batch's step advances every row in it
@@ -113,6 +115,9 @@ def main():
                      "tokens_per_step": toks / row_steps if row_steps else None,
                      "ms_per_step": 1e3 * secs / steps if steps else None,
                      "identical": outs == ref, **(extra or {})})
+        # each row as it completes: a run stopped at its time limit keeps the rows it measured
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"partial": True, "device": a.device, "rows": rows}, indent=2))
 
     add("transformers greedy", *hf_run())
     add("transformers prompt lookup (10)", *hf_run(prompt_lookup_num_tokens=10))
@@ -277,7 +282,8 @@ def main():
             print(f"merge_forwards per-step speedup {r['name'][6:-4]}: {r0['ms_per_step'] / r['ms_per_step']:.2f}x")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "strategies.json").write_text(json.dumps({"machine": machine() + gpu, "device": a.device, "providers": providers,
+    (out / "strategies.json").write_text(json.dumps({"machine": machine() + gpu, "device": a.device,
+                                                     "providers": providers,
                                                      "model": lm.source,
                                                      "params": lm.info["num_parameters"], "rows": rows}, indent=2))
 
