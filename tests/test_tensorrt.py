@@ -234,12 +234,11 @@ def test_profile_shapes_cover_every_dynamic_input(artifacts):
     art = artifacts("llama", 2, sampling=SAMPLING["sample"])
     shapes = profile_shapes(art / "step.onnx", max_batch=4, max_seq_len=64)
     assert set(shapes) == {i.name for i in step(art).graph.input}
-    # past <= 2S - 1 + W: S real tokens, S - 1 slots of left padding, one step's uncommitted slot
+    # past <= 3S + W: committed tokens, padding and holes below 3S (slots.py compacts), plus one step's slot
     assert shapes["input_ids"] == ((1, 1), (4, 1), (4, 65))
-    assert shapes["attn_mask"] == ((1, 1, 1, 1), (4, 1, 1, 33), (4, 1, 65, 128 + 65))
-    assert shapes["past.0.key"] == ((1, 2, 0, 16), (4, 2, 32, 16), (4, 2, 128, 16))
+    assert shapes["attn_mask"] == ((1, 1, 1, 1), (4, 1, 1, 33), (4, 1, 65, 193 + 65))
+    assert shapes["past.0.key"] == ((1, 2, 0, 16), (4, 2, 32, 16), (4, 2, 193, 16))
     assert shapes["gumbel"] == ((1, 320), (4, 320), (4, 320))
-    assert profile_shapes(art / "step.onnx", max_batch=1, max_seq_len=64)["past.0.key"][2] == (1, 2, 65, 16)
     with pytest.raises(BackendError):
         profile_shapes(art / "step.onnx", max_batch=4, max_seq_len=64, opt_past=64)
 
@@ -467,7 +466,7 @@ def test_build_flow_against_a_stand_in_tensorrt(artifacts, tmp_path, monkeypatch
     assert plan.read_bytes() == b"PLAN"
     assert trt.rec["network_flags"] == 1 and trt.rec["set"] == set() and trt.rec["cleared"] == {"TF32"}
     assert trt.rec["profiles"] == 1 and set(trt.rec["profile"]) == {i.name for i in step(art).graph.input}
-    assert trt.rec["profile"]["past.1.value"] == ((1, 2, 0, 16), (2, 2, 16, 16), (2, 2, 64, 16))
+    assert trt.rec["profile"]["past.1.value"] == ((1, 2, 0, 16), (2, 2, 16, 16), (2, 2, 97, 16))
     cache = tmp_path / "cache" / "tensorrt" / f"timing-{version}-sm89.cache"
     assert meta["timing_cache"] == str(cache) and cache.read_bytes() == b"+1"
     assert meta["version"] == version and meta["compute_capability"] == [8, 9] and meta["precision"] == precision

@@ -7,9 +7,10 @@ draft's cache); per forward branch `<branch>q` and `<branch>total` (`q`, `verify
 feed, from these bounds (S = target.max_seq_len):
 
 - a branch's q is its decode width w (the tokens one step feeds it: `_widths`), or a prefill of up to S tokens plus w;
-- the cache of a row holds up to S real tokens, plus up to S - 1 slots of left padding in a ragged batch, plus the
-  uncommitted slots of one step (the sum W of the widths): past <= 2S - 1 + W (speculative batches were seen at
-  past = 91 with S = 64: rows accept different counts, so the padded cache outgrows S);
+- the cache holds each row's committed tokens (at most S) plus masked slots: left padding, and holes where a row
+  accepted fewer tokens than another. The runtime (dgopt/runtime/slots.py) compacts the holes once they exceed a
+  third of the slots, checked at doubling sizes, so the slots stay below 3S before a step adds its own W (the sum
+  of the widths): past <= 3S + W (seen: 131 at S = 64 for speculative sampling in a ragged batch of 3);
 - a total is past plus every q of the step (merged branches see each other's columns): total <= past_max + sum q_max;
 - guesses and length are the strategy's block, from 1 (the last steps shrink to fit max_seq_len).
 
@@ -81,7 +82,7 @@ def dim_ranges(dims, strategy: dict | None, max_batch: int, max_seq_len: int, op
         if b is not None:
             wd = branches.get(b, widest)
             q_of[d] = (1, min(wd, S + wd), S + wd)
-    past_max = 2 * S - 1 + sum(branches.values()) if max_batch > 1 else S + sum(branches.values())
+    past_max = 3 * S + sum(branches.values())
     q_sum_max = sum(r[2] for r in q_of.values()) or S + widest
     q_sum_opt = sum(r[1] for r in q_of.values()) or widest
     out = {}
