@@ -3,8 +3,10 @@
 # ends, and the most valuable come first, so a call stopped at its limit still returns everything measured before.
 #
 #   run(command="bash scripts/device_check.sh", carry=[".ortgpu/ort.04", ".ortgpu/ort-gpu-install.sh",
-#       ".ortgpu/ort.name", ".ortgpu/ort.sha256"], timeout_s=420)
+#       ".ortgpu/ort.name", ".ortgpu/ort.sha256", ".whl"], timeout_s=420)
 #
+# .whl: the wheels the device image lacks (pydantic and its three dependencies, 2.8 MB), from
+# `bash scripts/device_wheels.sh` here (KINDS.md's package list has no pydantic: dgopt would not import).
 # after ort.00..ort.03 went over in calls of their own (../shared/DEVICE.md: bash ../shared/tools/ort-gpu-parts.sh
 # here first); with .ortgpu/ carried it gathers the parts and installs onnxruntime-gpu into /tmp/ortsite itself.
 #
@@ -13,7 +15,7 @@
 # 330 s, ~5.5 min), so start + transfer + this script fit twice in 15 minutes: room for one rerun.
 #
 #   stage        limit  what
-#   env            20s  versions, providers, GPU; no CUDA EP: exit 2 (one line)
+#   env            20s  versions, providers, GPU; dgopt does not import: exit 4; no CUDA EP: exit 2 (one line)
 #   tests          90s  tests/test_cuda.py (GPU tokens == CPU == transformers; fp16) and the TensorRT engine tests
 #                       (skip without TensorRT); no pytest: exit 3, loudly (never a silent skip)
 #   ar_fp16        60s  benchmarks/ar_decode.py --device cuda --precision fp16: tokens/s vs transformers fp16 and
@@ -26,7 +28,8 @@
 # A stage whose limit no longer fits in what is left of BUDGET_S is skipped and says so. Results, all under $OUT (at
 # most 8 files come back): stages.json (one entry per stage, rewritten after each: rc, seconds, status, the last
 # lines of its output), log.txt (every stage's full output), ar_fp16.json, ar_fp32.json, sampling.json,
-# strategies.json. Exit status: 2 no CUDA EP, 3 no pytest, 1 a stage failed, 0 all passed.
+# strategies.json. Exit status: 4 dgopt does not import, 2 no CUDA EP, 3 no pytest, 1 a stage failed or was
+# skipped, 0 all passed.
 #
 # Knobs (environment): DEVICE (cuda; cpu runs the same plumbing, as checked on the CPU machine with
 # DEVICE=cpu BUDGET_S=120), BUDGET_S, PY (python3), NEW / PROMPTS / REPEATS (benchmark sizes), MODEL (code-tiny; a
@@ -63,6 +66,11 @@ if [ "$DEVICE" = cuda ] && [ -f .ortgpu/ort-gpu-install.sh ] && [ ! -d /tmp/orts
     bash .ortgpu/ort-gpu-install.sh 2>&1 | tail -3
 fi
 if [ -d /tmp/ortsite/onnxruntime ]; then export PYTHONPATH="/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}"; fi
+if ls .whl/*.whl >/dev/null 2>&1; then      # scripts/device_wheels.sh: what the device image lacks (pydantic)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+        .whl/*.whl || echo "device_check: installing the carried .whl failed (see above)" >&2
+    export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$WORK/site"      # last: never shadow the image's own packages
+fi
 
 # record NAME RC SECONDS STATUS: merge one stage's entry into stages.json (atomically: a kill leaves the last one)
 record() {
@@ -85,6 +93,7 @@ stage() {
     if [ "$limit" -gt "$left" ]; then
         echo "== $name: skipped (needs ${limit}s, ${left}s of BUDGET_S left)" | tee -a "$OUT/log.txt"
         record "$name" -1 0 "skipped: budget"
+        FAILED=1
         return
     fi
     echo "== $name (limit ${limit}s)" | tee -a "$OUT/log.txt"
@@ -114,6 +123,12 @@ try:
 except Exception as e:
     print('tensorrt: not installed (' + type(e).__name__ + ')')
 "
+if ! "$PY" -c "import torch, onnxruntime, transformers, pydantic, dgopt.pipeline" 2>"$WORK/import.err"; then
+    echo "device_check: dgopt or what it needs does not import: $(tail -1 "$WORK/import.err") (the device image" \
+        "has no pydantic: run scripts/device_wheels.sh here and carry .whl)" | tee -a "$OUT/log.txt" >&2
+    record env 4 0 "dgopt does not import"
+    exit 4
+fi
 if [ "$DEVICE" = cuda ] && ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
     echo "device_check: onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu first (../shared/DEVICE.md)" \
         | tee -a "$OUT/log.txt" >&2
