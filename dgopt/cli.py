@@ -197,8 +197,9 @@ def cmd_check(a) -> int:
         from .spec import load_spec
         spec = load_spec(path, a.set or [])
         precision = a.precision or spec.target.precision
-        # lowered as the tensorrt backend lowers it: fp32 ONNX for a GPU (so forward auto writes no contrib ops)
-        target = spec.target.model_copy(update={"backend": "onnx", "precision": "fp32", "device": "cuda"})
+        # lowered as the tensorrt backend lowers it: for a GPU (so forward auto writes no contrib ops), fp16 for fp16
+        target = spec.target.model_copy(update={"backend": "onnx", "device": "cuda",
+                                                "precision": "fp16" if precision == "fp16" else "fp32"})
         spec = spec.model_copy(update={"target": target})
         with tempfile.TemporaryDirectory() as d:
             art = dg_compile(spec, Path(d) / "art", opt_level=a.O)

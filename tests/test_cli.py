@@ -214,6 +214,14 @@ def test_check_fails_on_unbuildable_spec(tmp_path, capsys):
     assert code == 1 and "sampler/top_p/TopK" in out and "3840" in out
 
 
+def test_check_at_fp16_lowers_the_fp16_graph(tmp_path, capsys):
+    """TensorRT builds strongly typed, so `check --precision fp16` checks the fp16 step graph a build would use:
+    no "this graph is fp32" warning, no unclamped-mask warning."""
+    spec = write_spec(tmp_path, tiny_spec())
+    code, out, _ = run_cli(capsys, "check", spec, "--precision", "fp16")
+    assert code == 0 and "0 errors, 0 warnings" in out, out
+
+
 def test_compile_tensorrt_without_tensorrt_is_one_line_error(tmp_path, capsys):
     spec = write_spec(tmp_path, tiny_spec(target={"backend": "tensorrt", "device": "cuda"}))
     code, _, err = run_cli(capsys, "compile", spec, "-o", tmp_path / "out")
