@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from ..ir import Graph
 from ..spec import Spec
-from .lookahead import _penalized
+from .autoregressive import add_processors
+from .verify import add_branch_inputs, add_penalized, set_verify_outputs
 
 __all__ = ["expand_recycle"]
 
@@ -30,16 +31,13 @@ def expand_recycle(spec: Spec) -> Graph:
     k = spec.strategy.k
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
-    ids = g.add("input", attrs={"name": "verify_ids", "type": "tokens"}, id="verify_ids")
-    pos = g.add("input", attrs={"name": "verify_position_ids", "type": "positions"}, id="verify_position_ids")
-    mask = g.add("input", attrs={"name": "verify_mask", "type": "mask"}, id="verify_mask")
+    ids, pos, mask = add_branch_inputs(g, "verify")
     cands = g.add("input", attrs={"name": "candidates", "type": "candidates"}, id="candidates")
     fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="verify/target")
-    logits = _penalized(g, fwd.out("logits"), cands, spec)
+    logits = add_penalized(g, fwd.out("logits"), cands, spec)
     sampled = spec.sampling.kind == "sample"
     plain = spec.sampling.model_copy(update={"repetition_penalty": 1.0})   # the penalty is applied explicitly
     if sampled:
-        from .autoregressive import add_processors
         q = g.add("input", attrs={"name": "draft_probs", "type": "probs_seq"}, id="draft_probs")
         u = g.add("input", attrs={"name": "accept_uniform", "type": "uniform_seq"}, id="accept_uniform")
         tail = g.add("tail_positions", [logits], {"length": k}, id="verify/tail")
@@ -65,10 +63,7 @@ def expand_recycle(spec: Spec) -> Graph:
         h = st.out("hidden")
         seq = g.add("as_seq", [tok], id=f"recycle{i}/as_seq")
         props = seq if props is None else g.add("concat_seq", [props, seq], id=f"recycle{i}/proposals")
-    g.set_output("accept_len", v.out("accept_len"))
-    g.set_output("accept_tokens", v.out("tokens"))
-    g.set_output("best", v.out("best"))
-    g.set_output("present", fwd.out("kv"))
+    set_verify_outputs(g, v, fwd)
     g.set_output("proposals", props)
     if sampled:
         g.set_output("proposal_probs", qs)

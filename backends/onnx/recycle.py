@@ -7,12 +7,12 @@ from onnx import TensorProto
 
 from dgopt.errors import BackendError
 
-__all__ = ["RECYCLE_LOWERINGS", "forward_hidden"]
+__all__ = ["RULES", "forward_hidden"]
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-def forward_hidden(b, fg, logits: str, nm, half: bool) -> str:
+def forward_hidden(b, fg, nm, half: bool) -> str:
     """The inlined forward's LM-head input (post final norm): the first input of the MatMul that writes the logits
     (a Cast in between for an fp16 forward is followed back)."""
     producer = {o: n for n in fg.node for o in n.output}
@@ -78,4 +78,4 @@ def _recycle_step(b, node, ins):
     b.names[node.out("logits")] = b.op("MatMul", [hn, init("lm_head")])
 
 
-RECYCLE_LOWERINGS = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step}
+RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step}
