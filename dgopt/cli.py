@@ -227,6 +227,10 @@ def cmd_models(a) -> int:
             print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
                   f"{m['unigram_ppl'] or '-':>8}  {where}")
         return 0
+    from .training import recycle as train_recycle
+    if a.name in train_recycle.RECIPES:     # a recyclable module (strategy recycle), not a model
+        print(train_recycle.build(a.name, a.out, a.device, a.seed or None))
+        return 0
     if a.name not in train.RECIPES:
         raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(train.RECIPES)})")
     if a.device == "cuda":

@@ -115,8 +115,11 @@ def test_bad_inputs(modules, tmp_path):
     assert "recycle.path" in msg and "not found" in msg
     msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(modules["other"])}), tmp_path)
     assert "recycle.path" in msg and "tiny llama seed 1" in msg and "this spec's model" in msg
-    msg = _err(tiny_spec("llama", strategy={"kind": "speculative", "verify": False}), tmp_path)
+    msg = _err(tiny_spec("llama", strategy={"kind": "lookahead", "verify": False}), tmp_path)
     assert "strategy.verify" in msg
+    msg = _err(tiny_spec("llama", strategy={**st, "verify": False}, recycle={"path": str(modules["random"])}),
+               tmp_path)
+    assert "strategy.verify" in msg and "not implemented" in msg
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "recycle.json").write_text(json.dumps({"hidden_size": 64}))
     msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(tmp_path / "broken")}), tmp_path)

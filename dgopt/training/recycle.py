@@ -258,6 +258,26 @@ def train(model_dir: str, out: str, data: list[str], minutes: float, device: str
     return info
 
 
+#: Shipped modules: `dgopt models build NAME` runs `dgopt train recycle` with these arguments (into the user cache
+#: unless --out). code-tiny-recycle: two sittings on this 2-core machine (the second --init from the first, see
+#: its recycle.json); one sitting of the summed minutes is the recipe.
+RECIPES = {
+    "code-tiny-recycle": {"model_dir": "code-tiny", "data": ["stdlib"], "minutes": 60.0, "seed": 0, "batch": 4,
+                          "lr": 3e-3, "eval_every": 15, "val_rows": 16},
+}
+
+
+def build(name: str, out: str | None = None, device: str = "cpu", seed: int | None = None) -> Path:
+    from ..models.train import cache_dir
+    r = dict(RECIPES[name])
+    if seed is not None:
+        r["seed"] = seed
+    dest = Path(out) if out else cache_dir(name)
+    cmd = f"dgopt models build {name}" + (f" --out {out}" if out else "") + (f" --seed {seed}" if seed else "")
+    train(r.pop("model_dir"), str(dest), r.pop("data"), r.pop("minutes"), device, command=cmd, **r)
+    return dest
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="the target: a Hugging Face model dir or a built name")
     p.add_argument("-o", "--out", required=True, help="output directory for the module")
