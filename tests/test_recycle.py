@@ -166,3 +166,17 @@ def test_sampling_matches_target_distribution(modules, tmp_path):
             counts[tuple(t)] = counts.get(tuple(t), 0) + 1
     assert chi2_pvalue(counts, _exact_three(hf_model("llama"))) > 1e-3
     assert 0.05 < sum(acc) / len(acc) < 0.95, acc     # accepted and rejected proposals both occur
+
+
+def test_train_self_data_without_tokenizer(tmp_path):
+    """`dgopt train recycle --data self` on a model dir without tokenizer files: the target writes its own rows; the
+    module is saved with the target's hash and its training record, and compiles against that target."""
+    from dgopt.training.recycle import main
+    hf_model("llama").save_pretrained(tmp_path / "target")
+    assert main([str(tmp_path / "target"), "-o", str(tmp_path / "mod"), "--data", "self", "--minutes", "0.05",
+                 "--gen-rows", "8", "--val-rows", "4", "--eval-every", "2", "--batch", "4", "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "mod" / "recycle.json").read_text())
+    assert cfg["target_sha"] == R.target_hash(hf_model("llama")) and cfg["training"]["data"] == ["self"]
+    assert cfg["training"]["steps"] > 0 and 0.0 <= cfg["training"]["val_agreement"] <= 1.0
+    assert main([str(tmp_path / "target"), "-o", str(tmp_path / "m2"), "--data", "stdlib"]) == 2   # no tokenizer
+    assert not (tmp_path / "m2").exists()
