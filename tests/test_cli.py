@@ -168,6 +168,18 @@ def test_run_bad_arguments(artifact, capsys):
     assert code == 2 and "artifact not found" in err
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["--ids", "1,2", "--max-new-tokens", "0"], "error: --max-new-tokens 0: must be at least 1"),
+    (["--ids", "1,2", "--max-new-tokens", "-1"], "error: --max-new-tokens -1: must be at least 1"),
+    (["--ids", ""], "error: --ids '': empty prompt (give at least one token id per row: 1,2,3)"),
+    (["--ids", " ; "], "error: --ids ' ; ': empty prompt (give at least one token id per row: 1,2,3)"),
+    (["--ids", "1,2;,"], "error: --ids '1,2;,': empty prompt (give at least one token id per row: 1,2,3)"),
+])
+def test_run_bad_count_or_empty_prompt(artifact, argv, line, capsys):
+    code, out, err = run_cli(capsys, "run", artifact, *argv)
+    assert code == 2 and out == "" and err.strip().splitlines() == [line]
+
+
 def test_console_script_exit_code(tmp_path):
     """The real entry point (new process): exit 2 and a single stderr line."""
     spec = write_spec(tmp_path, tiny_spec(sampling={"top_k": -3}))
