@@ -11,7 +11,7 @@ import torch
 import dgopt
 from conftest import PROMPTS, tiny_spec
 
-from dgopt.backends.onnx.lower import FP16_MASK_MIN
+from dgopt.backends.onnx.forward import FP16_MASK_MIN
 
 FP16 = {"device": "cuda", "precision": "fp16"}
 
