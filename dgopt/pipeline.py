@@ -1,8 +1,8 @@
 """The compiler driver: spec -> IR -> passes -> lowered step -> artifact. The whole pipeline is one readable list."""
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,11 +12,11 @@ import yaml
 
 from .artifact import SCHEMA_VERSION, write_artifact
 from .errors import BackendError, DgoptError, IRError, SpecError
-from .ir import Graph, graph_from_dict, graph_to_dict, verify
+from .ir import Graph, graph_from_dict, spec_with_graph, verify
 from .passmgr import DumpInstrument, PassManager, VerifyInstrument
 from .spec import DEFAULT_MAX_SEQ_LEN, Spec, load_spec, spec_from_dict
 
-__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS", "spec_with_graph"]
+__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS"]
 log = logging.getLogger("dgopt")
 
 
@@ -42,12 +42,6 @@ def pipeline_passes(opt_level: int = 2, disable: list[str] | tuple = ()) -> list
     if unknown:
         raise SpecError(f"--disable-pass: unknown pass '{unknown[0]}' (known: {', '.join(registry)})")
     return [registry[n]() for n in OPT_LEVELS[opt_level] if n not in disable]
-
-
-def spec_with_graph(spec_dict: dict, g: Graph) -> dict:
-    d = {k: v for k, v in spec_dict.items() if k != "graph"}
-    d["graph"] = graph_to_dict(g)
-    return d
 
 
 def build_ir(spec: Spec) -> Graph:
@@ -84,7 +78,7 @@ def _versions() -> dict:
     import onnxruntime
     import torch
     import transformers
-    from . import __version__
+    from .version import __version__
     return {"dgopt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -104,9 +98,9 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     if spec.target.precision != "fp32" and spec.target.device == "cpu":
         raise SpecError(f"spec field 'target.precision': {spec.target.precision} needs device 'cuda' "
                         "(onnxruntime's CPU kernels run fp32)")
-    if spec.target.precision == "bf16" and spec.target.backend == "onnx":
+    if spec.target.precision == "bf16":
         raise SpecError("spec field 'target.precision': bf16 ONNX export is not implemented (onnxruntime's CUDA EP "
-                        "covers few bf16 kernels); use fp16, or the tensorrt backend for bf16 engines")
+                        "covers few bf16 kernels, and TensorRT takes precision from the graph's types); use fp16")
     if spec.target.forward == "contrib" and spec.target.backend == "tensorrt":
         raise SpecError("spec field 'target.forward': contrib writes onnxruntime contrib ops, which TensorRT's parser "
                         "does not know; use auto or direct with the tensorrt backend")
@@ -162,7 +156,16 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
 
     if spec.target.backend == "tensorrt":
         return _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage)
+    with stage("writing artifact"):
+        out = _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level)
+    log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
+    return out
 
+
+def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level, extra=None,
+                         extra_files=()) -> Path:
+    """The artifact of a lowered step: manifest, step.onnx (and draft.onnx), the IR before and after the passes,
+    tokenizers; `extra` adds manifest entries, `extra_files` copies files in (the TensorRT engine)."""
     spec_dict = spec.to_dict()
     if spec.model.path is not None:   # make the recorded spec valid from inside the artifact
         spec_dict["model"]["path"] = str(spec.resolve(spec.model.path).resolve())
@@ -181,7 +184,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         "step": "step.onnx",
         "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
     }
-    if fused:
+    manifest.update(extra or {})
+    if dm is not None and draft is None:        # fused: the draft's forwards are inside step.onnx
         manifest["draft"] = {"fused": True, "model": {**dm.info, "source": dm.source}}
     if draft is not None:
         manifest["draft"] = {"step": "draft.onnx", "model": {**draft[1].info, "source": draft[1].source},
@@ -202,11 +206,10 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             _copy_tokenizer(lm.tokenizer_dir, staging / "tokenizer")
         if draft is not None and spec.strategy.kind == "uag":
             _copy_tokenizer(draft[1].tokenizer_dir, staging / "draft_tokenizer")
+        for f in extra_files:
+            shutil.copy2(f, staging / Path(f).name)
 
-    with stage("writing artifact"):
-        out = write_artifact(Path(out_dir), fill, manifest)
-    log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
-    return out
+    return write_artifact(Path(out_dir), fill, manifest)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -225,9 +228,9 @@ def _forward_method(spec: Spec) -> dict:
 
 
 def _kv_dtype(spec: Spec) -> str:
-    """The exported forward's dtype (weights, KV cache): fp16 for an onnx fp16 target; the tensorrt backend lowers
-    fp32 and lets the engine builder choose fp16/bf16 kernels."""
-    return "float16" if spec.target.precision == "fp16" and spec.target.backend == "onnx" else "float32"
+    """The exported forward's dtype (weights, KV cache): fp16 for an fp16 target, on either backend (TensorRT builds
+    strongly typed: the engine's precision is the graph's)."""
+    return "float16" if spec.target.precision == "fp16" else "float32"
 
 
 def _compile_draft(spec: Spec, opt_level: int, dm, stage):
@@ -237,7 +240,7 @@ def _compile_draft(spec: Spec, opt_level: int, dm, stage):
     from dgopt.backends.onnx import lower_to_onnx
     from .models.hf import export_forward
     from .spec import SamplingSpec
-    from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
+    from .strategies.draft_chain import expand_draft_chain, expand_draft_probs
     sampled = spec.sampling.kind == "sample" and spec.strategy.kind == "speculative"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
@@ -282,10 +285,10 @@ def _load_draft(spec: Spec, stage):
 
 
 def _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage) -> Path:
-    """The static check runs first and rejects what TensorRT's parser would; then the ONNX artifact is built in a
-    temp dir, the engine from it, and the final artifact (engine included, recorded in the manifest) is written
-    atomically. NOT RUN on the machines this project is developed on: TensorRT cannot be installed there."""
-    import shutil
+    """The static check runs first and rejects what TensorRT's parser would; then the step graph that was checked
+    (same passes, --disable-pass / --verify-each / --dump-passes applied once) is written as an ONNX artifact in a
+    temp dir, the engine is built from it, and the final artifact (engine included, recorded in the manifest) is
+    written atomically. Run here against a stand-in TensorRT only: TensorRT cannot be installed on these machines."""
     import tempfile
     from dgopt.backends.tensorrt import build_engine, check_onnx, is_available
     findings = check_onnx(step, spec.target.precision)
@@ -297,23 +300,14 @@ def _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, st
         raise BackendError("target.backend tensorrt: TensorRT not installed (or no CUDA device); the lowered graph "
                            f"passes the static check ({len(findings)} warning(s), see `dgopt check`); "
                            "use target.backend onnx here")
-    onnx_spec = spec.model_copy(update={"target": spec.target.model_copy(update={"backend": "onnx",
-                                                                                 "precision": "fp32"})})
     tmp = Path(tempfile.mkdtemp(prefix=".dgopt-trt-", dir=Path(out_dir).resolve().parent))
     try:
-        art = compile(onnx_spec, tmp / "onnx", opt_level=opt_level)
+        art = _write_onnx_artifact(spec, g, g0, history, step, io, lm, None, None, tmp / "onnx", opt_level)
         with stage("building TensorRT engine"):
             plan, meta = build_engine(art, tmp / "engine.plan", precision=spec.target.precision,
                                       max_batch=spec.target.max_batch, max_seq_len=spec.target.max_seq_len)
-        manifest = json.loads((art / "manifest.json").read_text())
-        manifest["target"] = spec.target.model_dump(mode="json")
-        manifest["tensorrt"] = {**meta, "engine": "engine.plan"}
-
-        def fill(staging: Path):
-            for f in art.iterdir():
-                if f.name != "manifest.json":
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
-            shutil.copy2(plan, staging / "engine.plan")
-        return write_artifact(Path(out_dir), fill, {k: v for k, v in manifest.items() if k != "files"})
+        with stage("writing artifact"):
+            return _write_onnx_artifact(spec, g, g0, history, step, io, lm, None, None, out_dir, opt_level,
+                                        extra={"tensorrt": {**meta, "engine": "engine.plan"}}, extra_files=[plan])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
