@@ -402,3 +402,84 @@ def test_distillation_from_a_teacher_with_finer_tokens_stops_with_a_reason(tmp_p
         B.train_recipe(dataclasses.replace(recipe, teacher=str(tmp_path / "t"), teacher_generated=8),
                        tmp_path / "x", steps=1, limit_bytes=SLICE, vocab_size=2000, progress=False, threads=1)
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------
+# shipped tokenizers (issue 24 item 11): builds must not depend on the running Python's stdlib
+# ---------------------------------------------------------------------------
+
+
+def test_shipped_tokenizers_are_the_shipped_models_and_need_no_stdlib(tmp_path, monkeypatch):
+    """Each shipped model's tokenizer is a shipped tokenizer asset, and a build gets it without reading a stdlib."""
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(C, "stdlib_root", lambda: tmp_path / "no-stdlib")
+    for name in ("code-tiny", "code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok", "code-draft-xtok-sd"):
+        d = TR.model_dir(name)
+        card = json.loads((d / B.BUILD_INFO).read_text())
+        tok, src = TT.recipe_tokenizer(card["tokenizer"], files=[])
+        assert src["source"] == "asset" and src["corpus_python"] == card["corpus"]["python"] == card["corpus_python"]
+        assert TT.tokenizer_fingerprint(tok) == card["tokenizer_fingerprint"] == TT.asset_info(card["tokenizer"])[
+            "fingerprint"]
+        shipped = AutoTokenizer.from_pretrained(str(d))
+        for s in _random_texts(5):
+            assert tok.encode(s, add_special_tokens=False) == shipped.encode(s, add_special_tokens=False)
+
+
+def test_build_on_another_stdlib_keeps_the_shipped_tokenizer_and_states_pythons(tmp_path, monkeypatch):
+    """A build whose stdlib is another (as on another Python) still has the shipped tokenizer's ids; its card says
+    which Python's stdlib the model and the tokenizer were trained on."""
+    import platform
+    other = tmp_path / "stdlib"
+    other.mkdir()
+    for i in range(40):
+        (other / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i}\n" * 30)
+    monkeypatch.setattr(C, "stdlib_root", lambda: other)
+    recipe = dataclasses.replace(RECIPES["code-draft"], **{**MICRO, "eval_tokens": 1024})
+    info = B.train_recipe(recipe, tmp_path / "m", steps=1, progress=False, threads=1)
+    asset = TT.asset_info("code-bpe-4k")
+    assert info["tokenizer_fingerprint"] == asset["fingerprint"] and info["vocab_size"] == 4096
+    assert info["tokenizer_source"] == {"source": "asset", "path": "dgopt/assets/tokenizers/code-bpe-4k",
+                                        "corpus_python": asset["corpus_python"]}
+    assert info["corpus_python"] == info["corpus"]["python"] == platform.python_version()
+    assert info["corpus"]["stdlib"] == str(other)
+    # with a vocab_size override (tests) the tokenizer is trained here, and the card says so
+    trained = B.train_recipe(recipe, tmp_path / "t", steps=1, vocab_size=300, progress=False, threads=1)
+    assert trained["tokenizer_source"] == {"source": "trained", "corpus_python": platform.python_version()}
+
+
+def _retrained_copy(src, dst, python="3.12.1"):
+    """A copy of a built model whose card records a tokenizer of the same name and vocabulary retrained on another
+    Python (other merges: another fingerprint)."""
+    import shutil
+    shutil.copytree(src, dst)
+    card = json.loads((dst / B.BUILD_INFO).read_text())
+    card.update(tokenizer_fingerprint="0123456789abcdef", corpus_python=python)
+    card["corpus"]["python"] = python
+    card.pop("tokenizer_source", None)
+    (dst / B.BUILD_INFO).write_text(json.dumps(card))
+    return dst
+
+
+def test_build_refuses_a_teacher_or_partner_whose_tokenizer_has_other_ids(tmp_path, monkeypatch, capsys):
+    teacher = _retrained_copy(TR.model_dir("code-tiny"), tmp_path / "tiny-312")
+    recipe = dataclasses.replace(RECIPES["code-draft"], **MICRO)
+    kw = dict(steps=1, limit_bytes=40_000, progress=False, threads=1)
+    # before: the same-named tokenizer with other ids silently took the cross-tokenizer (text) path
+    msg = (rf"recipe.teacher: {teacher}'s tokenizer code-bpe-4k \(0123456789abcdef, corpus Python 3.12.1\) differs "
+           r"from code-draft's code-bpe-4k \(07da39490362094b, corpus Python 3.11.7\)")
+    with pytest.raises(ValueError, match=msg):
+        B.train_recipe(dataclasses.replace(recipe, teacher=str(teacher), teacher_generated=8), tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match=r"recipe.init_from: .*differs from code-draft's"):
+        B.train_recipe(dataclasses.replace(recipe, init_from=str(teacher)), tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match=r"recipe.pairs_with: .*tiny-312's tokenizer code-bpe-4k .* differs from"):
+        B.train_recipe(dataclasses.replace(recipe, pairs_with=(str(teacher),)), tmp_path / "c", **kw)
+    # a draft with its target through the CLI: code-draft's target code-tiny (here the copy) is built: refused
+    from dgopt.cli import main as dgopt_main
+    monkeypatch.setattr(TR, "ASSETS_DIR", tmp_path / "assets")
+    monkeypatch.setenv("DGOPT_CACHE", str(tmp_path / "cache"))
+    _retrained_copy(teacher, tmp_path / "cache" / "models" / "code-tiny")
+    rc = dgopt_main(["models", "build", "code-draft", "--steps", "1", "--corpus-limit", "40000", "--no-progress",
+                     "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "recipe.pairs_with:" in err and "code-tiny's tokenizer" in err
+    assert "differs from code-draft's code-bpe-4k" in err and not (tmp_path / "cache" / "models" / "code-draft").exists()

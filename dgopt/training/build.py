@@ -26,17 +26,28 @@ from ..models import tokenizers_train as _tok
 from . import distill
 from .data import encode_stream, eval_windows, mean_loss, recipe_batch, unigram_ppl
 from .recipes import RECIPES, Recipe, recipe_dict
-from .trainer import BUILD_INFO, Progress, cache_dir, resolve_built, set_seeds, train
+from .trainer import BUILD_INFO, Progress, cache_dir, model_dir, resolve_built, set_seeds, train
 
 
-def _load_models(recipe: Recipe, tok, dev):
+def check_pairs(recipe: Recipe, tok, me: tuple[str, str, str]) -> None:
+    """Refuse a build whose tokenizer has the name and vocabulary of a built partner's (``recipe.pairs_with``: its
+    drafts or targets) but other ids."""
+    for partner in recipe.pairs_with:
+        try:
+            model_dir(partner)
+        except FileNotFoundError:       # not built: nothing to disagree with yet
+            continue
+        distill.same_tokenizer(partner, tok, me, "recipe.pairs_with")
+
+
+def _load_models(recipe: Recipe, tok, me: tuple[str, str, str], dev):
     """The model to train (seeded init, or ``init_from``'s weights) and the teacher, if any, with ``cross`` =
     (student tokenizer, teacher tokenizer) when the teacher's tokenizer is another."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     model = LlamaForCausalLM(recipe.llama_config(len(tok))).to(dev)
     if recipe.init_from:
-        init = distill.load_built(recipe.init_from, tok, "init_from", dev)
+        init = distill.load_built(recipe.init_from, tok, me, "init_from", dev)
         try:
             model.load_state_dict(init.state_dict())
         except RuntimeError as e:
@@ -44,7 +55,7 @@ def _load_models(recipe: Recipe, tok, dev):
                              f"{str(e).splitlines()[0]}") from None
         del init
     teacher = cross = None
-    if recipe.teacher and not distill.same_tokenizer(recipe.teacher, tok):
+    if recipe.teacher and not distill.same_tokenizer(recipe.teacher, tok, me, "recipe.teacher"):
         if not recipe.teacher_generated:
             raise ValueError(f"recipe.teacher: {recipe.teacher} was trained with another tokenizer than this "
                              "recipe's; distil across tokenizers from its generated text (recipe.teacher_generated)")
@@ -52,7 +63,7 @@ def _load_models(recipe: Recipe, tok, dev):
         teacher = LlamaForCausalLM.from_pretrained(str(tdir), dtype="float32").to(dev).eval()
         cross = (tok, AutoTokenizer.from_pretrained(str(tdir)))
     elif recipe.teacher:
-        teacher = distill.load_built(recipe.teacher, tok, "teacher", dev).eval()
+        teacher = distill.load_built(recipe.teacher, tok, me, "teacher", dev).eval()
     return model, teacher, cross
 
 
@@ -93,7 +104,10 @@ def train_recipe(
         tok_files = train_files
     else:
         tok_files, _ = _corpus.split_files(tok_spec.corpus, limit_bytes=limit_bytes)
-    tok = _tok.train_tokenizer(recipe.tokenizer, files=tok_files, vocab_size=vocab_size)
+    # the shipped tokenizer, so that a build on another Python keeps the ids its drafts / targets were trained on
+    tok, tok_source = _tok.recipe_tokenizer(recipe.tokenizer, tok_files, vocab_size)
+    me = (recipe.name, recipe.tokenizer, tok_source["corpus_python"])
+    check_pairs(recipe, tok, me)
     vocab = len(tok)
     train_stream = encode_stream(tok, train_files)
     val_stream = encode_stream(tok, val_files)
@@ -101,7 +115,7 @@ def train_recipe(
 
     # ---- model, teacher, generations ------------------------------------
     set_seeds(seed)
-    model, teacher, cross = _load_models(recipe, tok, dev)
+    model, teacher, cross = _load_models(recipe, tok, me, dev)
     kl = teacher is not None and cross is None      # per-position KL needs the teacher's vocabulary
     loss_kind = ("cross_entropy" if not kl or (recipe.hard_labels and recipe.generated_every == 1) else
                  "kl_to_teacher" if not (recipe.hard_labels and recipe.teacher_generated) else
@@ -196,6 +210,8 @@ def train_recipe(
         "vocab_size": int(vocab),
         "tokenizer": recipe.tokenizer,
         "tokenizer_fingerprint": _tok.tokenizer_fingerprint(tok),
+        "tokenizer_source": tok_source,     # asset or trained here, and the Python of the stdlib it was trained on
+        "corpus_python": platform.python_version(),     # the stdlib this model trained on (corpus.python too)
         "seed": seed,
         "device": str(dev),
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,

@@ -16,18 +16,30 @@ from .trainer import build_info, resolve_built
 GEN_PROMPT, GEN_NEW, GEN_HELD_OUT = 16, 112, 128   # teacher-generated sequences: prompt and new tokens; held out
 
 
-def same_tokenizer(ref: str, tok) -> bool:
-    """Whether built model `ref` was trained with `tok` (no record: assumed so, and checked by vocab size later)."""
-    fp = build_info(ref).get("tokenizer_fingerprint")
-    return fp is None or fp == _tok.tokenizer_fingerprint(tok)
+def same_tokenizer(ref: str, tok, me: tuple[str, str, str], role: str) -> bool:
+    """Whether built model `ref` was trained with `tok` (no record: assumed so, and checked by vocab size later).
+    me = (this build's name, its tokenizer's name, its corpus' Python). Refuses (ValueError, one line naming both)
+    a tokenizer of the same name and vocabulary with other ids: a tokenizer retrained on another Python's stdlib,
+    whose pairing would look valid and mean nothing."""
+    info = build_info(ref)
+    fp, mine = info.get("tokenizer_fingerprint"), _tok.tokenizer_fingerprint(tok)
+    if fp is None or fp == mine:
+        return True
+    name, tok_name, python = me
+    if info.get("tokenizer") == tok_name and info.get("vocab_size") == len(tok):
+        theirs = (info.get("tokenizer_source") or {}).get("corpus_python") or info.get("corpus", {}).get("python")
+        raise ValueError(f"{role}: {ref}'s tokenizer {tok_name} ({fp}, corpus Python {theirs}) differs from "
+                         f"{name}'s {tok_name} ({mine}, corpus Python {python}): same name and vocabulary, other ids;"
+                         f" build both with the shipped dgopt/assets/tokenizers/{tok_name}")
+    return False
 
 
-def load_built(ref: str, tok, role: str, device):
+def load_built(ref: str, tok, me: tuple[str, str, str], role: str, device):
     """A built model (float32, eval) for `role` ('teacher' / 'init_from'), refusing another tokenizer."""
     from transformers import LlamaForCausalLM
 
     d: Path = resolve_built(ref)
-    if not same_tokenizer(ref, tok):
+    if not same_tokenizer(ref, tok, me, f"recipe.{role}"):
         raise ValueError(f"recipe.{role}: {ref} was trained with another tokenizer than this recipe's")
     m = LlamaForCausalLM.from_pretrained(str(d), dtype="float32").to(device)
     if m.config.vocab_size != len(tok):

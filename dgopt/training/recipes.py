@@ -88,6 +88,9 @@ class Recipe:
     # generated rows train with cross-entropy on the teacher's greedy tokens (its argmax: what greedy verification
     # accepts) instead of KL, which needs no teacher forward per step; always so across tokenizers
     hard_labels: bool = False
+    # the models this one is used with (its drafts, or its targets): a build whose tokenizer has a built partner's
+    # name and vocabulary but other ids is refused, since speculative decoding would pair them without an error
+    pairs_with: tuple[str, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
 
     def llama_config(self, vocab_size: int):
@@ -122,6 +125,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "code-tiny": Recipe(
         name="code-tiny",
+        pairs_with=("code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok", "code-draft-xtok-sd"),
         description="target model for CPU work: Llama 6x256, byte-level BPE 4k, Python stdlib",
         tokenizer="code-bpe-4k",
         hidden_size=256,
@@ -137,6 +141,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "code-draft": Recipe(
         name="code-draft",
+        pairs_with=("code-tiny", "code-small"),
         description="draft model sharing code-tiny's tokenizer: Llama 2x96, BPE 4k",
         tokenizer="code-bpe-4k",
         hidden_size=96,
@@ -151,6 +156,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "code-draft-xtok": Recipe(
         name="code-draft-xtok",
+        pairs_with=("code-tiny", "code-small"),
         description="draft model with a different tokenizer: Llama 2x96, BPE 1k",
         tokenizer="code-bpe-1k",
         hidden_size=96,
@@ -165,6 +171,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "code-small": Recipe(
         name="code-small",
+        pairs_with=("code-draft", "code-draft-kd", "code-draft-sd", "code-draft-xtok", "code-draft-xtok-sd"),
         description="larger target for a GPU: Llama 8x512, BPE 4k, stdlib + pinned deps sources",
         tokenizer="code-bpe-4k",
         hidden_size=512,
