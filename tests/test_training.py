@@ -79,6 +79,9 @@ def test_train_lm_fine_tunes_on_files(tmp_path, capsys, tiny_lm):
     data.mkdir()
     for i in range(30):
         (data / f"f{i}.py").write_text("def add(a, b):\n    return a + b\n\n" * 20 + f"x = {i}\n")
+    (data / "weights.bin").write_bytes(b"\0\1\2" * 100)         # binaries and hidden dirs are not text to learn
+    (data / ".git").mkdir()
+    (data / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     out = tmp_path / "out"
     code = main(["train", "lm", str(tiny_lm), "-o", str(out), "--data", str(data), "--max-steps", "12",
                  "--lr", "3e-3", "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--threads", "1",
@@ -86,7 +89,7 @@ def test_train_lm_fine_tunes_on_files(tmp_path, capsys, tiny_lm):
     assert code == 0 and capsys.readouterr().out.strip().endswith(str(out))
     card = json.loads((out / BUILD_INFO).read_text())
     assert card["kind"] == "train lm" and card["steps_done"] == 12 and card["data"] == [str(data)]
-    assert card["val_loss"] < card["val_loss_before"] - 0.5
+    assert card["val_loss"] < card["val_loss_before"] - 0.5 and card["train_files"] + card["val_files"] == 30
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     assert "dgopt train lm" in card["command"] and "--max-steps=12" in card["command"]
 

@@ -98,8 +98,9 @@ def unigram_ppl(train_stream, targets, vocab_size: int) -> float:
 
 def source_files(sources: Sequence[str], limit_bytes: int | None = None):
     """(train, validation) files of ``dgopt train --data``'s text sources: ``stdlib`` (the corpus' own split) and
-    files / directories (every file under a directory; split by the corpus' stable hash of the path). ``self``
-    is not text on disk: the caller generates it (:func:`dgopt.training.distill.teacher_generations`)."""
+    files / directories (every text file under a directory, hidden ones and caches left out; split by the corpus'
+    stable hash of the relative path). ``self`` is not text on disk: the caller generates it
+    (:func:`dgopt.training.distill.teacher_generations`)."""
     from pathlib import Path
 
     train, val = [], []
@@ -112,11 +113,19 @@ def source_files(sources: Sequence[str], limit_bytes: int | None = None):
             val += v
             continue
         root = Path(src)
-        paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_text(p)
+                       and not any(q.startswith(".") or q == "__pycache__" for q in p.relative_to(root).parts)) \
+            if root.is_dir() else [root]
         for p in paths:
             f = _corpus.CorpusFile(p, p.relative_to(root).as_posix() if root.is_dir() else p.name)
-            (val if _corpus.is_validation(f"{src}/{f.key}") else train).append(f)
+            (val if _corpus.is_validation(f.key) else train).append(f)
     return train, val
+
+
+def _is_text(path) -> bool:
+    """No NUL byte in the first 8 kB: skips weights, archives and other binaries under a --data directory."""
+    with open(path, "rb") as f:
+        return b"\0" not in f.read(8192)
 
 
 def split_stream(train_stream, val_stream, min_val: int):

@@ -97,7 +97,8 @@ def run(a, c) -> int:
                       f"{len(val)} validation windows of {val.shape[1]}, held-out loss {before:.3f}",
                 progress=c.progress)
     card = {
-        "kind": "train lm", "base_model": str(c.model_dir),
+        "kind": "train lm", "base_model": str(c.model_dir), "train_files": len(train_files),
+        "val_files": len(val_files), "train_tokens": int(len(train_stream)),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok), "data": list(c.data), "seed": c.seed,
         "steps_done": res.steps_done, "stopped": res.stopped, "best_step": res.best_step,
         "val_loss_before": round(before, 5), "val_loss": round(res.best_val, 5),
