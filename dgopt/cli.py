@@ -19,6 +19,7 @@ EPILOG = """examples:
   dgopt inspect out/greedy --no-browser
   dgopt check specs/lookahead.yaml --target tensorrt
   dgopt models list
+  dgopt train lm code-tiny -o out/tiny-ft --data mycode/ --minutes 10
 
 strategies (spec strategy.kind; examples in specs/):
   autoregressive  one token per step, processors + sampler in the graph (greedy.yaml, sample.yaml)

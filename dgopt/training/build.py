@@ -83,10 +83,10 @@ def train_recipe(
 ) -> dict:
     """Train ``recipe`` and save the best checkpoint (by validation loss) to ``out``.
 
-    ``limit_bytes`` trains tokenizer and model on a deterministic slice of the
-    corpus (tests, smoke runs); ``vocab_size`` overrides the tokenizer's vocab
-    size.  Returns the build info that is also written to ``dgopt_build.json``
-    (it additionally holds ``"losses"``, the per-step training losses).
+    The tokenizer is the shipped asset (``dgopt/assets/tokenizers``); ``vocab_size`` (tests) trains one of that
+    size instead, on the corpus slice.  ``limit_bytes`` trains on a deterministic slice of the corpus (tests, smoke
+    runs).  Returns the build info that is also written to ``dgopt_build.json`` (it additionally holds
+    ``"losses"``, the per-step training losses).
     """
     import torch
 
