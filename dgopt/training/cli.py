@@ -1,8 +1,9 @@
 """``dgopt models list|build`` and the ``dgopt train`` command group.
 
 A ``dgopt train`` subcommand is a module with ``HELP`` (one line), ``add_arguments(parser)`` (its own options) and
-``run(args, common) -> int``; it registers with one line in :data:`TRAIN_COMMANDS`. The options every subcommand
-shares are parsed and checked once here into :class:`Common`:
+``run(args, common) -> int``; it registers with one line in :data:`TRAIN_COMMANDS` (the module is imported to
+build the parser, so keep torch and transformers imports inside ``run``). The options every subcommand shares are
+parsed and checked once here into :class:`Common`:
 
     dgopt train KIND MODEL_DIR -o OUT [--data self|stdlib|PATH ...] [--minutes M] [--max-steps N] [--lr LR]
                      [--device cpu|cuda] [--seed S] [--threads T] [--no-progress]
