@@ -282,3 +282,36 @@ def test_ray_serve_two_replicas(art, dec):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_sampled_artifact_seeds_and_compiled_parameters(artifacts):
+    """A sampling artifact (no tokenizer): a seeded request runs in its own call and equals generate(seed=s);
+    restating the compiled temperature / top_k is fine, other values are a 400 naming the compiled value; text
+    prompts and stop strings need a tokenizer."""
+    from dgopt.serve import create_app
+    art = artifacts("llama", sampling={"kind": "sample", "temperature": 0.8, "top_k": 40})
+    app = create_app(art, max_batch=4)
+    dec = app.state.server.dec
+    p = [5, 17, 42, 99, 3]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            post = lambda **b: c.post("/v1/completions", json={"prompt": p, "max_tokens": 8,  # noqa: E731
+                                                                "return_token_ids": True, **b})
+            seeded = await asyncio.gather(*(post(seed=s, temperature=0.8, top_k=40) for s in (1, 2, 1, 3)))
+            bad = [await post(temperature=1.0), await post(top_k=5), await post(prompt="text"),
+                   await post(stop="x")]
+            unseeded = await asyncio.gather(*(post() for _ in range(4)))
+            return seeded, bad, unseeded
+    try:
+        seeded, bad, unseeded = asyncio.run(go())
+    finally:
+        app.state.server.batcher.close()
+    got = [r.json()["choices"][0]["token_ids"] for r in seeded]
+    assert got == [dec.generate([p], max_new_tokens=8, seed=s).ids[0] for s in (1, 2, 1, 3)]
+    assert got[0] == got[2] and got[0] != got[1]
+    assert [r.status_code for r in bad] == [400] * 4
+    assert [r.json()["error"]["param"] for r in bad] == ["temperature", "top_k", "prompt", "stop"]
+    assert "0.8" in bad[0].json()["error"]["message"] and "40" in bad[1].json()["error"]["message"]
+    assert all(r.status_code == 200 and r.json()["choices"][0]["text"] == "" for r in unseeded)
+    assert len({tuple(r.json()["choices"][0]["token_ids"]) for r in unseeded}) > 1    # fresh noise per call
