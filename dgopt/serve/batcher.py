@@ -9,7 +9,8 @@ arrive while a call runs wait in the queue and form the next call, up to `max_ba
   reproduces what `generate(prompt, seed=s)` returns;
 - a job whose max_tokens would be cut by a longer prompt's max_seq_len budget waits for a call it fits in.
 Each job gets its tokens through `sink(kind, value)` as the loop commits them (called on the worker thread):
-("token", id), then ("end", "stop" | "length" | "cancelled") or ("error", exception)."""
+("token", id) each (or ("tokens", ids) once at the end, for a job with per_token False), then
+("end", "stop" | "length" | "cancelled") or ("error", exception)."""
 from __future__ import annotations
 
 import logging
@@ -31,14 +32,30 @@ class Job:
     sink: Callable[[str, object], None]
     sampled: bool = False
     seed: int | None = None
+    # False: the tokens go to the sink together, before the end (a request that needs no token before then:
+    # one wake-up of the consumer's thread per request instead of one per token)
+    per_token: bool = True
     cancel: bool = False             # set by the consumer (client gone, stop string): the worker frees the row
     delivered: int = 0               # tokens sent to the sink (worker-owned)
     ended: bool = False              # the sink got its "end" / "error" (worker-owned)
     t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None     # when its first token was committed
+    _held: list[int] = field(default_factory=list)
+
+    def _token(self, t: int) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.delivered += 1
+        if self.per_token:
+            self.sink("token", t)
+        else:
+            self._held.append(t)
 
     def _end(self, kind: str, value) -> None:
         if not self.ended:
             self.ended = True
+            if self._held:
+                self.sink("tokens", self._held)
             self.sink(kind, value)
 
 
@@ -159,8 +176,7 @@ class Batcher:
                     j._end("end", "cancelled")
                     continue
                 if counts[b] > skip[b]:
-                    j.delivered += 1
-                    j.sink("token", t)
+                    j._token(t)
                 if t in dec.eos:
                     j._end("end", "stop")
                 elif counts[b] >= mts[b]:
