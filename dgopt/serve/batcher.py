@@ -6,8 +6,10 @@ arrive while a call runs wait in the queue and form the next call, up to `max_ba
 - greedy jobs with greedy jobs: batched greedy equals one-row greedy (left padding is masked out, tested);
 - sampled jobs without a seed with each other, under a fresh random seed per call;
 - a sampled job with a seed runs alone: the runtime draws noise per call and row, so only a call of one row
-  reproduces what `generate(prompt, seed=s)` returns;
-- a job whose max_tokens would be cut by a longer prompt's max_seq_len budget waits for a call it fits in.
+  reproduces what `generate(prompt, seed=s)` returns.
+Each row has its own max_new_tokens; a row whose request ended early (client gone, stop string) is stopped by the
+call's should_stop at the next step (its place in the batch stays empty until the call ends: no row can join a
+running call).
 Each job gets its tokens through `sink(kind, value)` as the loop commits them (called on the worker thread):
 ("token", id) each (or ("tokens", ids) once at the end, for a job with per_token False), then
 ("end", "stop" | "length" | "cancelled") or ("error", exception)."""
@@ -59,20 +61,11 @@ class Job:
             self.sink(kind, value)
 
 
-class _BatchDone(Exception):
-    """Raised from on_token when every row of the call has ended: the rest of the call would be thrown away."""
-
-
 class Batcher:
     def __init__(self, decoder, max_batch: int | None = None, on_batch: Callable[[dict], None] | None = None):
         self.dec = decoder
         self.max_batch = min(max_batch or decoder.max_batch, decoder.max_batch)
         self.on_batch = on_batch             # stats of each finished call (metrics)
-        st = decoder.manifest["strategy"]
-        # positions a multi-token strategy may hold back under max_seq_len (an upper bound: only used to decide
-        # which jobs can share a call without a shorter budget than each would get alone)
-        self._margin = (st.get("k_max") or st.get("k") or 0) + st.get("block", 0) + st.get("window", 0) + \
-            st.get("ngram", 0)
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -127,18 +120,12 @@ class Batcher:
                 keep: deque[Job] = deque()
                 for j in self._queue:
                     if len(batch) < self.max_batch and not j.cancel and j.sampled == first.sampled and \
-                            j.seed is None and self._fits(batch + [j]):
+                            j.seed is None:
                         batch.append(j)
                     else:
                         keep.append(j)
                 self._queue = keep
             return batch
-
-    def _fits(self, batch: list[Job]) -> bool:
-        """Every row keeps the budget it would get alone: the call's longest prompt must leave room for its
-        max_tokens (the runtime's budget is per call: max_seq_len minus the longest prompt)."""
-        L = max(len(j.ids) for j in batch)
-        return all(len(j.ids) == L or L + j.max_tokens + self._margin <= self.dec.max_seq_len for j in batch)
 
     def _run(self, batch: list[Job]) -> None:
         if not batch:
@@ -157,11 +144,8 @@ class Batcher:
         skip = skip or [0] * B
         mts = [j.max_tokens for j in batch]
         counts = [0] * B
-        top = max(mts)
         first = batch[0]
         seed = first.seed if first.seed is not None else (random.getrandbits(31) if first.sampled else None)
-
-        idle = [False] * B          # rows the runtime itself has stopped (EOS, or the call's max_new_tokens)
 
         def on_token(toks):
             for b, t in enumerate(toks):
@@ -169,11 +153,7 @@ class Batcher:
                     continue
                 j = batch[b]
                 counts[b] += 1
-                idle[b] = t in dec.eos or counts[b] >= top
-                if j.ended:
-                    continue
-                if j.cancel:
-                    j._end("end", "cancelled")
+                if j.ended or j.cancel:
                     continue
                 if counts[b] > skip[b]:
                     j._token(t)
@@ -181,17 +161,14 @@ class Batcher:
                     j._end("end", "stop")
                 elif counts[b] >= mts[b]:
                     j._end("end", "length")
-            # every row has ended here, but the call would go on for a row it still runs (cut by a smaller
-            # max_tokens than the call's, or cancelled): stop it, its tokens would be thrown away
-            if all(j.ended or j.cancel for j in batch) and not all(idle):
-                raise _BatchDone
+
+        def should_stop():          # once per step: the rows whose client left or whose stop string matched
+            return [b for b, j in enumerate(batch) if j.cancel]
 
         t0 = time.perf_counter()
         try:
-            # TODO(runtime): with per-row max_new_tokens and should_stop, pass mts and the cancelled rows instead
-            res = dec.generate([j.ids for j in batch], max_new_tokens=top, seed=seed, on_token=on_token)
-        except _BatchDone:
-            res = None
+            res = dec.generate([j.ids for j in batch], max_new_tokens=mts, seed=seed, on_token=on_token,
+                               should_stop=should_stop)
         except Exception as e:  # noqa: BLE001 - one request's failure must not fail the others
             if B == 1:
                 log.warning("request failed: %s", e, exc_info=not isinstance(e, ValueError))
@@ -203,12 +180,12 @@ class Batcher:
                 if not j.ended:
                     self._call([j], [c])
             return
+        reasons = res.stats["stop"]
         for b, j in enumerate(batch):       # rows the call stopped itself (max_seq_len) or that were cancelled
             if not j.ended:
-                j._end("end", "cancelled" if j.cancel else
-                       "stop" if res is not None and res.stats["stop"][b] == "eos" else "length")
+                j._end("end", {"eos": "stop", "cancelled": "cancelled"}.get(reasons[b], "length"))
         if self.on_batch is not None:
-            stats = dict(res.stats) if res is not None else {}
+            stats = dict(res.stats)
             stats.update(batch=B, tokens=sum(counts), seconds=time.perf_counter() - t0,
-                         freed=sum(j.cancel and not idle[b] for b, j in enumerate(batch)))
+                         freed=reasons.count("cancelled"))
             self.on_batch(stats)
