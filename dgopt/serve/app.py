@@ -333,11 +333,26 @@ class _Completion:
             echo = self._echo()
             if echo:
                 yield chunk(self._body([self._choice(echo, None, [])]))
+            # a token's chunk is a template filled in (it is the per-token cost of streaming), and the events
+            # that are already there go out in one write
+            head = "data: " + json.dumps(self._body([]), separators=(",", ":"))[:-3] + '[{"index":0,"text":'
+            ids = self.req.return_token_ids
+            mid = ',"logprobs":null,"finish_reason":null' + (',"token_ids":[' if ids else "")
+            tail = ("]" if ids else "") + "}]}\n\n"
+            queue = self.sink.queue
             try:
                 while finish is None:
-                    tok, delta, finish = self._on(*await self.sink.queue.get())
-                    if tok is not None and (delta or self.req.return_token_ids):
-                        yield chunk(self._body([self._choice(delta, None, [tok])]))
+                    out = []
+                    ev = await queue.get()
+                    while True:
+                        tok, delta, finish = self._on(*ev)
+                        if tok is not None and (delta or self.req.return_token_ids):
+                            out.append(head + json.dumps(delta) + mid + (str(tok) if ids else "") + tail)
+                        if finish is not None or queue.empty():
+                            break
+                        ev = queue.get_nowait()
+                    if out:
+                        yield "".join(out)
             except Exception as e:  # noqa: BLE001 - this request only: an error event, then [DONE]
                 finish = "error"
                 yield f"data: {self._failed(e).body.decode()}\n\n"
