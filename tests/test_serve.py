@@ -315,3 +315,12 @@ def test_sampled_artifact_seeds_and_compiled_parameters(artifacts):
     assert "0.8" in bad[0].json()["error"]["message"] and "40" in bad[1].json()["error"]["message"]
     assert all(r.status_code == 200 and r.json()["choices"][0]["text"] == "" for r in unseeded)
     assert len({tuple(r.json()["choices"][0]["token_ids"]) for r in unseeded}) > 1    # fresh noise per call
+
+
+def test_cli_bad_input(art, tmp_path, capsys):
+    from dgopt.cli import main
+    for args, field in (([str(tmp_path / "nowhere")], "nowhere"), ([str(art), "--max-batch", "9"], "--max-batch"),
+                        ([str(art), "--max-batch", "0"], "--max-batch"), ([str(art), "--replicas", "2"], "--replicas")):
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and field in err and len(err.strip().splitlines()) == 1, err
