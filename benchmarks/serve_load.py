@@ -118,6 +118,14 @@ async def _level(url: str, jobs: list[int], prompts: list[str], clients: int, ma
         return done, time.perf_counter() - t
 
 
+def _calls(base: str) -> tuple[float, float]:
+    """(generate calls, rows in them) so far, from the server's metrics."""
+    import httpx
+    m = {line.split()[0]: float(line.split()[-1]) for line in httpx.get(base + "/metrics").text.splitlines()
+         if line.startswith(("dgopt_batch_size_count", "dgopt_batch_size_sum"))}
+    return m.get("dgopt_batch_size_count", 0.0), m.get("dgopt_batch_size_sum", 0.0)
+
+
 def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadline: float,
                threads: int | None) -> dict:
     art = _compile(spec, out)
@@ -145,7 +153,9 @@ def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadli
         for c in levels:
             n = max(2 * c, 2 * len(prompts))        # requests at this level: every prompt, at least twice
             jobs = [i % len(prompts) for i in range(n)]
+            calls0 = _calls(base)
             done, wall = asyncio.run(_level(url, jobs, prompts, c, max_tokens, deadline))
+            calls = [a - b for a, b in zip(_calls(base), calls0)]
             wrong = sum(r["ids"] != want[i] for i, r in done)
             tokens = sum(len(r["ids"]) for _, r in done)
             lat = np.array([r["latency"] for _, r in done]) * 1e3
@@ -153,11 +163,12 @@ def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadli
             row = {"clients": c, "requests": len(done), "planned": n, "tokens": tokens, "seconds": wall,
                    "tokens_per_s": tokens / wall, "p50_ms": float(np.percentile(lat, 50)),
                    "p99_ms": float(np.percentile(lat, 99)), "ttft_p50_ms": float(np.percentile(ttft, 50)),
-                   "ttft_p99_ms": float(np.percentile(ttft, 99)), "mismatches": wrong}
+                   "ttft_p99_ms": float(np.percentile(ttft, 99)), "mismatches": wrong,
+                   "rows_per_call": calls[1] / calls[0] if calls[0] else None}
             rows.append(row)
             print(f"  {spec.stem:12s} {c:3d} clients: {row['tokens_per_s']:7.1f} tok/s  p50 {row['p50_ms']:7.0f} "
                   f"ms  p99 {row['p99_ms']:7.0f} ms  TTFT p99 {row['ttft_p99_ms']:6.0f} ms  "
-                  f"({len(done)}/{n} requests, {wrong} mismatches)", flush=True)
+                  f"{row['rows_per_call'] or 0:.1f} rows/call ({len(done)}/{n} requests, {wrong} mismatches)", flush=True)
             if time.monotonic() > deadline:
                 print("  time limit reached: stopping", flush=True)
                 break
@@ -166,10 +177,11 @@ def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadli
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    tps = [float(line.split()[-1]) for line in metrics.splitlines()
-           if line.startswith("dgopt_tokens_per_step_sum") or line.startswith("dgopt_tokens_per_step_count")]
+    tps = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+           if line.startswith(("dgopt_tokens_per_step_sum", "dgopt_tokens_per_step_count"))}
     return {"spec": str(spec), "artifact": str(art), "rows": rows, "overhead": overhead,
-            "tokens_per_step": tps[0] / tps[1] if len(tps) == 2 and tps[1] else None}
+            "tokens_per_step": tps["dgopt_tokens_per_step_sum"] / tps["dgopt_tokens_per_step_count"]
+            if tps.get("dgopt_tokens_per_step_count") else None}
 
 
 def main() -> int:
@@ -190,13 +202,14 @@ def main() -> int:
           f"onnxruntime threads {a.threads or 'all'}",
           flush=True)
     results = [bench_spec(Path(s), out, a.clients, a.max_tokens, deadline, a.threads or None) for s in a.specs]
-    print("\n| spec | clients | requests | tok/s | vs 1 client | p50 ms | p99 ms | TTFT p99 ms | mismatches |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| spec | clients | requests | tok/s | vs 1 client | rows/call | p50 ms | p99 ms | TTFT p99 ms | mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         one = next((x["tokens_per_s"] for x in r["rows"] if x["clients"] == 1), None)
         for x in r["rows"]:
             ratio = f"{x['tokens_per_s'] / one:.2f}x" if one else "-"
             print(f"| {Path(r['spec']).stem} | {x['clients']} | {x['requests']} | {x['tokens_per_s']:.1f} | {ratio} "
+                  f"| {x['rows_per_call'] or 0:.1f} "
                   f"| {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {x['ttft_p99_ms']:.0f} | {x['mismatches']} |")
     print()
     for r in results:

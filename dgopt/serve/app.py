@@ -114,6 +114,7 @@ class Server:
         self.has_tokenizer = bool(m.get("tokenizer"))
         if self.has_tokenizer:
             decoder.tokenizer           # load it now, not in the first request
+        decoder.generate([[0]], max_new_tokens=2)   # and the session's first-run costs: /health is ok when warm
         self.created = int(time.time())
         self._bridge: _Bridge | None = None
         self.metrics = Metrics(lambda: self.batcher.queue_depth(), self.model_name, m["strategy"]["kind"])

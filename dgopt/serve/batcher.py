@@ -66,12 +66,15 @@ class Batcher:
                  gather_s: float = 0.01):
         self.dec = decoder
         self.max_batch = min(max_batch or decoder.max_batch, decoder.max_batch)
-        # Next-batch batching falls into a rut: of 4 clients, the one whose request came alone finishes alone and
-        # the 3 others find a call running, so calls alternate 1 and 3 rows. The clients of the last call send
-        # their next requests moments after it ends: wait up to gather_s for as many jobs as it had (never with
-        # one client: its last call had one row, and one is queued).
+        # Next-batch batching falls into ruts: of 4 clients, the two whose requests came first finish together
+        # while the two others wait for the next call, so calls alternate 2 and 2 rows for ever. The clients of
+        # the last call send their next requests moments after it ends: before a call, wait for as many new
+        # arrivals as the last call had rows (with one client: its own next request, no wait), up to gather_s or
+        # 5% of the last call's time, whichever is longer (on a loaded machine the clients come back later and
+        # the calls take longer too), at most 0.1 s; never once the batch is full.
         self.gather_s = gather_s
-        self._last = 1
+        self._last, self._last_s = 1, 0.0
+        self._arrivals = self._mark = 0        # jobs submitted so far / by the end of the last call
         self.on_batch = on_batch             # stats of each finished call (metrics)
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -85,6 +88,7 @@ class Batcher:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
             self._queue.append(job)
+            self._arrivals += 1
             self._cv.notify()
 
     def queue_depth(self) -> int:
@@ -113,9 +117,9 @@ class Batcher:
         with self._cv:
             while not self._closed and not self._queue:
                 self._cv.wait()
-            want = min(self._last, self.max_batch)
-            deadline = time.monotonic() + self.gather_s
-            while not self._closed and len(self._queue) < want and (left := deadline - time.monotonic()) > 0:
+            deadline = time.monotonic() + min(max(self.gather_s, 0.05 * self._last_s), 0.1)
+            while not self._closed and len(self._queue) < self.max_batch and \
+                    self._arrivals - self._mark < self._last and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
             if self._closed:
                 for j in self._queue:
@@ -143,10 +147,14 @@ class Batcher:
         if not batch:
             return
         self.busy = True
+        t = time.perf_counter()
         try:
             self._call(batch)
         finally:
             self.busy = False
+            self._last_s = time.perf_counter() - t
+            with self._cv:
+                self._mark = self._arrivals
 
     def _call(self, batch: list[Job], skip: list[int] | None = None) -> None:
         """One generate call. `skip`: tokens per row already delivered (a retry after a failed batch: greedy and
