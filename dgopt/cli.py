@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import DgoptError
+from .version import __version__
 
 EPILOG = """examples:
   dgopt compile specs/greedy.yaml -o out/greedy
@@ -72,18 +73,24 @@ def cmd_compile(a) -> int:
 
 def _parse_ids(text: str) -> list[list[int]]:
     try:
-        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
     except ValueError:
         raise DgoptError(f"--ids '{text}': expected comma-separated integers (rows separated by ';')") from None
+    if not rows or not all(rows):
+        raise DgoptError(f"--ids '{text}': empty prompt (give at least one token id per row: 1,2,3)")
+    return rows
 
 
 def cmd_run(a) -> int:
     from .runtime import load
-    dec = load(a.artifact, device=a.device, threads=a.threads)
+    if a.max_new_tokens < 1:    # before loading: 0 would return nothing, a negative count silently the same
+        raise DgoptError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     if (a.prompt is None) == (a.ids is None):
         raise DgoptError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    ids = _parse_ids(a.ids) if a.ids is not None else None
+    dec = load(a.artifact, device=a.device, threads=a.threads)
     try:
-        prompts = _parse_ids(a.ids) if a.ids is not None else [dec.encode(a.prompt)]
+        prompts = ids if ids is not None else [dec.encode(a.prompt)]
     except ValueError as e:
         raise DgoptError(str(e)) from None
     has_tok = bool(dec.manifest.get("tokenizer"))
@@ -217,8 +224,9 @@ def cmd_check(a) -> int:
         from .spec import load_spec
         spec = load_spec(path, a.set or [])
         precision = a.precision or spec.target.precision
-        # lowered as the tensorrt backend lowers it: fp32 ONNX for a GPU (so forward auto writes no contrib ops)
-        target = spec.target.model_copy(update={"backend": "onnx", "precision": "fp32", "device": "cuda"})
+        # lowered as the tensorrt backend lowers it: for a GPU (so forward auto writes no contrib ops), fp16 for fp16
+        target = spec.target.model_copy(update={"backend": "onnx", "device": "cuda",
+                                                "precision": "fp16" if precision == "fp16" else "fp32"})
         spec = spec.model_copy(update={"target": target})
         with tempfile.TemporaryDirectory() as d:
             art = dg_compile(spec, Path(d) / "art", opt_level=a.O)
@@ -269,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "step artifacts (spec.yaml -> IR -> passes -> ONNX) and run them.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("--version", action="version", version=f"dgopt {__import__('dgopt').__version__}")
+    p.add_argument("--version", action="version", version=f"dgopt {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", help="compile a spec into an artifact directory",
