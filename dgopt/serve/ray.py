@@ -7,6 +7,7 @@ or in Python / a `serve run` config: `app = dgopt.serve.ray.build(artifact, repl
 node must reach ARTIFACT at the same path and have dgopt installed."""
 from __future__ import annotations
 
+import signal
 import time
 
 from ray import serve
@@ -45,8 +46,17 @@ def run(artifact: str, host: str, port: int, replicas: int, **kw) -> int:
     """`dgopt serve --ray`: start (or join) Ray, deploy, serve until Ctrl-C."""
     import ray
     ray.init(ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(artifact, replicas, **kw), name="dgopt", route_prefix="/")
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)         # a service manager's stop: shut Serve and Ray down as Ctrl-C does
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(artifact, replicas, **kw), name="dgopt", route_prefix="/")
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
+        return 130
     print(f"serving {artifact} with {replicas} Ray Serve replicas at http://{host}:{port}/v1 (Ctrl-C to stop)",
           flush=True)
     try:
