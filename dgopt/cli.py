@@ -17,6 +17,7 @@ EPILOG = """examples:
   dgopt compile specs/greedy.yaml -o out/greedy
   dgopt run out/greedy --prompt "def fib(n):"
   dgopt run out/greedy --ids 1,2,3 --max-new-tokens 32 --json
+  dgopt serve out/greedy --port 8000
   dgopt inspect out/greedy --no-browser
   dgopt check specs/lookahead.yaml --target tensorrt
   dgopt models list
@@ -143,6 +144,32 @@ def cmd_run(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise DgoptError("dgopt serve needs fastapi, uvicorn and prometheus_client: pip install 'dgopt[serve]'") \
+            from None
+    from .artifact import read_manifest
+    cap = read_manifest(Path(a.artifact))["target"]["max_batch"]
+    if a.max_batch is not None and not 1 <= a.max_batch <= cap:
+        raise DgoptError(f"--max-batch {a.max_batch}: must be 1..{cap} (the artifact's target.max_batch)")
+    if a.replicas != 1 and not a.ray:
+        raise DgoptError("--replicas needs --ray")
+    if a.ray:
+        from .serve.ray import run as run_ray
+        return run_ray(a.artifact, a.host, a.port, a.replicas, max_batch=a.max_batch, model_name=a.model_name,
+                       device=a.device, threads=a.threads)
+    from .serve import create_app
+    app = create_app(a.artifact, max_batch=a.max_batch, model_name=a.model_name, device=a.device,
+                     threads=a.threads)
+    _console().print(f"serving {a.artifact} at http://{a.host}:{a.port}/v1 "
+                     f"(max batch {app.state.server.batcher.max_batch}; Ctrl-C to stop)")
+    uvicorn.run(app, host=a.host, port=a.port, log_level="debug" if a.debug else "warning")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     from rich.table import Table
     from .artifact import read_manifest
@@ -255,6 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["cpu", "cuda"], help="override the artifact's target device")
     r.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     r.set_defaults(fn=cmd_run)
+
+    sv = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
+                        description="POST /v1/completions (streaming with stream: true), GET /v1/models, /health, "
+                        "/metrics (Prometheus). Concurrent requests share generate calls up to --max-batch rows.")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, help="most rows per generate call (default: the artifact's max_batch)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the artifact dir's name)")
+    sv.add_argument("--device", choices=["cpu", "cuda"], help="override the artifact's target device")
+    sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local Ray instance, or "
+                    "the cluster in RAY_ADDRESS) behind Ray's HTTP proxy")
+    sv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("inspect", help="show an artifact and open its step graph in Netron")
     i.add_argument("artifact")
