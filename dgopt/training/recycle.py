@@ -19,8 +19,6 @@ the best state by mean accepted length.
 from __future__ import annotations
 
 import argparse
-import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ def _load_target(model_dir: str, device):
     from transformers import AutoModelForCausalLM
     p = Path(model_dir)
     if not (p / "config.json").is_file():
-        from ..models.train import model_dir as built
+        from .trainer import model_dir as built
         try:
             p = built(model_dir)
         except (FileNotFoundError, KeyError) as e:
@@ -55,7 +53,7 @@ def _corpus_streams(data: list[str], target_dir: Path):
     from transformers import AutoTokenizer
 
     from ..models import corpus as C
-    from ..models.train import encode_stream
+    from .data import encode_stream
     if not any((target_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ModelError(f"--data: {target_dir} has no tokenizer; use --data self")
     tok = AutoTokenizer.from_pretrained(str(target_dir))
@@ -157,15 +155,17 @@ def evaluate(module, frozen, target, rows, k: int) -> dict:
     return {"agreement": first / max(1, n), "accepted": acc_sum / max(1, n)}
 
 
-def train(model_dir: str, out: str, data: list[str], minutes: float, device: str = "cpu", seed: int = 0,
+def train(model_dir: str, out: str, data: list[str], minutes: float | None, device: str = "cpu", seed: int = 0,
           intermediate: int | None = None, batch: int = 16, lr: float = 3e-3, k: int = 4, gen_rows: int = 512,
           val_rows: int = 32, eval_every: int = 25, patience: int = 6, progress: bool = True, ce_frac: float = 0.25,
-          command: str | None = None, init: str | None = None) -> dict:
+          command: str | None = None, init: str | None = None, max_steps: int = 100_000) -> dict:
+    """Train on the shared loop (dgopt/training/trainer.py: warm-up + cosine LR fitted to `minutes`, early stopping,
+    best checkpoint); validation = the chain's mean accepted length at k (higher is better)."""
     import torch
 
-    from ..models.train import _Progress, _set_seeds
+    from . import trainer as T
     t_start = time.time()
-    _set_seeds(seed)
+    T.set_seeds(seed)
     gen = torch.Generator().manual_seed(seed)
     target, tdir = _load_target(model_dir, device)
     cfg = target.config
@@ -178,8 +178,8 @@ def train(model_dir: str, out: str, data: list[str], minutes: float, device: str
         R.check_target(icfg, target, str(model_dir), Path(init), "--init")
         module = module.train().to(device)
 
-    self_data = data == ["self"]
-    train_s, val_s = (None, None) if self_data else _corpus_streams(data, tdir)
+    self_data = list(data) == ["self"]
+    train_s, val_s = (None, None) if self_data else _corpus_streams(list(data), tdir)
     say = print if progress else (lambda *a, **k: None)
     seq = PROMPT + NEW
     vgen = torch.Generator().manual_seed(seed + 1_000_003)
@@ -193,68 +193,38 @@ def train(model_dir: str, out: str, data: list[str], minutes: float, device: str
         rows = None
         val = _windows(val_s, val_rows, seq, vgen)
 
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    budget = minutes * 60.0
-    t0 = time.time()
-    first_eval = evaluate(module, frozen, target, val, k)
-    say(f"step 0: agreement {first_eval['agreement']:.3f} accepted@{k} {first_eval['accepted']:.3f} "
-        f"(eval {time.time() - t0:.1f}s)", flush=True)
-    t_train = time.time()
-    bar = _Progress(progress, 100_000, "recycle")
-    best, best_state, evals, bad, step, last_loss = -1.0, None, [], 0, 0, float("nan")
-    stopped = "time budget"
-    while True:
-        el = time.time() - t_train
-        if el >= budget:
-            break
-        frac = min(1.0, el / budget)
-        for g in opt.param_groups:   # linear warmup over 20 steps, cosine to 10% over the time budget
-            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        if rows is None:
-            x = _windows(train_s, batch, seq, gen)
-        else:
-            x = rows[torch.randint(0, len(rows), (batch,), generator=gen)]
-        x = x.to(device)
+    def batches(step):
+        x = _windows(train_s, batch, seq, gen) if rows is None else rows[torch.randint(0, len(rows), (batch,),
+                                                                                       generator=gen)]
+        return x.to(device)
+
+    def loss_fn(m, x):
         hn, logp = _teacher(target, x)
-        loss = chain_loss(module, frozen, x, hn, logp, gen, ce_frac)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        step += 1
-        last_loss = float(loss.detach())
-        bar.update(step, loss=last_loss)
-        if step % eval_every == 0:
-            e = evaluate(module, frozen, target, val, k)
-            evals.append([step, round(e["agreement"], 4), round(e["accepted"], 4)])
-            bar.log(f"step {step}: loss {last_loss:.3f} agreement {e['agreement']:.3f} "
-                    f"accepted@{k} {e['accepted']:.3f} ({time.time() - t_train:.0f}s)")
-            if e["accepted"] > best:
-                best, bad = e["accepted"], 0
-                best_state = {n: v.detach().clone() for n, v in module.state_dict().items()}
-            else:
-                bad += 1
-                if patience and bad >= patience:
-                    stopped = f"early stop: no gain in {patience} evaluations"
-                    break
-    bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+        return chain_loss(m, frozen, x, hn, logp, gen, ce_frac)
+
+    first = evaluate(module, frozen, target, val, k)
+    res = T.train(module, batches, loss_fn, lambda m: -evaluate(m, frozen, target, val, k)["accepted"],
+                  max_steps=max_steps, lr=lr, minutes=minutes, started=t_start, reserve_s=15.0, patience=patience,
+                  eval_every=eval_every, warmup_steps=20, weight_decay=0.0, label="recycle",
+                  intro=f"before training: agreement {first['agreement']:.3f}, accepted@{k} {first['accepted']:.3f}",
+                  loss_name="chain loss", describe_val=lambda v: f"accepted@{k} {-v:.3f}", progress=progress)
     final = evaluate(module, frozen, target, val, k)
     info = {
-        "seed": seed, "data": data, "device": device, "steps": step, "stopped": stopped, "unroll": UNROLL,
-        "batch": batch, "seq_len": seq, "lr": lr, "minutes": minutes, "gen_rows": gen_rows if self_data else 0,
-        "val_rows": val_rows, "ce_frac": ce_frac,
+        "seed": seed, "data": list(data), "device": device, "steps": res.steps_done, "stopped": res.stopped,
+        "best_step": res.best_step, "unroll": UNROLL, "batch": batch, "seq_len": seq, "lr": lr, "minutes": minutes,
+        "gen_rows": gen_rows if self_data else 0, "val_rows": val_rows, "ce_frac": ce_frac,
         "val_agreement": round(final["agreement"], 4), f"val_accepted_at_{k}": round(final["accepted"], 4),
-        "val_tokens_per_forward_at_k": round(1 + final["accepted"], 4), "k": k, "evals": evals,
-        "last_train_loss": round(last_loss, 4), "train_wall_s": round(time.time() - t_train, 1),
-        "total_wall_s": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
-        "command": command or "",
+        "val_tokens_per_forward_at_k": round(1 + final["accepted"], 4), "k": k,
+        "evals": [[s, round(-v, 4)] for s, v in res.evals],
+        "last_train_loss": round(res.losses[-1], 4) if res.losses else None,
+        "train_wall_s": round(res.train_wall_s, 1), "total_wall_s": round(time.time() - t_start, 1),
+        "threads": torch.get_num_threads(), "init": init, "command": command or "",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
     }
     R.save(module.cpu(), Path(out), str(model_dir), R.target_hash(target.cpu()), {"training": info})
     say(f"saved {out}: agreement {final['agreement']:.3f}, accepted@{k} {final['accepted']:.3f} "
-        f"(~{1 + final['accepted']:.2f} tokens per target forward), {step} steps, {stopped}", flush=True)
+        f"(~{1 + final['accepted']:.2f} tokens per target forward), {res.steps_done} steps, {res.stopped}",
+        flush=True)
     return info
 
 
@@ -268,7 +238,7 @@ RECIPES = {
 
 
 def build(name: str, out: str | None = None, device: str = "cpu", seed: int | None = None) -> Path:
-    from ..models.train import cache_dir
+    from .trainer import cache_dir
     r = dict(RECIPES[name])
     if seed is not None:
         r["seed"] = seed
@@ -278,49 +248,37 @@ def build(name: str, out: str | None = None, device: str = "cpu", seed: int | No
     return dest
 
 
+HELP = "a recyclable module for strategy recycle (RecycleGPT / EAGLE-style draft head on a frozen target)"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="the target: a Hugging Face model dir or a built name")
-    p.add_argument("-o", "--out", required=True, help="output directory for the module")
-    p.add_argument("--data", nargs="+", default=["stdlib"], metavar="self|stdlib|PATH",
-                   help="training text: 'stdlib', 'self' (the target's own samples; no tokenizer needed) or files")
-    p.add_argument("--minutes", type=float, default=20.0, help="training time budget (default 20)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    """Options of its own; MODEL_DIR, -o, --data, --minutes, --max-steps, --lr, --device, --seed, --threads and
+    --no-progress are the shared ones (dgopt/training/cli.py)."""
+    p.add_argument("--init", default=None, help="continue training this module dir (trained for the same target)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--gen-rows", type=int, default=512, help="--data self: rows the target writes")
-    p.add_argument("--init", default=None, help="continue training this module dir (trained for the same target)")
-    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--val-rows", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--patience", type=int, default=6, help="evaluations without gain before stopping (0: off)")
 
 
-def run(a, argv) -> int:
+def run(a, common) -> int:
     import torch
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if "self" in a.data and len(a.data) > 1:
+    torch.set_num_threads(common.threads)
+    if "self" in common.data and len(common.data) > 1:
         raise ModelError("--data: 'self' cannot be combined with other data")
-    if a.minutes <= 0:
-        raise ModelError(f"--minutes: must be positive, got {a.minutes}")
-    train(a.model_dir, a.out, a.data, a.minutes, a.device, a.seed, a.intermediate, a.batch, lr=a.lr,
-          gen_rows=a.gen_rows, init=a.init, eval_every=a.eval_every, val_rows=a.val_rows,
-          progress=not a.no_progress, command="dgopt train recycle " + shlex.join(argv))
+    train(str(common.model_dir), str(common.out), list(common.data), common.minutes or 20.0, common.device,
+          common.seed, a.intermediate, a.batch, lr=common.lr or 3e-3, gen_rows=a.gen_rows, val_rows=a.val_rows,
+          eval_every=a.eval_every, patience=a.patience, progress=common.progress, command=common.command,
+          init=a.init, max_steps=common.max_steps or 100_000)
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dgopt train recycle", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = p.parse_args(argv)
-    try:
-        return run(a, argv)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m dgopt.training.recycle ...` = `dgopt train recycle ...`."""
+    from ..cli import main as cli_main
+    return cli_main(["train", "recycle", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
