@@ -173,8 +173,9 @@ def test_train_self_data_without_tokenizer(tmp_path):
     module is saved with the target's hash and its training record, and compiles against that target."""
     from dgopt.training.recycle import main
     hf_model("llama").save_pretrained(tmp_path / "target")
-    assert main([str(tmp_path / "target"), "-o", str(tmp_path / "mod"), "--data", "self", "--minutes", "5", "--max-steps", "3",
-                 "--gen-rows", "8", "--val-rows", "4", "--eval-every", "2", "--batch", "4", "--no-progress"]) == 0
+    assert main([str(tmp_path / "target"), "-o", str(tmp_path / "mod"), "--data", "self", "--minutes", "5",
+                 "--max-steps", "3", "--gen-rows", "8", "--val-rows", "4", "--eval-every", "2", "--batch", "4",
+                 "--no-progress"]) == 0
     cfg = json.loads((tmp_path / "mod" / "recycle.json").read_text())
     assert cfg["target_sha"] == R.target_hash(hf_model("llama")) and cfg["training"]["data"] == ["self"]
     assert cfg["training"]["steps"] > 0 and 0.0 <= cfg["training"]["val_agreement"] <= 1.0

@@ -181,7 +181,7 @@ def module_dir(rspec, resolve) -> tuple[Path, str]:
     assets and the user's model cache."""
     if rspec.path is not None:
         return Path(resolve(rspec.path)), "recycle.path"
-    from .train import asset_dir, cache_dir
+    from ..training.trainer import asset_dir, cache_dir
     for d in (asset_dir(rspec.name), cache_dir(rspec.name)):
         if (d / CONFIG).is_file():
             return d, "recycle.name"
