@@ -171,7 +171,10 @@ def test_sampling_matches_target_distribution(modules, tmp_path):
 def test_train_self_data_without_tokenizer(tmp_path):
     """`dgopt train recycle --data self` on a model dir without tokenizer files: the target writes its own rows; the
     module is saved with the target's hash and its training record, and compiles against that target."""
-    from dgopt.training.recycle import main
+    from dgopt.cli import main as cli
+
+    def main(args):
+        return cli(["train", "recycle", *args])
     hf_model("llama").save_pretrained(tmp_path / "target")
     assert main([str(tmp_path / "target"), "-o", str(tmp_path / "mod"), "--data", "self", "--minutes", "5",
                  "--max-steps", "3", "--gen-rows", "8", "--val-rows", "4", "--eval-every", "2", "--batch", "4",

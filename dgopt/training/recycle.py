@@ -5,16 +5,15 @@ targets and chain inputs) and the next-token distributions (soft labels). The lo
 UNROLL steps from every position (step j reads the module's own hidden state from step j-1, as at decode time),
 so the training sees the chain's drift and not only one step.
 
-Data: the target's greedy continuations of short prompts (what greedy decoding will verify), mixed 1:1 with
-plain corpus windows. `--data stdlib` / PATH... draw prompts and windows from that text (tokenized with the
-target's tokenizer); `--data self` needs no text and no tokenizer: prompts are BOS + a few random token ids,
-continuations half greedy, half sampled at temperature 1 (Medusa-2 / EAGLE self-distillation).
+Data: `--data stdlib` / PATH...: windows of that text (tokenized with the target's tokenizer); the teacher labels
+every position with the target's own distribution, so the text need not be the target's. `--data self` needs no
+text and no tokenizer: rows are BOS + 3 random ids extended by the target's own sampling, then continued half
+greedy (what greedy decoding verifies), half sampled at temperature 1 (Medusa-2 / EAGLE self-distillation).
 
-Validation: held-out greedy continuations (prompts from the validation files, or other random seeds for `self`).
-Printed per evaluation: top-1 agreement of the module's first proposal with the target's greedy next-next token,
-and the chain's mean accepted length at k (teacher-forced on the target's own greedy text, which is exactly what
-greedy verification accepts: while the chain agrees, its proposals are the text's tokens). Early stopping keeps
-the best state by mean accepted length.
+Validation (held-out windows, or other rows of the target's for `self`): the top-1 agreement of the module's first
+proposal with the target's greedy next-next token, and the chain's mean accepted length at k (the leading
+proposals equal to the target's argmax; on the target's own greedy text exactly what verification accepts). The
+shared loop (dgopt/training/trainer.py) keeps the best state by accepted length and stops early.
 """
 from __future__ import annotations
 
@@ -273,13 +272,3 @@ def run(a, common) -> int:
           eval_every=a.eval_every, patience=a.patience, progress=common.progress, command=common.command,
           init=a.init, max_steps=common.max_steps or 100_000)
     return 0
-
-
-def main(argv=None) -> int:
-    """`python -m dgopt.training.recycle ...` = `dgopt train recycle ...`."""
-    from ..cli import main as cli_main
-    return cli_main(["train", "recycle", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
