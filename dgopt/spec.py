@@ -17,9 +17,9 @@ __all__ = ["Spec", "ModelSpec", "SamplingSpec", "TargetSpec", "StrategySpec", "l
            "apply_overrides", "FAMILIES", "STRATEGY_KINDS"]
 
 FAMILIES = ("llama", "gpt2", "qwen2")
-STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
-IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag")
-MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag")
+STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle", "ngram")
+IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "ngram")
+MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag", "ngram")
 
 
 class _Strict(BaseModel):
@@ -48,7 +48,7 @@ class ModelSpec(_Strict):
 
 
 class StrategySpec(_Strict):
-    kind: Literal["autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle"] = "autoregressive"
+    kind: Literal["autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle", "ngram"] = "autoregressive"
     # lookahead: W window columns, N n-gram size (N-1 window levels), G candidate n-grams verified per step
     window: int = Field(5, ge=1)
     ngram: int = Field(4, ge=1)
@@ -68,6 +68,19 @@ class StrategySpec(_Strict):
     # speculative (greedy and sampling): draft chain and target verification in one step graph (one call per step);
     # false keeps the draft in its own draft.onnx, called before the target
     fused: bool = True
+    # ngram (prompt lookup): k tokens of up to `guesses` continuations of the longest context suffix (max_ngram down
+    # to min_ngram tokens) that occurred before; `document`: a text file whose tokens are searched as well
+    min_ngram: int = Field(1, ge=1)
+    max_ngram: int = Field(3, ge=1)
+    document: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ngram_defaults(cls, data):
+        # one guess by default: its length can then vary per step (no match: a step as cheap as autoregressive)
+        if isinstance(data, dict) and data.get("kind") == "ngram" and "guesses" not in data:
+            data = {**data, "guesses": 1}
+        return data
 
     @model_validator(mode="after")
     def _degenerate(self):
@@ -82,6 +95,13 @@ class StrategySpec(_Strict):
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
         if self.confidence and self.kind not in ("speculative", "uag"):
             raise ValueError(f"confidence needs strategy speculative or uag (got {self.kind})")
+        if self.kind == "ngram":
+            if self.guesses < 1:
+                raise ValueError("ngram needs guesses >= 1 (continuations verified per step)")
+            if self.min_ngram > self.max_ngram:
+                raise ValueError(f"min_ngram {self.min_ngram} exceeds max_ngram {self.max_ngram}")
+        elif self.document is not None:
+            raise ValueError(f"document applies to strategy ngram only, not '{self.kind}'")
         return self
 
     @property
@@ -172,6 +192,8 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.target.backend == "tensorrt" and spec.target.device != "cuda":
         raise SpecError("spec field 'target.device': the tensorrt backend needs device 'cuda'")
     spec._base_dir = Path(base_dir).resolve()
+    if spec.strategy.document is not None and not spec.resolve(spec.strategy.document).is_file():
+        raise SpecError(f"spec field 'strategy.document': file not found: {spec.strategy.document}")
     return spec
 
 

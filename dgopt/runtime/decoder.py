@@ -67,6 +67,7 @@ class Decoder:
         self.max_seq_len = self.manifest["target"]["max_seq_len"]
         self.max_batch = self.manifest["target"]["max_batch"]
         self._tokenizer = self._draft_tokenizer = None
+        self.document = None        # strategy ngram: token ids searched before the context (set_document)
 
     @property
     def tokenizer(self):
@@ -105,7 +106,7 @@ class Decoder:
         if any(len(r) == 0 for r in rows):
             raise ValueError("empty prompt")
         L = max(len(r) for r in rows)
-        if self.manifest["strategy"]["kind"] in ("lookahead", "jacobi", "speculative", "uag"):
+        if self.manifest["strategy"]["kind"] in ("lookahead", "jacobi", "speculative", "uag", "ngram"):
             from .multitoken import generate_multitoken
             res = generate_multitoken(self, rows, max_new_tokens, on_token, seed)
             if had_text:

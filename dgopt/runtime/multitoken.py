@@ -420,19 +420,23 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     sampled = dec.manifest["sampling"]["kind"] == "sample"
     lookahead = st["kind"] == "lookahead"
     speculative = st["kind"] in ("speculative", "uag")
+    ngram = st["kind"] == "ngram"
+    ngram_dyn = ngram and not sampled and st["guesses"] == 1      # one guess, its length per step
     adaptive = st.get("k_schedule") == "heuristic"
     if lookahead:
         W, N, G = st["window"], st["ngram"], st["guesses"]
         K, levels_max = N - 1, N - 1
     elif speculative:       # K: the most proposals a step can verify; kk (below): this step's
         W, G, K, levels_max = 0, 1, st["k_max"] if adaptive else st["k"], 0
+    elif ngram:
+        W, G, K, levels_max = 0, st["guesses"], st["k"], 0
     else:
         W, G, K, levels_max = 0, 1, st["block"], 0
     B = len(rows)
     L = max(len(r) for r in rows)
     # speculative's heuristic k is a step input and greedy uag's candidates a list: near max_seq_len a step's k
     # shrinks to fit (below), so no positions are held back for k_max and the budget is autoregressive's
-    shrink_k = adaptive and st["kind"] == "speculative" or st["kind"] == "uag" and not sampled
+    shrink_k = adaptive and st["kind"] == "speculative" or st["kind"] == "uag" and not sampled or ngram_dyn
     span = 0 if shrink_k else max(K, W + levels_max - 1 if levels_max else 0)
     budget = min(max_new_tokens, dec.max_seq_len - L - span)
     if budget < 1:
@@ -473,7 +477,13 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     # initial guesses (window level 0 / jacobi block): tokens drawn from the prompt, seeded: repeatable runs (a
     # drafter guesses itself: no generator, whose creation alone costs ~50 us per call)
     window, guess = np.zeros((B, 0, W), np.int64), None
-    if drafter is None:
+    index = None
+    if ngram:
+        from .ngram_index import NgramIndex
+        index = [NgramIndex(st["min_ngram"], st["max_ngram"], dec.document) for _ in rows]
+        for b, r in enumerate(rows):
+            index[b].extend(r)
+    if drafter is None and not ngram:
         rng = np.random.default_rng(0)
         init = np.stack([rng.choice(np.array(r), size=max(W, K, 1)) for r in rows]).astype(np.int64)
         window = init[:, None, :W] if lookahead and levels_max else window
@@ -494,6 +504,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
     hist: Counter = Counter()
     steps = proposed = 0
     kk = K
+    room = K
     t0 = time.perf_counter()
     t_prefill = None
     while True:
@@ -505,10 +516,28 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             room = dec.max_seq_len - 1 - int(pos_last.max())
             if isinstance(drafter, _XTokDrafter):
                 drafter.room = room
+            elif ngram:
+                pass
             else:
                 drafter.k = min(drafter.k, room)
         if lookahead:
             cands = np.stack([pools[b].candidates(x_ids[b, -1], [x_ids[b, -1]] * K) for b in range(B)])
+        elif ngram:
+            props = [[] if done[b] else index[b].propose(min(K, room), G) for b in range(B)]
+            if ngram_dyn:
+                counts = [len(p[0]) if p else 0 for p in props]
+                kk = max(counts)
+                cands = np.full((B, 1, kk), dec.pad, np.int64)
+                for b, p in enumerate(props):
+                    if p:
+                        cands[b, 0, :counts[b]] = p[0]
+            else:
+                counts = [len(p[0]) if p else 0 for p in props]
+                cands = np.empty((B, G, K), np.int64)
+                for b, p in enumerate(props):
+                    for g in range(G):
+                        c = p[g] if g < len(p) else (p[0] if p else [])
+                        cands[b, g] = c + [int(x_ids[b, -1])] * (K - len(c))
         elif fused:
             feeds.update(drafter.feeds(), x_ids=x_ids)
             kk = drafter.k
@@ -559,7 +588,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         alen, chain, best = out["accept_len"], out["accept_tokens"], out["best"]      # int64 [B], [B, K+1], [B]
         m = alen - 1
         slots.append_ones(1) if x_part is None else slots.append(x_valid)
-        if speculative:     # a rejected proposal's slot stays, masked: no copy of the cache (compacted rarely)
+        if speculative or ngram_dyn:     # a rejected proposal's slot stays, masked: no copy of the cache (compacted rarely)
             slots.append_prefix(m, kk)
             idx = slots.compaction()
             cache = present if idx is None else dec.session.select(present, idx)
@@ -571,7 +600,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         emitted: list[list[int] | None] = [None] * B
         active = ~done
         # uag: each row's own candidates (a batch step is as wide as its longest row's)
-        proposed += int(drafter.counts[active].sum()) if isinstance(drafter, _XTokDrafter) else kk * int(active.sum())
+        proposed += int(drafter.counts[active].sum()) if isinstance(drafter, _XTokDrafter) else \
+            sum(counts[b] for b in range(B) if active[b]) if ngram else kk * int(active.sum())
         for b in range(B):
             if done[b]:
                 continue
@@ -593,6 +623,8 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
                 seen[b, got] = 1.0
             if pools:
                 pools[b].add_sequence(seqs[b], start=len(seqs[b]) - len(got))
+            if index:
+                index[b].extend(got)
         if on_token:
             for i in range(max(len(e) for e in emitted if e is not None) if any(e for e in emitted) else 0):
                 on_token([e[i] if e is not None and i < len(e) else None for e in emitted])
@@ -618,7 +650,7 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             drafter.accept(done)
         elif speculative:
             cache = drafter.accept(m, last, x_pos[:, 0], cands, cache)
-        elif not lookahead:
+        elif st["kind"] == "jacobi":
             for b in range(B):
                 rest = list(chain[b, m[b] + 1:])
                 guess[b] = (rest + [rest[-1] if rest else last[b]] * K)[:K]
@@ -640,6 +672,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
         "prefill_s": round(t_prefill or 0.0, 6), "total_s": round(elapsed, 6),
         "tokens_per_s": round(new / max(elapsed, 1e-9), 2), "stop": reason,
     }
+    if ngram:
+        stats["acceptance_rate"] = round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4)
+        stats["mean_k"] = round(proposed / max(sum(hist.values()), 1), 3)
     if speculative:
         stats["acceptance_rate"] = round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4)
         stats["mean_k"] = round(proposed / max(sum(hist.values()), 1), 3)     # proposals per row and step
