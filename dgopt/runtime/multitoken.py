@@ -526,8 +526,9 @@ def generate_multitoken(dec, rows: list[list[int]], max_new_tokens: int, on_toke
             props = [[] if done[b] else index[b].propose(min(K, room), G) for b in range(B)]
             if ngram_dyn:
                 counts = [len(p[0]) if p else 0 for p in props]
-                kk = max(counts)
-                cands = np.full((B, 1, kk), dec.pad, np.int64)
+                # the penalty's lowering takes no empty candidate: then one stand-in (the last token; verified)
+                kk = max(max(counts), int(seen is not None))
+                cands = np.repeat(x_ids[:, -1:, None], kk, 2)
                 for b, p in enumerate(props):
                     if p:
                         cands[b, 0, :counts[b]] = p[0]
