@@ -180,6 +180,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         "io": io,
         "step": "step.onnx",
         "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
+        "tuned": spec.tuned,
     }
     if dm is not None:
         manifest["draft"] = {"fused": True, "model": {**dm.info, "source": dm.source}}

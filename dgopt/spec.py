@@ -141,6 +141,7 @@ class Spec(_Strict):
     sampling: SamplingSpec = SamplingSpec()
     target: TargetSpec = TargetSpec()
     graph: dict[str, Any] | None = None   # explicit IR (what `--dump-passes` writes); replaces strategy expansion
+    tuned: dict[str, Any] | None = None   # written by `dgopt tune`: what was measured where; recorded in the manifest
 
     _base_dir: Path = Path(".")
 
