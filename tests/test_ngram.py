@@ -122,3 +122,25 @@ def test_sampled_seeded_repeatable_and_O0_equals_O2(tmp_path):
     assert a.ids == decs[1].generate(PROMPTS[:4], max_new_tokens=24, seed=7).ids == \
         decs[0].generate(PROMPTS[:4], max_new_tokens=24, seed=7).ids
     assert a.ids != decs[1].generate(PROMPTS[:4], max_new_tokens=24, seed=8).ids
+
+
+def test_compiled_document_on_code_tiny(tmp_path):
+    """strategy.document travels in the artifact as text; the runtime searches its tokens too: more tokens per
+    step, the same tokens as without it (the document here: an earlier answer to the prompt, as when a user edits
+    a file). A random-init model (no tokenizer) cannot take a text document."""
+    base = {"model": {"name": "code-tiny"}, "target": {"max_seq_len": 256, "max_batch": 1}}
+    plain = dgopt.load(dgopt.compile({**base, "strategy": {"kind": "ngram", "k": 6}}, tmp_path / "plain"))
+    prompt = "class Rect:\n    def area(self):\n"
+    a = plain.generate(prompt, max_new_tokens=40)
+    src = prompt + a.text[0]
+    (tmp_path / "doc.py").write_text(src)
+    spec = spec_from_dict({**base, "strategy": {"kind": "ngram", "k": 6, "document": "doc.py"}}, tmp_path)
+    art = dgopt.compile(spec, tmp_path / "doc")
+    assert (art / "document.txt").read_text() == src
+    b = dgopt.load(art).generate(prompt, max_new_tokens=40)
+    assert a.ids == b.ids
+    assert b.stats["steps"] < a.stats["steps"] / 2, (a.stats, b.stats)
+    with pytest.raises(SpecError, match="strategy.document': a text document needs a model with a tokenizer"):
+        dgopt.compile(spec_from_dict({**tiny_spec("llama"), "strategy": {"kind": "ngram", "document": "doc.py"}},
+                                     tmp_path), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
