@@ -131,7 +131,9 @@ def cmd_run(a) -> int:
     s = res.stats
     hist = s.get("accepted_hist")
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
-    if "acceptance_rate" in s:
+    if "acceptance_rate" in s and dec.manifest["strategy"]["kind"] == "ngram":
+        accepted += f"; n-gram proposals: {s['mean_k']:.1f} per step, {s['acceptance_rate']:.2f} accepted"
+    elif "acceptance_rate" in s:
         st = dec.manifest["strategy"]
         varies = ", ".join(([] if st.get("k_schedule") != "heuristic" else ["k adapts"])
                            + ([f"stops below confidence {st['confidence']}"] if st.get("confidence") else []))

@@ -144,3 +144,11 @@ def test_compiled_document_on_code_tiny(tmp_path):
         dgopt.compile(spec_from_dict({**tiny_spec("llama"), "strategy": {"kind": "ngram", "document": "doc.py"}},
                                      tmp_path), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_compile_and_run(artifacts, capsys):
+    from dgopt.cli import main
+    art = artifacts("llama", strategy=ONE)
+    assert main(["run", str(art), "--ids", ",".join(map(str, PROMPTS[2])), "--max-new-tokens", "24"]) == 0
+    err = capsys.readouterr().err
+    assert "ngram" in err and "n-gram proposals:" in err
