@@ -89,8 +89,10 @@ class StrategySpec(_Strict):
         if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         if self.k_schedule == "heuristic":
-            if self.kind not in ("speculative", "uag"):
-                raise ValueError(f"k_schedule heuristic needs strategy speculative or uag (got {self.kind})")
+            if self.kind not in ("speculative", "uag", "ngram"):
+                raise ValueError(f"k_schedule heuristic needs strategy speculative, uag or ngram (got {self.kind})")
+            if self.kind == "ngram" and self.guesses != 1:
+                raise ValueError("k_schedule heuristic with ngram needs guesses 1 (one proposal of varying length)")
             if self.k > self.k_max:
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
         if self.confidence and self.kind not in ("speculative", "uag"):
@@ -107,7 +109,7 @@ class StrategySpec(_Strict):
     @property
     def draft_loop(self) -> bool:
         """The draft's chain is a loop (its length varies per step: a heuristic k, or an early stop)."""
-        return self.k_schedule == "heuristic" or self.confidence > 0
+        return self.kind != "ngram" and (self.k_schedule == "heuristic" or self.confidence > 0)
 
 
 class SamplingSpec(_Strict):
@@ -177,6 +179,9 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
         raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
+    if spec.strategy.kind == "ngram" and spec.strategy.k_schedule == "heuristic" and spec.sampling.kind == "sample":
+        raise SpecError("spec field 'strategy.k_schedule': heuristic ngram proposals vary in length, greedy only (a "
+                        "sampled step verifies a fixed width of k): use k_schedule constant")
     if spec.strategy.draft_loop and spec.sampling.kind == "sample":
         field = "k_schedule" if spec.strategy.k_schedule == "heuristic" else "confidence"
         why = ("speculative sampling needs the draft's distribution at each proposal" if spec.strategy.kind ==

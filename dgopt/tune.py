@@ -98,7 +98,12 @@ def candidates(spec: Spec, kinds: list[str] | None = None) -> list[Candidate]:
             grid = [(st.k, st.guesses)] if st.kind == "ngram" else []
             grid += [(2, 1), (3, 1), (4, 1), (6, 1), (8, 1), (3, 2), (2, 3)]
             for k, G in grid:
-                add(f"ngram k{k} G{G}", {**own, "kind": "ngram", "k": k, "guesses": G}, 1 + G * k, k + 1)
+                add(f"ngram k{k} G{G}", {**own, "kind": "ngram", "k": k, "guesses": G, "k_schedule": "constant"},
+                    1 + G * k, k + 1)
+            if spec.sampling.kind == "greedy":      # adaptive k: one guess of varying length, greedy only
+                for k, km in ((2, 8), (3, 12)):
+                    add(f"ngram heuristic k{k}..{km}", {**own, "kind": "ngram", "k": k, "guesses": 1,
+                                                         "k_schedule": "heuristic", "k_max": km}, 1 + km, km + 1)
         elif kind == "jacobi":
             for n in ([st.block] if st.kind == "jacobi" else []) + [2, 4, 8]:
                 add(f"jacobi block {n}", {**own, "kind": "jacobi", "block": n}, 1 + n, n + 1)
@@ -240,7 +245,7 @@ def run_block(dec, prompts, new: int) -> tuple[int, float, int]:
 def _graph_key(strategy: dict, sampled: bool) -> str:
     s = dict(strategy)
     if s["kind"] == "ngram" and s.get("guesses", 1) == 1 and not sampled:
-        for k in ("k", "min_ngram", "max_ngram"):
+        for k in ("k", "min_ngram", "max_ngram", "k_schedule", "k_max"):
             s.pop(k, None)
     return json.dumps(s, sort_keys=True)
 

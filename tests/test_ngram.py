@@ -40,6 +40,19 @@ def test_greedy_exact_one_prompt_and_batch(family, strategy, artifacts, refs):
     assert dec.generate(PROMPTS, max_new_tokens=NEW).ids == expected       # left-padded batch of 5
 
 
+def test_adaptive_k_exact(artifacts, refs):
+    """k_schedule heuristic: each row's k grows after a fully accepted proposal; the output stays exact."""
+    dec = dgopt.load(artifacts("llama", strategy={"kind": "ngram", "k": 2, "k_schedule": "heuristic", "k_max": 8}))
+    expected = refs("llama")
+    res = [dec.generate(p, max_new_tokens=NEW) for p in PROMPTS]
+    assert [r.ids[0] for r in res] == expected
+    assert max(int(a) for r in res for a in r.stats["accepted_hist"]) > 3     # k grew past its start (2)
+    assert dec.generate(PROMPTS, max_new_tokens=NEW).ids == expected
+    with pytest.raises(SpecError, match="heuristic ngram proposals vary in length, greedy only"):
+        spec_from_dict(tiny_spec("llama", strategy={"kind": "ngram", "k_schedule": "heuristic"},
+                                 sampling={"kind": "sample"}))
+
+
 @pytest.mark.parametrize("strategy", [ONE, MANY], ids=["one_guess", "three_guesses"])
 def test_greedy_with_repetition_penalty(strategy, refs, tmp_path):
     spec = tiny_spec("llama", strategy=strategy, sampling={"repetition_penalty": 1.3})

@@ -30,6 +30,11 @@ class Ngram(Strategy):
         st = loop.dec.manifest["strategy"]
         self.K, self.G = st["k"], st["guesses"]
         self.varies = not loop.sampled and self.G == 1
+        # k_schedule heuristic (greedy, one guess): each row's k grows by 2 after a step that accepted its whole
+        # proposal, else shrinks by 1, within 1..k_max (transformers' schedule for assisted generation)
+        self.adapt = st.get("k_schedule") == "heuristic"
+        self.k_max = st["k_max"]
+        self.k = [self.K] * loop.B
         self.commit = "holes" if self.varies else "gather"
         # the repetition penalty's lowering takes no empty candidate: a step without a match verifies one stand-in
         self.least = int("seen" in loop.sess.inputs)
@@ -46,8 +51,9 @@ class Ngram(Strategy):
     def propose(self, feeds):
         loop, K, G = self.loop, self.K, self.G
         done, last = loop.done, loop.x_ids[:, -1].tolist()
-        props = [[] if done[b] else ix.propose(K, G) for b, ix in enumerate(self.index)]
-        self.proposed_n += sum(len(p[0]) for p in props if p)
+        props = [[] if done[b] else ix.propose(self.k[b], G) for b, ix in enumerate(self.index)]
+        self.n = [len(p[0]) if p else 0 for p in props]
+        self.proposed_n += sum(self.n)
         if self.varies:
             n = max(max(len(p[0]) if p else 0 for p in props), self.least)
             rows = [(p[0] if p else []) for p in props]
@@ -61,6 +67,10 @@ class Ngram(Strategy):
         for ix, g in zip(self.index, got):
             if g is not None:
                 ix.extend(g)
+        if self.adapt:
+            for b, n in enumerate(self.n):
+                if n:
+                    self.k[b] = min(self.k[b] + 2, self.k_max) if m[b] >= n else max(self.k[b] - 1, 1)
 
     def stats(self):
         hist, loop = self.loop.hist, self.loop
