@@ -310,7 +310,8 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
                 if key not in decs:
                     decs[key] = compiled(c.strategy, f"c{len(decs)}")
                 dec = decs[key]
-                dec.manifest["strategy"] = {**dec.manifest["strategy"], **c.strategy}     # host-side parameters
+                host = {k: v for k, v in c.strategy.items() if k != "document"}   # (the artifact has its copy)
+                dec.manifest["strategy"] = {**dec.manifest["strategy"], **host}         # host-side parameters
                 if measure is not None:
                     m = measure(c, dec, ps)
                 else:
