@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..ir import Graph
 from ..spec import Spec
-from .lookahead import _verify
+from .verify import add_verify
 
 __all__ = ["expand_ngram", "varies"]
 
@@ -23,5 +23,5 @@ def expand_ngram(spec: Spec) -> Graph:
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
     st = spec.strategy
-    _verify(g, past, st.guesses, -1 if varies(spec) else st.k, spec)
+    add_verify(g, past, st.guesses, -1 if varies(spec) else st.k, spec)
     return g
