@@ -97,7 +97,7 @@ class StrategySpec(_Strict):
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         if self.k_schedule == "heuristic":
             if self.kind not in ("speculative", "uag", "ngram"):
-                raise ValueError(f"k_schedule heuristic needs strategy speculative, uag or ngram (got {self.kind})")
+                raise ValueError(f"k_schedule heuristic needs strategy speculative or uag, or ngram (got {self.kind})")
             if self.kind == "ngram" and self.guesses != 1:
                 raise ValueError("k_schedule heuristic with ngram needs guesses 1 (one proposal of varying length)")
             if self.k > self.k_max:

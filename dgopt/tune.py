@@ -319,8 +319,20 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
                     ar_tps.append(m.tokens_per_s / m.ratio)
                 rows.append(m)
             bar.update(task, advance=1)
-    timed = [r for r in rows if r.ratio is not None]
-    best = max(timed, key=lambda r: r.ratio, default=None)
+        timed = [r for r in rows if r.ratio is not None]
+        best = max(timed, key=lambda r: r.ratio, default=None)
+        if best is not None and best.ratio >= MARGIN:
+            # one block pair can be a fluke on a shared machine: the winner is timed against autoregressive once
+            # more and keeps the lower of its two ratios (so a config is chosen only if it won both times)
+            bar.update(task, description=f"confirming {best.candidate.name}")
+            dec = decs[_graph_key(best.candidate.strategy, sampled)]
+            dec.manifest["strategy"] = {**dec.manifest["strategy"], **{
+                k: v for k, v in best.candidate.strategy.items() if k != "document"}}
+            again = measure(best.candidate, dec, ps) if measure is not None else \
+                _measure(best.candidate, dec, ar, ps, new)
+            if again.ratio < best.ratio:
+                best.note = f"confirmation run: {again.ratio:.2f}x (first {best.ratio:.2f}x); the lower counts"
+                best.ratio, best.tokens_per_s = again.ratio, again.tokens_per_s
     if best is not None and best.ratio >= MARGIN:
         chosen = best.candidate
     else:
@@ -384,8 +396,9 @@ def _write(raw: dict, rep: TuneReport, out: Path, src: Path | None, sp: Spec) ->
              "x autoregressive in the adjacent block, tokens/step):"]
     for r in rep.rows:
         lines.append(f"#   {r.candidate.name}: " + (f"{r.tokens_per_s:.1f} tok/s, {r.ratio:.2f}x, "
-                                                     f"{r.tokens_per_step:.2f} tok/step" if r.ratio is not None
-                                                     else r.note))
+                                                     f"{r.tokens_per_step:.2f} tok/step" + (f" ({r.note})" if r.note
+                                                                                            else "")
+                                                     if r.ratio is not None else r.note))
     if rep.chosen.strategy["kind"] == "autoregressive":
         lines.append(f"# no configuration beat autoregressive by {100 * (MARGIN - 1):.0f} % on this machine: "
                      "autoregressive is the tuned choice")

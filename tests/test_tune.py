@@ -54,6 +54,21 @@ def test_never_writes_a_config_slower_than_autoregressive(best, tmp_path):
     assert "autoregressive is the tuned choice" in (tmp_path / "tuned.yaml").read_text()
 
 
+def test_a_win_that_does_not_repeat_is_not_chosen(tmp_path):
+    """The winner is timed twice; the lower ratio counts: a fluke first block pair does not make the choice."""
+    seq = iter([1.5, 0.95])
+    calls = []
+
+    def measure(c, dec, prompts):
+        calls.append(c.name)
+        r = next(seq) if c.name == "ngram k2 G1" else 0.5
+        return Measured(c, 100.0 * r, r, 2.0, 10.0)
+    rep = tune(tiny_spec("llama", strategy={"kind": "ngram", "k": 3}), tmp_path / "t.yaml", progress=False,
+               measure=measure, cost=lambda dec: FLAT)
+    assert calls.count("ngram k2 G1") == 2 and rep.chosen.name == "autoregressive"
+    assert "confirmation run: 0.95x" in (tmp_path / "t.yaml").read_text()
+
+
 def test_cost_curve_skips_configs_that_cannot_win(tmp_path):
     steep = {q: float(q) for q in FLAT}                         # a step costs its positions: nothing can pay
     rep, calls, _ = run(tmp_path, {"ngram k3 G1": 2.0}, cost=steep)
