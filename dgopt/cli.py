@@ -21,6 +21,7 @@ EPILOG = """examples:
   dgopt inspect out/greedy --no-browser
   dgopt check specs/lookahead.yaml --target tensorrt
   dgopt models list
+  dgopt train lm code-tiny -o out/tiny-ft --data mycode/ --minutes 10
 
 strategies (spec strategy.kind; examples in specs/):
   autoregressive  one token per step, processors + sampler in the graph (greedy.yaml, sample.yaml)
@@ -245,33 +246,6 @@ def cmd_passes(a) -> int:
     return 0
 
 
-def cmd_models(a) -> int:
-    from .models import train
-    if a.models_cmd == "list":
-        print(f"{'name':16s} {'params':>8s}  {'tokenizer':12s} {'val ppl':>8s} {'unigram':>8s}  where")
-        for m in train.list_models():
-            where = m["path"] if m["path"] else f"missing: dgopt models build {m['name']}"
-            print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
-                  f"{m['unigram_ppl'] or '-':>8}  {where}")
-        return 0
-    if a.name not in train.RECIPES:
-        raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(train.RECIPES)})")
-    if a.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise DgoptError("models build --device cuda: no CUDA device here (or torch is the CPU build)")
-    cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
-        (["--steps", str(a.steps)] if a.steps else []) + (["--device", a.device] if a.device != "cpu" else []) + \
-        (["--seed", str(a.seed)] if a.seed else [])
-    try:
-        path = train.build_model(a.name, out=a.out, steps=a.steps, device=a.device, seed=a.seed, threads=a.threads,
-                                 command=" ".join(cmd))
-    except ValueError as e:     # a recipe's teacher / init_from model that does not fit (tokenizer, architecture)
-        raise DgoptError(str(e)) from None
-    print(path)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgopt", description="dgopt: compile LLM decoding strategies into fast, exact "
                                 "step artifacts (spec.yaml -> IR -> passes -> ONNX) and run them.",
@@ -344,19 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list the passes and the -O levels that run them")
     ps.set_defaults(fn=cmd_passes)
 
-    m = sub.add_parser("models", help="build or list the project's own locally trained models")
-    msub = m.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
-    mb = msub.add_parser("build", help="train a model recipe (code-tiny, code-draft, code-draft-kd, code-draft-xtok, "
-                                       "code-small)")
-    mb.add_argument("name")
-    mb.add_argument("--out", help="output dir (default: the user cache, ~/.cache/dgopt/models/NAME)")
-    mb.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
-    mb.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    mb.add_argument("--seed", type=int, default=0)
-    mb.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
-    mb.set_defaults(fn=cmd_models)
-    ml = msub.add_parser("list", help="list recipes and where each model exists")
-    ml.set_defaults(fn=cmd_models)
+    from .training.cli import add_models_parser, add_train_parser
+    add_models_parser(sub)
+    add_train_parser(sub)
     return p
 
 

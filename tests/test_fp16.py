@@ -11,7 +11,7 @@ import torch
 import dgopt
 from conftest import PROMPTS, tiny_spec
 
-from dgopt.backends.onnx.lower import FP16_MASK_MIN
+from dgopt.backends.onnx.forward import FP16_MASK_MIN
 
 FP16 = {"device": "cuda", "precision": "fp16"}
 
@@ -39,7 +39,7 @@ def test_fp16_artifact_is_half_and_batch_rows_match_single_rows(family, tmp_path
 def test_fp16_code_tiny_matches_transformers_fp16(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     spec = {"model": {"name": "code-tiny"}, "target": {**FP16, "max_seq_len": 512}}
     dec = dgopt.load(_compile(tmp_path, spec, "tiny16"), device="cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16,
@@ -80,7 +80,7 @@ def test_fp16_forward_keeps_fp32_buffers_and_matches_transformers_fp16():
     from transformers import AutoModelForCausalLM
 
     from dgopt.models.hf import export_forward, load_model
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     from dgopt.spec import spec_from_dict
     lm = load_model(spec_from_dict({"model": {"name": "code-tiny"}}).model)
     half = export_forward(lm, "float16")

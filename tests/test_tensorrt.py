@@ -26,6 +26,18 @@ SAMPLING = {
 }
 
 
+@pytest.fixture(scope="session")
+def artifacts(artifacts):
+    """The step graphs TensorRT gets: for the tensorrt backend `auto` writes the plain direct forward (Llama, Qwen2)
+    or traces it (GPT-2); the contrib forward `auto` picks for onnxruntime on the CPU uses onnxruntime's own ops."""
+    def get(family="llama", opt_level=2, **sections):
+        target = sections.get("target", {})
+        if target.get("device") != "cuda" and "forward" not in target:
+            sections["target"] = {**target, "forward": "traced" if family == "gpt2" else "direct"}
+        return artifacts(family, opt_level, **sections)
+    return get
+
+
 def errors(findings):
     return [f for f in findings if f.severity == "error"]
 

@@ -366,9 +366,10 @@ def _check_mask_precision(G: _Graph, precision: str, add) -> None:
     masks = [gi.name for gi in G.model.graph.input if gi.name.endswith("mask") and _type_info(gi)[0] == "FP32"]
     half = any(_type_info(gi)[0] == "FP16" for gi in G.model.graph.input)
     if precision in ("fp16", "bf16") and not half:
+        fix = "compile with target.precision fp16" if precision == "fp16" else \
+            "dgopt does not export bf16 graphs yet (use fp16)"
         add("(model)", "graph", "warning", f"the step graph is fp32: TensorRT builds strongly typed (precision comes "
-            f"from the ONNX types), so this engine would run in fp32, not {precision}; compile with "
-            f"target.precision {precision}", "precision")
+            f"from the ONNX types), so this engine would run in fp32, not {precision}; {fix}", "precision")
         return
     consumers: dict[str, list] = {}
     for nd in G.nodes:

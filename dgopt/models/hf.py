@@ -87,7 +87,7 @@ def load_model(mspec, resolve=lambda p: Path(p)) -> LoadedModel:
         return _finish(config_model(cfg, mspec.seed), cfg["family"], f"random-init {cfg['family']} (seed {mspec.seed})",
                        None)
     if mspec.name is not None:
-        from .train import model_dir
+        from ..training.trainer import model_dir
         try:
             path = model_dir(mspec.name)
         except (FileNotFoundError, KeyError) as e:
