@@ -307,7 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     mb.set_defaults(fn=cmd_models)
     ml = msub.add_parser("list", help="list recipes and where each model exists")
     ml.set_defaults(fn=cmd_models)
+
+    t = sub.add_parser("train", help="fine-tune a model for a decoding strategy")
+    tsub = t.add_subparsers(dest="train_cmd", required=True, metavar="KIND")
+    tc = tsub.add_parser("consistency", help="consistency training (CLLM): Jacobi decoding converges in fewer steps")
+    from .training.consistency import add_arguments as _consistency_arguments
+    _consistency_arguments(tc)
+    tc.set_defaults(fn=cmd_train_consistency)
     return p
+
+
+def cmd_train_consistency(a) -> int:
+    import shlex
+
+    from .training import consistency
+    return consistency.run(a, shlex.join(["dgopt", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None)
 
 
 def main(argv: list[str] | None = None) -> int:
