@@ -219,6 +219,12 @@ def cmd_models(a) -> int:
             print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
                   f"{m['unigram_ppl'] or '-':>8}  {where}")
         return 0
+    from .training import consistency
+    if a.name in consistency.RECIPES:      # a consistency-trained model: fine-tuned from its base, time-budgeted
+        cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
+            (["--device", a.device] if a.device != "cpu" else []) + (["--seed", str(a.seed)] if a.seed else [])
+        print(consistency.build(a.name, out=a.out, device=a.device, seed=a.seed, command=" ".join(cmd)))
+        return 0
     if a.name not in train.RECIPES:
         raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(train.RECIPES)})")
     if a.device == "cuda":

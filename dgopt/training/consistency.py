@@ -571,6 +571,29 @@ def summary(info: dict) -> str:
 
 
 # --------------------------------------------------------------------------
+# recipes: `dgopt models build NAME` rebuilds a shipped consistency-trained model
+# --------------------------------------------------------------------------
+
+#: the arguments of :func:`train` that built each shipped model (its dgopt_build.json has the command and seed)
+RECIPES = {
+    "code-tiny-cllm": dict(base="code-tiny", data=["stdlib"], block=8, minutes=30.0, samples=256, val_samples=32,
+                           prompt_len=32, blocks=2, batch=8, lr=5e-4, ar_weight=1.0, eval_every=30, patience=3,
+                           threads=2),
+}
+
+
+def build(name: str, out: str | Path | None = None, device: str = "cpu", seed: int = 0,
+          command: str | None = None) -> Path:
+    from ..models.train import cache_dir, model_dir
+
+    r = dict(RECIPES[name])
+    out = Path(out) if out is not None else cache_dir(name)
+    info = train(model_dir(r.pop("base")), out, device=device, seed=seed, command=command, **r)
+    print(summary(info))
+    return out
+
+
+# --------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------
 
