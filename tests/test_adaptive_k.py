@@ -150,9 +150,10 @@ def test_heuristic_bad_specs(strategy, sampling, match, drafts, tmp_path):
 
 @pytest.mark.parametrize("name,fused", [("same", True), ("noisy", True), ("same", False)])
 def test_heuristic_k_shrinks_to_fit_max_seq_len(name, fused, drafts, tmp_path):
-    """No positions are held back for k_max: near target.max_seq_len each step's k shrinks to what fits, so the
-    heuristic generates exactly as many tokens as autoregressive decoding (max_seq_len - prompt), the same ones,
-    one prompt (the one-row loop) and a batch (the batch loop). ("same" climbs to k_max and meets the limit there.)"""
+    """No positions are held back for k_max: near target.max_seq_len the loop clamps positions (only candidates
+    whose tokens are dropped see them), so the heuristic generates exactly as many tokens as autoregressive decoding
+    (max_seq_len - prompt, per row), the same ones, one prompt and a batch. ("same" climbs to k_max and meets the
+    limit there.)"""
     spec = tiny_spec("llama", strategy={"kind": "speculative", "k": 2, "k_schedule": "heuristic", "k_max": 6,
                                         "fused": fused}, target={"max_seq_len": 40})
     spec["draft"] = drafts[name]
@@ -169,8 +170,7 @@ def test_heuristic_k_shrinks_to_fit_max_seq_len(name, fused, drafts, tmp_path):
         res = dec.generate(p, max_new_tokens=100)
         assert len(res.ids[0]) == 40 - len(p) and res.stats["stop"] == ["max_seq_len"], res.stats
         assert res.ids[0] == hf_greedy(m, p, 40 - len(p))
-    L = max(len(p) for p in PROMPTS[:4])
-    batch = dec.generate(PROMPTS[:4], max_new_tokens=100)
-    assert [len(r) for r in batch.ids] == [40 - L] * 4
-    assert batch.ids == [hf_greedy(m, p, 40 - L) for p in PROMPTS[:4]]
+    batch = dec.generate(PROMPTS[:4], max_new_tokens=100)              # each row its own budget
+    assert [len(r) for r in batch.ids] == [40 - len(p) for p in PROMPTS[:4]]
+    assert batch.ids == [hf_greedy(m, p, 40 - len(p)) for p in PROMPTS[:4]]
     assert max(top) == 39                       # up to the limit, never past it

@@ -72,11 +72,9 @@ def test_uag_greedy_exact_batch1_and_batch4(draft, schedule, confidence, pair, t
 
 @pytest.mark.parametrize("schedule,confidence,penalty", [("constant", 0.0, 1.0), ("heuristic", 0.0, 1.0),
                                                       ("heuristic", 0.0045, 1.0), ("heuristic", 0.0, 1.8)])
-def test_uag_one_row_loop_equals_batch_loop(schedule, confidence, penalty, pair, tmp_path):
-    """One prompt takes speculative_row's loop: the same tokens and stats as the batch loop for that prompt, both
-    equal to transformers generate (with a repetition penalty too: the one-row loop keeps `seen` itself)."""
-    from dgopt.runtime.multitoken import generate_multitoken
-    from test_speculative_row import SAME_STATS
+def test_uag_alone_equals_batch(schedule, confidence, penalty, pair, tmp_path):
+    """One prompt alone and the prompts as a batch give the same tokens, both equal to transformers generate (with a
+    repetition penalty too)."""
     dec = compile_uag(tmp_path, pair, schedule=schedule, confidence=confidence, penalty=penalty)
     refs = pair["refs"]
     if penalty != 1.0:
@@ -84,12 +82,11 @@ def test_uag_one_row_loop_equals_batch_loop(schedule, confidence, penalty, pair,
         refs = [hf_greedy(model, p, NEW, repetition_penalty=penalty) for p in pair["prompts"]]
         assert refs != pair["refs"]
         assert "seen" in dec.session.inputs
-    for p, ref in zip(pair["prompts"], refs):
-        fast, slow = dec.generate(p, max_new_tokens=NEW), generate_multitoken(dec, [p], NEW, one_row=False)
-        assert fast.ids == slow.ids == [ref]
-        assert {s: fast.stats[s] for s in SAME_STATS if s != "fused"} == \
-            {s: slow.stats[s] for s in SAME_STATS if s != "fused"}
-        assert "draft_s" in fast.stats and "fused" not in fast.stats
+    batch = dec.generate(pair["prompts"], max_new_tokens=NEW)
+    for i, (p, ref) in enumerate(zip(pair["prompts"], refs)):
+        one = dec.generate(p, max_new_tokens=NEW)
+        assert one.ids == [ref] and batch.ids[i] == ref
+        assert "draft_s" in one.stats and "fused" not in one.stats
 
 
 def test_uag_O0_equals_O2_and_repeated_calls(pair, tmp_path):
@@ -121,8 +118,8 @@ def test_incremental_translation_state_matches_full(pair):
     a full decode and the draft ids decode back to exactly that text (multi-byte characters split across steps)."""
     import random
     from transformers import AutoTokenizer
-    from dgopt.runtime.multitoken import _XTokDrafter
-    d = object.__new__(_XTokDrafter)
+    from dgopt.runtime.strategies.uag import XTokDrafter
+    d = object.__new__(XTokDrafter)
     d.tt = AutoTokenizer.from_pretrained(pair["target"]).backend_tokenizer
     d.dt = AutoTokenizer.from_pretrained(pair["draft"]).backend_tokenizer
     text = "def größe(self, naïve='∑ ✓'):\n    return {'π': 3.14}  # café\n\tx = [i for i in range(10)]\n" * 3
@@ -140,9 +137,9 @@ def test_incremental_translation_state_matches_full(pair):
 
 @pytest.mark.parametrize("schedule", ["constant", "heuristic"])
 def test_uag_candidates_shrink_to_fit_max_seq_len(schedule, pair, tmp_path):
-    """Greedy UAG holds no positions back for k: near target.max_seq_len a step verifies only the candidates that
-    fit, so it generates as many tokens as autoregressive decoding (max_seq_len - prompt), the same ones, one prompt
-    and a batch, and no call sees a position past the limit. ("same" proposes the target's own tokens: full k.)"""
+    """Greedy UAG holds no positions back for k: near target.max_seq_len it generates as many tokens as
+    autoregressive decoding (max_seq_len - prompt, per row), the same ones, one prompt and a batch, and no call sees a
+    position past the limit. ("same" proposes the target's own tokens: full k.)"""
     spec = {"model": {"path": str(pair["target"])}, "draft": {"path": str(pair["same"])},
             "strategy": {"kind": "uag", "k": 4, "k_schedule": schedule, "k_max": 6},
             "sampling": {"kind": "greedy"}, "target": {"max_seq_len": 40}}
@@ -157,8 +154,7 @@ def test_uag_candidates_shrink_to_fit_max_seq_len(schedule, pair, tmp_path):
         res = dec.generate(p, max_new_tokens=100)
         assert len(res.ids[0]) == 40 - len(p) and res.stats["stop"] == ["max_seq_len"], res.stats
         assert res.ids[0] == hf_greedy(model, p, 40 - len(p))
-    L = max(len(p) for p in pair["prompts"][:4])
-    batch = dec.generate(pair["prompts"][:4], max_new_tokens=100)
-    assert [len(r) for r in batch.ids] == [40 - L] * 4
-    assert batch.ids == [hf_greedy(model, p, 40 - L) for p in pair["prompts"][:4]]
+    batch = dec.generate(pair["prompts"][:4], max_new_tokens=100)      # each row its own budget
+    assert [len(r) for r in batch.ids] == [40 - len(p) for p in pair["prompts"][:4]]
+    assert batch.ids == [hf_greedy(model, p, 40 - len(p)) for p in pair["prompts"][:4]]
     assert max(top) == 39
