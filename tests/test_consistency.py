@@ -52,6 +52,7 @@ def test_training_reduces_mean_jacobi_steps(tiny_dir, tmp_path):
 
 
 def _err(capsys, argv):
+    capsys.readouterr()
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err

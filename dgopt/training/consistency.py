@@ -209,8 +209,6 @@ def corpus_prompts(model_dir: Path, data: Sequence[str], n_train: int, n_val: in
     from ..models import corpus as _corpus
     from ..models.train import encode_stream
 
-    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
-        raise DgoptError(f"--data {' '.join(data)}: MODEL_DIR {model_dir} has no tokenizer (use --data self)")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.eos_token_id is None:
         tok.eos_token_id = 0
@@ -402,6 +400,9 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
     if samples < 1 or val_samples < 1:
         raise DgoptError("--samples: must be >= 1")
     src = Path(model_dir)
+    if data != ["self"] and src.is_dir() and not (src / "tokenizer.json").is_file() \
+            and not (src / "tokenizer_config.json").is_file():
+        raise DgoptError(f"--data {' '.join(data)}: MODEL_DIR {model_dir} has no tokenizer (use --data self)")
     model = load_decoder(src, block, prompt_len, blocks, device)
     orig = copy.deepcopy(model)
     for p in orig.parameters():
