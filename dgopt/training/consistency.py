@@ -577,9 +577,9 @@ def summary(info: dict) -> str:
 
 #: the arguments of :func:`train` that built each shipped model (its dgopt_build.json has the command and seed)
 RECIPES = {
-    "code-tiny-cllm": dict(base="code-tiny", data=["stdlib"], block=8, minutes=30.0, samples=256, val_samples=32,
-                           prompt_len=32, blocks=2, batch=8, lr=5e-4, ar_weight=1.0, eval_every=30, patience=3,
-                           threads=2),
+    "code-tiny-cllm": dict(base="code-tiny", data=["stdlib"], block=8, minutes=12.0, samples=1536, val_samples=32,
+                           prompt_len=32, blocks=2, batch=8, lr=2e-4, ar_weight=1.0, eval_every=50, patience=4,
+                           threads=1),
 }
 
 
