@@ -31,7 +31,7 @@ def model_spec(name: str) -> dict:
     """'auto': the trained code-tiny when it exists, else a random-init 6.5M Llama of the same shape class."""
     if name == "auto":
         try:
-            from dgopt.models.train import model_dir
+            from dgopt.training.trainer import model_dir
             model_dir("code-tiny")
             name = "code-tiny"
         except Exception:  # noqa: BLE001

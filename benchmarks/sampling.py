@@ -72,7 +72,10 @@ def ort_sampler(V: int, fused: bool, threads: int, device: str = "cpu"):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    if sess.get_providers()[0] != providers[0]:        # onnxruntime drops a provider it cannot start, with a log line
+        sys.exit(f"error: onnxruntime started the sampler on {sess.get_providers()}, not {providers[0]}")
+    return sess
 
 
 def main():

@@ -106,6 +106,8 @@ def main():
     ref, _ = hf_run()
     rows = []
 
+    partial = Path(a.out) / "strategies.json"
+
     def add(name, outs, secs, steps=None, extra=None, row_steps=None):
         toks = sum(len(o) for o in outs)
         row_steps = row_steps or steps          # a batch's step advances every row in it
@@ -113,6 +115,9 @@ def main():
                      "tokens_per_step": toks / row_steps if row_steps else None,
                      "ms_per_step": 1e3 * secs / steps if steps else None,
                      "identical": outs == ref, **(extra or {})})
+        # each row as it completes: a run stopped at its time limit keeps the rows it measured
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"partial": True, "device": a.device, "rows": rows}, indent=2))
 
     add("transformers greedy", *hf_run())
     add("transformers prompt lookup (10)", *hf_run(prompt_lookup_num_tokens=10))
@@ -248,7 +253,13 @@ def main():
     ar = next(r for r in rows if r["name"].startswith("dgopt autoregressive"))
     ar_s = next((r for r in rows if r["name"].startswith("dgopt autoregressive (sample)")), None)
     gpu = f"; {torch.cuda.get_device_name()}" if dev.type == "cuda" else ""
-    print(f"machine: {machine()}; onnxruntime {a.device.upper()}, {a.threads} threads{gpu}")
+    # label rows by the provider each session actually started on (onnxruntime can drop CUDA with a log line)
+    ran = {n: dec.session.providers[0] for n, dec in decs}
+    for r in rows:
+        if r["name"] in ran:
+            r["provider"] = ran[r["name"]]
+    providers = sorted(set(ran.values()))
+    print(f"machine: {machine()}; onnxruntime {', '.join(providers)}, {a.threads} threads{gpu}")
     print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
           f"new tokens, batch {a.batch} (transformers rows: batch 1), greedy")
     print(f"{'':52s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
@@ -272,6 +283,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "strategies.json").write_text(json.dumps({"machine": machine() + gpu, "device": a.device,
+                                                     "providers": providers,
                                                      "model": lm.source,
                                                      "params": lm.info["num_parameters"], "rows": rows}, indent=2))
 

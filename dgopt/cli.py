@@ -11,14 +11,17 @@ import warnings
 from pathlib import Path
 
 from .errors import DgoptError
+from .version import __version__
 
 EPILOG = """examples:
   dgopt compile specs/greedy.yaml -o out/greedy
   dgopt run out/greedy --prompt "def fib(n):"
   dgopt run out/greedy --ids 1,2,3 --max-new-tokens 32 --json
+  dgopt serve out/greedy --port 8000
   dgopt inspect out/greedy --no-browser
   dgopt check specs/lookahead.yaml --target tensorrt
   dgopt models list
+  dgopt train lm code-tiny -o out/tiny-ft --data mycode/ --minutes 10
 
 strategies (spec strategy.kind; examples in specs/):
   autoregressive  one token per step, processors + sampler in the graph (greedy.yaml, sample.yaml)
@@ -71,18 +74,24 @@ def cmd_compile(a) -> int:
 
 def _parse_ids(text: str) -> list[list[int]]:
     try:
-        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
     except ValueError:
         raise DgoptError(f"--ids '{text}': expected comma-separated integers (rows separated by ';')") from None
+    if not rows or not all(rows):
+        raise DgoptError(f"--ids '{text}': empty prompt (give at least one token id per row: 1,2,3)")
+    return rows
 
 
 def cmd_run(a) -> int:
     from .runtime import load
-    dec = load(a.artifact, device=a.device, threads=a.threads)
+    if a.max_new_tokens < 1:    # before loading: 0 would return nothing, a negative count silently the same
+        raise DgoptError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     if (a.prompt is None) == (a.ids is None):
         raise DgoptError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    ids = _parse_ids(a.ids) if a.ids is not None else None
+    dec = load(a.artifact, device=a.device, threads=a.threads)
     try:
-        prompts = _parse_ids(a.ids) if a.ids is not None else [dec.encode(a.prompt)]
+        prompts = ids if ids is not None else [dec.encode(a.prompt)]
     except ValueError as e:
         raise DgoptError(str(e)) from None
     has_tok = bool(dec.manifest.get("tokenizer"))
@@ -132,6 +141,32 @@ def cmd_run(a) -> int:
     _console().print(f"[dim]{s['new_tokens']} tokens in {s['steps']} steps ({s['tokens_per_step']:.2f} tokens/step, "
                      f"{dec.manifest['strategy']['kind']}), {s['tokens_per_s']:.1f} tokens/s, "
                      f"stop: {', '.join(sorted(set(s['stop'])))}{accepted}[/]")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise DgoptError("dgopt serve needs fastapi, uvicorn and prometheus_client: pip install 'dgopt[serve]'") \
+            from None
+    from .artifact import read_manifest
+    cap = read_manifest(Path(a.artifact))["target"]["max_batch"]
+    if a.max_batch is not None and not 1 <= a.max_batch <= cap:
+        raise DgoptError(f"--max-batch {a.max_batch}: must be 1..{cap} (the artifact's target.max_batch)")
+    if a.replicas != 1 and not a.ray:
+        raise DgoptError("--replicas needs --ray")
+    if a.ray:
+        from .serve.ray import run as run_ray
+        return run_ray(a.artifact, a.host, a.port, a.replicas, max_batch=a.max_batch, model_name=a.model_name,
+                       device=a.device, threads=a.threads)
+    from .serve import create_app
+    app = create_app(a.artifact, max_batch=a.max_batch, model_name=a.model_name, device=a.device,
+                     threads=a.threads)
+    _console().print(f"serving {a.artifact} at http://{a.host}:{a.port}/v1 "
+                     f"(max batch {app.state.server.batcher.max_batch}; Ctrl-C to stop)")
+    uvicorn.run(app, host=a.host, port=a.port, log_level="debug" if a.debug else "warning")
     return 0
 
 
@@ -190,8 +225,9 @@ def cmd_check(a) -> int:
         from .spec import load_spec
         spec = load_spec(path, a.set or [])
         precision = a.precision or spec.target.precision
-        # lowered as the tensorrt backend lowers it: fp32 ONNX for a GPU (so forward auto writes no contrib ops)
-        target = spec.target.model_copy(update={"backend": "onnx", "precision": "fp32", "device": "cuda"})
+        # lowered as the tensorrt backend lowers it: for a GPU (so forward auto writes no contrib ops), fp16 for fp16
+        target = spec.target.model_copy(update={"backend": "onnx", "device": "cuda",
+                                                "precision": "fp16" if precision == "fp16" else "fp32"})
         spec = spec.model_copy(update={"target": target})
         with tempfile.TemporaryDirectory() as d:
             art = dg_compile(spec, Path(d) / "art", opt_level=a.O)
@@ -210,45 +246,12 @@ def cmd_passes(a) -> int:
     return 0
 
 
-def cmd_models(a) -> int:
-    from .models import train
-    if a.models_cmd == "list":
-        print(f"{'name':16s} {'params':>8s}  {'tokenizer':12s} {'val ppl':>8s} {'unigram':>8s}  where")
-        for m in train.list_models():
-            where = m["path"] if m["path"] else f"missing: dgopt models build {m['name']}"
-            print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
-                  f"{m['unigram_ppl'] or '-':>8}  {where}")
-        return 0
-    from .training import consistency
-    if a.name in consistency.RECIPES:      # a consistency-trained model: fine-tuned from its base, time-budgeted
-        cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
-            (["--device", a.device] if a.device != "cpu" else []) + (["--seed", str(a.seed)] if a.seed else [])
-        print(consistency.build(a.name, out=a.out, device=a.device, seed=a.seed, command=" ".join(cmd)))
-        return 0
-    if a.name not in train.RECIPES:
-        raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(train.RECIPES)})")
-    if a.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise DgoptError("models build --device cuda: no CUDA device here (or torch is the CPU build)")
-    cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
-        (["--steps", str(a.steps)] if a.steps else []) + (["--device", a.device] if a.device != "cpu" else []) + \
-        (["--seed", str(a.seed)] if a.seed else [])
-    try:
-        path = train.build_model(a.name, out=a.out, steps=a.steps, device=a.device, seed=a.seed, threads=a.threads,
-                                 command=" ".join(cmd))
-    except ValueError as e:     # a recipe's teacher / init_from model that does not fit (tokenizer, architecture)
-        raise DgoptError(str(e)) from None
-    print(path)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgopt", description="dgopt: compile LLM decoding strategies into fast, exact "
                                 "step artifacts (spec.yaml -> IR -> passes -> ONNX) and run them.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("--version", action="version", version=f"dgopt {__import__('dgopt').__version__}")
+    p.add_argument("--version", action="version", version=f"dgopt {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", help="compile a spec into an artifact directory",
@@ -280,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     r.set_defaults(fn=cmd_run)
 
+    sv = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
+                        description="POST /v1/completions (streaming with stream: true), GET /v1/models, /health, "
+                        "/metrics (Prometheus). Concurrent requests share generate calls up to --max-batch rows.")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, help="most rows per generate call (default: the artifact's max_batch)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the artifact dir's name)")
+    sv.add_argument("--device", choices=["cpu", "cuda"], help="override the artifact's target device")
+    sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local Ray instance, or "
+                    "the cluster in RAY_ADDRESS) behind Ray's HTTP proxy")
+    sv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    sv.set_defaults(fn=cmd_serve)
+
     i = sub.add_parser("inspect", help="show an artifact and open its step graph in Netron")
     i.add_argument("artifact")
     i.add_argument("--no-browser", action="store_true", help="only print the summary and file paths")
@@ -300,34 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("passes", help="list the passes and the -O levels that run them")
     ps.set_defaults(fn=cmd_passes)
 
-    m = sub.add_parser("models", help="build or list the project's own locally trained models")
-    msub = m.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
-    mb = msub.add_parser("build", help="train a model recipe (code-tiny, code-draft, code-draft-kd, code-draft-xtok, "
-                                       "code-small)")
-    mb.add_argument("name")
-    mb.add_argument("--out", help="output dir (default: the user cache, ~/.cache/dgopt/models/NAME)")
-    mb.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
-    mb.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    mb.add_argument("--seed", type=int, default=0)
-    mb.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
-    mb.set_defaults(fn=cmd_models)
-    ml = msub.add_parser("list", help="list recipes and where each model exists")
-    ml.set_defaults(fn=cmd_models)
-
-    t = sub.add_parser("train", help="fine-tune a model for a decoding strategy")
-    tsub = t.add_subparsers(dest="train_cmd", required=True, metavar="KIND")
-    tc = tsub.add_parser("consistency", help="consistency training (CLLM): Jacobi decoding converges in fewer steps")
-    from .training.consistency import add_arguments as _consistency_arguments
-    _consistency_arguments(tc)
-    tc.set_defaults(fn=cmd_train_consistency)
+    from .training.cli import add_models_parser, add_train_parser
+    add_models_parser(sub)
+    add_train_parser(sub)
     return p
-
-
-def cmd_train_consistency(a) -> int:
-    import shlex
-
-    from .training import consistency
-    return consistency.run(a, shlex.join(["dgopt", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None)
 
 
 def main(argv: list[str] | None = None) -> int:

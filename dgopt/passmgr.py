@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import DgoptError, PassError
-from .ir import Graph, verify
+from .ir import Graph, spec_with_graph, verify
 
 __all__ = ["Pass", "PassResult", "PassManager", "VerifyInstrument", "DumpInstrument"]
 log = logging.getLogger("dgopt.passes")
@@ -95,7 +95,6 @@ class DumpInstrument:
     def __call__(self, index: int, name: str, g: Graph, modified: bool) -> None:
         if not modified:
             return
-        from .pipeline import spec_with_graph
         import yaml
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{index:02d}-{name}.yaml"

@@ -1,8 +1,8 @@
 """The compiler driver: spec -> IR -> passes -> lowered step -> artifact. The whole pipeline is one readable list."""
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,11 +12,11 @@ import yaml
 
 from .artifact import SCHEMA_VERSION, write_artifact
 from .errors import BackendError, DgoptError, IRError, SpecError
-from .ir import Graph, graph_from_dict, graph_to_dict, verify
+from .ir import Graph, graph_from_dict, spec_with_graph, verify
 from .passmgr import DumpInstrument, PassManager, VerifyInstrument
-from .spec import Spec, load_spec, spec_from_dict
+from .spec import DEFAULT_MAX_SEQ_LEN, Spec, load_spec, spec_from_dict
 
-__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS", "spec_with_graph"]
+__all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS"]
 log = logging.getLogger("dgopt")
 
 
@@ -42,12 +42,6 @@ def pipeline_passes(opt_level: int = 2, disable: list[str] | tuple = ()) -> list
     if unknown:
         raise SpecError(f"--disable-pass: unknown pass '{unknown[0]}' (known: {', '.join(registry)})")
     return [registry[n]() for n in OPT_LEVELS[opt_level] if n not in disable]
-
-
-def spec_with_graph(spec_dict: dict, g: Graph) -> dict:
-    d = {k: v for k, v in spec_dict.items() if k != "graph"}
-    d["graph"] = graph_to_dict(g)
-    return d
 
 
 def build_ir(spec: Spec) -> Graph:
@@ -84,7 +78,7 @@ def _versions() -> dict:
     import onnxruntime
     import torch
     import transformers
-    from . import __version__
+    from .version import __version__
     return {"dgopt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -104,15 +98,16 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     if spec.target.precision != "fp32" and spec.target.device == "cpu":
         raise SpecError(f"spec field 'target.precision': {spec.target.precision} needs device 'cuda' "
                         "(onnxruntime's CPU kernels run fp32)")
-    if spec.target.precision == "bf16" and spec.target.backend == "onnx":
+    if spec.target.precision == "bf16":
         raise SpecError("spec field 'target.precision': bf16 ONNX export is not implemented (onnxruntime's CUDA EP "
-                        "covers few bf16 kernels); use fp16, or the tensorrt backend for bf16 engines")
+                        "covers few bf16 kernels, and TensorRT takes precision from the graph's types); use fp16")
     if spec.target.forward == "contrib" and spec.target.backend == "tensorrt":
         raise SpecError("spec field 'target.forward': contrib writes onnxruntime contrib ops, which TensorRT's parser "
                         "does not know; use auto or direct with the tensorrt backend")
-    if spec.model.dtype != "fp32":
-        raise SpecError(f"spec field 'model.dtype': {spec.model.dtype} is not supported yet; use fp32 "
-                        "(set target.precision for the lowered step)")
+    for which, ms in (("model", spec.model), ("draft", spec.draft)):
+        if ms is not None and ms.dtype != "fp32":
+            raise SpecError(f"spec field '{which}.dtype': {ms.dtype} is not supported yet; use fp32 "
+                            "(set target.precision for the lowered step)")
     with stage("building IR"):
         g0 = build_ir(spec)
     with stage(f"running passes (-O{opt_level})"):
@@ -128,9 +123,9 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         lm = load_model(spec.model, spec.resolve)
     kv_dtype = _kv_dtype(spec)
     lm.info["kv_dtype"] = kv_dtype
-    if spec.target.max_seq_len > lm.info["max_position_embeddings"] > 0:
-        raise SpecError(f"spec field 'target.max_seq_len': {spec.target.max_seq_len} exceeds the model's "
-                        f"max_position_embeddings {lm.info['max_position_embeddings']}")
+    dm = _load_draft(spec, stage) if spec.draft is not None else None
+    spec = spec.model_copy(update={"target": spec.target.model_copy(
+        update={"max_seq_len": _max_seq_len(spec, lm, dm)})})
     forwards = {}
     if models:
         with stage(f"exporting {lm.family} forward to ONNX"):
@@ -139,11 +134,10 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         forwards["target"] = (None, lm.info)
     if spec.draft is not None and spec.target.backend == "tensorrt":
         raise BackendError("target.backend tensorrt: draft models are not supported by the engine build yet")
-    dm = None
-    if "draft" in models:       # a fused speculative step: the draft's forwards are inlined beside the target's
+    fused = "draft" in models   # a fused speculative step: the draft's forwards are inlined beside the target's
+    if fused:
         if spec.draft is None:
             raise SpecError("spec field 'draft': the graph calls model 'draft' but the spec defines no draft model")
-        dm = _load_draft(spec, stage)
         with stage(f"exporting draft {dm.family} forward to ONNX"):
             forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec)), dm.info)
 
@@ -152,8 +146,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         step, io = lower_to_onnx(g, forwards, lm.info["vocab_size"])
 
     draft = None
-    if spec.draft is not None and dm is None:
-        draft = _compile_draft(spec, opt_level, stage)
+    if spec.draft is not None and not fused:
+        draft = _compile_draft(spec, opt_level, dm, stage)
         if spec.strategy.kind == "uag" and not (lm.tokenizer_dir and draft[1].tokenizer_dir):
             which = "model" if not lm.tokenizer_dir else "draft"
             raise SpecError(f"spec field '{which}': strategy uag translates between the two models' tokenizers, "
@@ -162,7 +156,16 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
 
     if spec.target.backend == "tensorrt":
         return _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage)
+    with stage("writing artifact"):
+        out = _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level)
+    log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
+    return out
 
+
+def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level, extra=None,
+                         extra_files=()) -> Path:
+    """The artifact of a lowered step: manifest, step.onnx (and draft.onnx), the IR before and after the passes,
+    tokenizers; `extra` adds manifest entries, `extra_files` copies files in (the TensorRT engine)."""
     spec_dict = spec.to_dict()
     if spec.model.path is not None:   # make the recorded spec valid from inside the artifact
         spec_dict["model"]["path"] = str(spec.resolve(spec.model.path).resolve())
@@ -181,7 +184,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         "step": "step.onnx",
         "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
     }
-    if dm is not None:
+    manifest.update(extra or {})
+    if dm is not None and draft is None:        # fused: the draft's forwards are inside step.onnx
         manifest["draft"] = {"fused": True, "model": {**dm.info, "source": dm.source}}
     if draft is not None:
         manifest["draft"] = {"step": "draft.onnx", "model": {**draft[1].info, "source": draft[1].source},
@@ -202,11 +206,10 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             _copy_tokenizer(lm.tokenizer_dir, staging / "tokenizer")
         if draft is not None and spec.strategy.kind == "uag":
             _copy_tokenizer(draft[1].tokenizer_dir, staging / "draft_tokenizer")
+        for f in extra_files:
+            shutil.copy2(f, staging / Path(f).name)
 
-    with stage("writing artifact"):
-        out = write_artifact(Path(out_dir), fill, manifest)
-    log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
-    return out
+    return write_artifact(Path(out_dir), fill, manifest)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -225,19 +228,19 @@ def _forward_method(spec: Spec) -> dict:
 
 
 def _kv_dtype(spec: Spec) -> str:
-    """The exported forward's dtype (weights, KV cache): fp16 for an onnx fp16 target; the tensorrt backend lowers
-    fp32 and lets the engine builder choose fp16/bf16 kernels."""
-    return "float16" if spec.target.precision == "fp16" and spec.target.backend == "onnx" else "float32"
+    """The exported forward's dtype (weights, KV cache): fp16 for an fp16 target, on either backend (TensorRT builds
+    strongly typed: the engine's precision is the graph's)."""
+    return "float16" if spec.target.precision == "fp16" else "float32"
 
 
-def _compile_draft(spec: Spec, opt_level: int, stage):
+def _compile_draft(spec: Spec, opt_level: int, dm, stage):
     """The draft's own step graph, through the same passes: for greedy speculative decoding and uag k chained greedy
     steps (all k proposals in one call; uag's draft proposes greedily even when the target samples: its tokens
     are matched against the target's draws); for speculative sampling one step returning the draft's distribution q."""
     from dgopt.backends.onnx import lower_to_onnx
     from .models.hf import export_forward
     from .spec import SamplingSpec
-    from .strategies.autoregressive import expand_draft_chain, expand_draft_probs
+    from .strategies.draft_chain import expand_draft_chain, expand_draft_probs
     sampled = spec.sampling.kind == "sample" and spec.strategy.kind == "speculative"
     dspec = spec.model_copy(update={"model": spec.draft, "draft": None, "graph": None,
                                     "strategy": spec.strategy.model_copy(update={"kind": "autoregressive"}),
@@ -247,11 +250,27 @@ def _compile_draft(spec: Spec, opt_level: int, stage):
     g0 = expand_draft_probs(dspec) if sampled else expand_draft_chain(
         dspec, st.k_max if st.k_schedule == "heuristic" else st.k, loop=st.draft_loop, confidence=st.confidence)
     g, _ = optimize(g0, dspec, opt_level)
-    dm = _load_draft(spec, stage)
     with stage(f"exporting draft {dm.family} forward to ONNX"):
         fwd = export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec))
         step, io = lower_to_onnx(g, {"target": (fwd, dm.info)}, dm.info["vocab_size"])
     return step, dm, io, g.fingerprint()
+
+
+def _max_seq_len(spec: Spec, lm, dm) -> int:
+    """target.max_seq_len as given, or its default: 1024, less where the model (or a speculative draft, which sees
+    the target's positions) has fewer positions. An explicit value above a model's positions is an error naming both
+    limits; uag's draft counts its own tokens and stops at its limit at run time, so only speculative's is checked."""
+    limits = {"the model's": lm.info["max_position_embeddings"]}
+    if dm is not None and spec.strategy.kind == "speculative":
+        limits["the draft's"] = dm.info["max_position_embeddings"]
+    limits = {k: v for k, v in limits.items() if v > 0}
+    want = spec.target.max_seq_len
+    if want is None:
+        return min([DEFAULT_MAX_SEQ_LEN, *limits.values()])
+    if any(want > v for v in limits.values()):
+        both = " and ".join(f"{k} max_position_embeddings {v}" for k, v in limits.items())
+        raise SpecError(f"spec field 'target.max_seq_len': {want} exceeds {both}")
+    return want
 
 
 def _load_draft(spec: Spec, stage):
@@ -266,10 +285,10 @@ def _load_draft(spec: Spec, stage):
 
 
 def _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage) -> Path:
-    """The static check runs first and rejects what TensorRT's parser would; then the ONNX artifact is built in a
-    temp dir, the engine from it, and the final artifact (engine included, recorded in the manifest) is written
-    atomically. NOT RUN on the machines this project is developed on: TensorRT cannot be installed there."""
-    import shutil
+    """The static check runs first and rejects what TensorRT's parser would; then the step graph that was checked
+    (same passes, --disable-pass / --verify-each / --dump-passes applied once) is written as an ONNX artifact in a
+    temp dir, the engine is built from it, and the final artifact (engine included, recorded in the manifest) is
+    written atomically. Run here against a stand-in TensorRT only: TensorRT cannot be installed on these machines."""
     import tempfile
     from dgopt.backends.tensorrt import build_engine, check_onnx, is_available
     findings = check_onnx(step, spec.target.precision)
@@ -281,23 +300,14 @@ def _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, st
         raise BackendError("target.backend tensorrt: TensorRT not installed (or no CUDA device); the lowered graph "
                            f"passes the static check ({len(findings)} warning(s), see `dgopt check`); "
                            "use target.backend onnx here")
-    onnx_spec = spec.model_copy(update={"target": spec.target.model_copy(update={"backend": "onnx",
-                                                                                 "precision": "fp32"})})
     tmp = Path(tempfile.mkdtemp(prefix=".dgopt-trt-", dir=Path(out_dir).resolve().parent))
     try:
-        art = compile(onnx_spec, tmp / "onnx", opt_level=opt_level)
+        art = _write_onnx_artifact(spec, g, g0, history, step, io, lm, None, None, tmp / "onnx", opt_level)
         with stage("building TensorRT engine"):
             plan, meta = build_engine(art, tmp / "engine.plan", precision=spec.target.precision,
                                       max_batch=spec.target.max_batch, max_seq_len=spec.target.max_seq_len)
-        manifest = json.loads((art / "manifest.json").read_text())
-        manifest["target"] = spec.target.model_dump(mode="json")
-        manifest["tensorrt"] = {**meta, "engine": "engine.plan"}
-
-        def fill(staging: Path):
-            for f in art.iterdir():
-                if f.name != "manifest.json":
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
-            shutil.copy2(plan, staging / "engine.plan")
-        return write_artifact(Path(out_dir), fill, {k: v for k, v in manifest.items() if k != "files"})
+        with stage("writing artifact"):
+            return _write_onnx_artifact(spec, g, g0, history, step, io, lm, None, None, out_dir, opt_level,
+                                        extra={"tensorrt": {**meta, "engine": "engine.plan"}}, extra_files=[plan])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,20 +6,27 @@ the field, e.g. ``spec field 'sampling.top_p': Input should be less than or equa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SpecError
 
 __all__ = ["Spec", "ModelSpec", "SamplingSpec", "TargetSpec", "StrategySpec", "load_spec", "spec_from_dict",
-           "apply_overrides", "FAMILIES", "STRATEGY_KINDS"]
+           "apply_overrides", "FAMILIES", "STRATEGY_KINDS", "DEFAULT_MAX_SEQ_LEN", "DTYPE_ALIASES"]
 
 FAMILIES = ("llama", "gpt2", "qwen2")
 STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
 IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag")
 MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag")
+DEFAULT_MAX_SEQ_LEN = 1024     # target.max_seq_len left out: this, or less where a model has fewer positions
+
+
+# transformers' dtype names (as users write torch_dtype) -> the one spelling dgopt records
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+Precision = Annotated[Literal["fp32", "fp16", "bf16"],
+                      BeforeValidator(lambda v: DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v)]
 
 
 class _Strict(BaseModel):
@@ -37,7 +44,7 @@ class ModelSpec(_Strict):
     name: str | None = None          # a model built by `dgopt models build NAME` (e.g. code-tiny)
     config: ModelConfigSpec | None = None
     seed: int = 0                    # init seed for `config` models
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: Precision = "fp32"
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -104,11 +111,12 @@ class SamplingSpec(_Strict):
 class TargetSpec(_Strict):
     backend: Literal["onnx", "tensorrt"] = "onnx"
     device: Literal["cpu", "cuda"] = "cpu"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     max_batch: int = Field(8, ge=1)
-    max_seq_len: int = Field(1024, ge=2)
+    # None (left out): the pipeline uses min(1024, the model's max_position_embeddings, a speculative draft's)
+    max_seq_len: int | None = Field(None, ge=2)
     # how the model's forward becomes ONNX: direct (Llama / Qwen2 fp32, written from the weights, half the kernels),
-    # contrib (direct with onnxruntime's contrib ops: half again; multi-head attention, onnx backend only), traced
+    # contrib (direct with onnxruntime's contrib ops: half again; onnx backend only), traced
     # (torch.onnx.export of the transformers forward), auto (contrib for the onnx backend on the cpu, else direct,
     # where they apply; else traced)
     forward: Literal["auto", "contrib", "direct", "traced"] = "auto"

@@ -168,6 +168,18 @@ def test_run_bad_arguments(artifact, capsys):
     assert code == 2 and "artifact not found" in err
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["--ids", "1,2", "--max-new-tokens", "0"], "error: --max-new-tokens 0: must be at least 1"),
+    (["--ids", "1,2", "--max-new-tokens", "-1"], "error: --max-new-tokens -1: must be at least 1"),
+    (["--ids", ""], "error: --ids '': empty prompt (give at least one token id per row: 1,2,3)"),
+    (["--ids", " ; "], "error: --ids ' ; ': empty prompt (give at least one token id per row: 1,2,3)"),
+    (["--ids", "1,2;,"], "error: --ids '1,2;,': empty prompt (give at least one token id per row: 1,2,3)"),
+])
+def test_run_bad_count_or_empty_prompt(artifact, argv, line, capsys):
+    code, out, err = run_cli(capsys, "run", artifact, *argv)
+    assert code == 2 and out == "" and err.strip().splitlines() == [line]
+
+
 def test_console_script_exit_code(tmp_path):
     """The real entry point (new process): exit 2 and a single stderr line."""
     spec = write_spec(tmp_path, tiny_spec(sampling={"top_k": -3}))
@@ -200,6 +212,14 @@ def test_check_fails_on_unbuildable_spec(tmp_path, capsys):
                                           model={"config": {**TINY["llama"], "vocab_size": 5000}}))
     code, out, _ = run_cli(capsys, "check", spec, "--precision", "fp16")
     assert code == 1 and "sampler/top_p/TopK" in out and "3840" in out
+
+
+def test_check_at_fp16_lowers_the_fp16_graph(tmp_path, capsys):
+    """TensorRT builds strongly typed, so `check --precision fp16` checks the fp16 step graph a build would use:
+    no "this graph is fp32" warning, no unclamped-mask warning."""
+    spec = write_spec(tmp_path, tiny_spec())
+    code, out, _ = run_cli(capsys, "check", spec, "--precision", "fp16")
+    assert code == 0 and "0 errors, 0 warnings" in out, out
 
 
 def test_compile_tensorrt_without_tensorrt_is_one_line_error(tmp_path, capsys):

@@ -61,14 +61,15 @@ def _err(capsys, argv):
 
 def test_bad_input_one_line_errors(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert "no such directory" in _err(capsys, ["train", "consistency", str(tmp_path / "nope"), "-o", str(out)])
+    assert "MODEL_DIR" in _err(capsys, ["train", "consistency", str(tmp_path / "nope"), "-o", str(out)])
     big = TINY["llama"]["max_position_embeddings"] + 1
-    assert "--block" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--block", str(big)])
+    assert "--block" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "self",
+                                    "--block", str(big)])
     from transformers import BertConfig, BertForMaskedLM
     bert = tmp_path / "bert"
     BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64)).save_pretrained(bert)
-    assert "not a decoder-only" in _err(capsys, ["train", "consistency", str(bert), "-o", str(out)])
+    assert "not a decoder-only" in _err(capsys, ["train", "consistency", str(bert), "-o", str(out), "--data", "self"])
     assert "no tokenizer" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "stdlib"])
     assert not out.exists()                 # nothing half-written
 
@@ -80,7 +81,7 @@ def test_shipped_cllm_specs_match_transformers_greedy(spec, tmp_path):
     from pathlib import Path
 
     import dgopt
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     from transformers import AutoModelForCausalLM
     path = Path(__file__).resolve().parents[1] / "specs" / spec
     dec = dgopt.load(dgopt.compile(path, tmp_path / "art"))

@@ -39,7 +39,7 @@ def test_cuda_fp16_matches_transformers_fp16_on_gpu(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     from dgopt.runtime.session import BoundSession
     spec = {"model": {"name": "code-tiny"}, "target": {"device": "cuda", "precision": "fp16", "max_seq_len": 512}}
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "fp16"))

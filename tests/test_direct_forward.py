@@ -1,5 +1,5 @@
 """The directly written Llama / Qwen2 forward (dgopt/models/direct.py), plain and with onnxruntime contrib ops, against
-the traced export and transformers."""
+the traced export and transformers: GQA, biases, rope scalings, Qwen2's sliding window."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,6 +24,8 @@ VARIANTS = {     # configs the writer must get right: GQA, biases, a head_dim of
     "llama-rope-yarn": {**TINY["llama"], "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
                                                              "original_max_position_embeddings": 64,
                                                              "rope_theta": 10000.0}},
+    # layer 0 full, layer 1 sliding (transformers: from max_window_layers on); the feeds' past is longer than 4
+    "qwen2-sliding": {**TINY["qwen2"], "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
 }
 
 
@@ -61,10 +63,7 @@ def _feeds(lm, B, P, q, seed=0):
     return f
 
 
-CONTRIB = [v for v, c in VARIANTS.items() if c.get("num_key_value_heads") == c["num_attention_heads"]]
-
-
-@pytest.mark.parametrize("method,variant", [("direct", v) for v in VARIANTS] + [("contrib", v) for v in CONTRIB])
+@pytest.mark.parametrize("method,variant", [(m, v) for m in ("direct", "contrib") for v in VARIANTS])
 def test_direct_forward_equals_traced_export(method, variant):
     """Same logits and KV as torch.onnx.export of the transformers forward, at prefill (past 0), q 1 and q 5, on a
     ragged batch (left padding masked out of the past)."""
@@ -86,14 +85,17 @@ def test_direct_forward_equals_traced_export(method, variant):
         assert (a[0].argmax(-1) == b[0].argmax(-1)).all()
 
 
-def test_contrib_forward_refuses_grouped_query_attention():
-    """MultiHeadAttention has one head count: a GQA model is a one-line error for contrib, and auto writes it
-    plain (direct) even where contrib ops are allowed."""
+def test_contrib_forward_writes_grouped_query_attention():
+    """GQA on contrib: one MultiHeadAttention over the kv heads per layer, the query heads of a kv head folded into
+    its sequence (the cache stays [B, Hkv, T, D]); auto takes it where contrib ops are allowed (faster than direct
+    on GQA models: benchmarks/forward_gqa.py, docs/readme/models.md)."""
     lm = _lm(TINY["llama"])
-    with pytest.raises(DgoptError, match=r"target.forward: contrib cannot write this model: grouped-query"):
-        export_forward(lm, method="contrib")
-    export_forward(lm, method="auto", contrib_ok=True)
-    assert lm.info["forward"] == "direct"
+    proto = export_forward(lm, method="auto", contrib_ok=True)
+    assert lm.info["forward"] == "contrib"
+    mha = [n for n in proto.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == 2 and all(a.i == TINY["llama"]["num_key_value_heads"] for n in mha for a in n.attribute
+                                 if a.name == "num_heads")
+    assert sum(n.op_type == "Tile" for n in proto.graph.node) == 1      # the mask, once per forward
 
 
 def test_direct_forward_is_small():
@@ -120,10 +122,11 @@ def test_direct_forward_is_small():
 
 
 @pytest.mark.parametrize("variant,method", [("llama-rope-linear", "direct"), ("llama-mha-biases", "direct"),
-                                            ("llama-mha-biases", "contrib")])
+                                            ("llama-mha-biases", "contrib"), ("llama-gqa", "direct"),
+                                            ("qwen2-bias", "direct")])
 def test_direct_greedy_matches_hf(variant, method, tmp_path):
-    """End to end on configs the shared tiny ones do not cover (those run direct by default in every other test;
-    the trained models, multi-head, run contrib)."""
+    """End to end on configs and forwards the shared tiny ones do not cover (those, GQA, run contrib by default in
+    every other test, as do the trained models, multi-head)."""
     cfg = VARIANTS[variant]
     lm = _lm(cfg)
     lm.model.save_pretrained(tmp_path / "m")
@@ -133,6 +136,18 @@ def test_direct_greedy_matches_hf(variant, method, tmp_path):
     assert dec.manifest["model"]["forward"] == method
     for p in PROMPTS[:3]:
         assert dec.generate(p, max_new_tokens=40).ids[0] == hf_greedy(lm.model, p, 40)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias"])
+def test_contrib_gqa_batch_and_multitoken_match_hf(variant, tmp_path):
+    """GQA Llama and Qwen2 on contrib: a left-padded batch, autoregressive and lookahead, token for token."""
+    lm = _lm(VARIANTS[variant])
+    lm.model.save_pretrained(tmp_path / "m")
+    refs = [hf_greedy(lm.model, p, 24) for p in PROMPTS]
+    for strategy in ({"kind": "autoregressive"}, {"kind": "lookahead", "window": 4, "ngram": 3, "guesses": 3}):
+        art = dgopt.compile({"model": {"path": str(tmp_path / "m")}, "strategy": strategy,
+                             "target": {"max_seq_len": 256, "forward": "contrib"}}, tmp_path / strategy["kind"])
+        assert dgopt.load(art).generate(PROMPTS, max_new_tokens=24).ids == refs
 
 
 def test_forward_choice_in_spec(tmp_path):
@@ -149,6 +164,8 @@ def test_forward_choice_in_spec(tmp_path):
     for device, want in (("cpu", "contrib"), ("cuda", "direct")):
         art = dgopt.compile(tiny_spec("llama", target={"device": device}, **mha), tmp_path / device)
         assert dgopt.artifact.read_manifest(art)["model"]["forward"] == want
+    art = dgopt.compile(tiny_spec("llama"), tmp_path / "gqa")      # grouped-query attention: contrib too
+    assert dgopt.artifact.read_manifest(art)["model"]["forward"] == "contrib"
     with pytest.raises(DgoptError, match=r"target.forward: direct cannot write this model: family gpt2"):
         dgopt.compile(tiny_spec("gpt2", target={"forward": "direct"}), tmp_path / "bad")
     with pytest.raises(DgoptError, match=r"target.forward.: contrib writes onnxruntime contrib ops"):

@@ -11,6 +11,8 @@ import torch
 import dgopt
 from conftest import PROMPTS, tiny_spec
 
+from dgopt.backends.onnx.forward import FP16_MASK_MIN
+
 FP16 = {"device": "cuda", "precision": "fp16"}
 
 
@@ -37,7 +39,7 @@ def test_fp16_artifact_is_half_and_batch_rows_match_single_rows(family, tmp_path
 def test_fp16_code_tiny_matches_transformers_fp16(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     spec = {"model": {"name": "code-tiny"}, "target": {**FP16, "max_seq_len": 512}}
     dec = dgopt.load(_compile(tmp_path, spec, "tiny16"), device="cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny"), dtype=torch.float16,
@@ -78,7 +80,7 @@ def test_fp16_forward_keeps_fp32_buffers_and_matches_transformers_fp16():
     from transformers import AutoModelForCausalLM
 
     from dgopt.models.hf import export_forward, load_model
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     from dgopt.spec import spec_from_dict
     lm = load_model(spec_from_dict({"model": {"name": "code-tiny"}}).model)
     half = export_forward(lm, "float16")
@@ -105,3 +107,58 @@ def test_fp16_forward_keeps_fp32_buffers_and_matches_transformers_fp16():
         want = ref(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
                    attention_mask=torch.from_numpy(mask)).logits.float().numpy()
     assert np.abs(got - want).max() < 0.04, np.abs(got - want).max()
+
+
+def ragged_first_step(sess, vocab_size: int, pad: int = 5, T: int = 8):
+    """One prefill step of a 2-row batch whose row 0 is left-padded by `pad` fully masked slots, with the host's
+    float32-min mask (what the runtime feeds); the other inputs a sampling step needs are filled. -> (outputs, cache)"""
+    ids = np.tile(np.arange(3, 3 + T, dtype=np.int64), (2, 1))
+    pos = np.tile(np.arange(T, dtype=np.int64), (2, 1))
+    pos[0] = np.maximum(np.arange(T) - pad, 0)
+    keep = np.tril(np.ones((T, T), bool))[None].repeat(2, 0)
+    keep[0, :, :pad] = False
+    mask = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+    feeds = {"input_ids": ids, "position_ids": pos, "attn_mask": mask}
+    for name, io in sess.inputs.items():
+        if name not in feeds and io["type"] != "kv":
+            shape = [2 if d == "batch" else d for d in io["shape"]]
+            assert all(isinstance(d, int) for d in shape), (name, io["shape"])
+            feeds[name] = np.full(shape, 0.5, np.float32)
+    return sess.run(feeds, sess.new_cache(2))
+
+
+def _finite(out, cache) -> bool:
+    vals = [v for v in out.values() if np.asarray(v).dtype.kind == "f"] + [np.asarray(t) for t in cache]
+    return all(np.isfinite(np.asarray(v, np.float32)).all() for v in vals)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_fp16_step_with_fully_masked_rows_has_no_nan(family, tmp_path):
+    """The fp16 step graph (what onnxruntime's CUDA EP and a TensorRT fp16 engine run) on a ragged batch whose pad
+    slots are fully masked, fed the host's float32-min mask: logits and KV stay finite, because the lowering clamps
+    the mask to -30000 (inside fp16's +-65504; finfo(fp16).min itself would overflow to -inf once a score is added)
+    before the Cast. Without the clamp the Cast makes -inf and the same step gives NaN: the test sees it."""
+    from dgopt.runtime.session import OrtSession
+    spec = tiny_spec(family, target=FP16)
+    spec["sampling"] = {"kind": "sample", "top_k": 5, "noise": "precomputed"}
+    art = _compile(tmp_path, spec, family)
+    manifest = dgopt.load(art, device="cpu").manifest
+    sess = OrtSession(art / "step.onnx", manifest, ["CPUExecutionProvider"])
+    out, cache = ragged_first_step(sess, manifest["model"]["vocab_size"])
+    assert _finite(out, cache)
+
+
+@pytest.mark.parametrize("floor,finite", [(None, False), (float(np.finfo(np.float16).min), False),
+                                          (FP16_MASK_MIN, True)])
+def test_the_fp16_mask_floor(floor, finite):
+    """Why the lowering floors the mask at -30000: a fully masked row through an fp16 Add and Softmax, in IEEE fp16
+    arithmetic (numpy; what fp16 GPU kernels do; onnxruntime's CPU EP runs these ops through fp32 and shows
+    neither failure). The bare float32 minimum casts to -inf (NaN); finfo(fp16).min = -65504 is finite, but adding
+    scores below -16 rounds past 65504 to -inf (a row of them: NaN again); -30000 leaves room for any score."""
+    mask = np.full(4, np.finfo(np.float32).min, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        m16 = (mask if floor is None else np.maximum(mask, np.float32(floor))).astype(np.float16)
+        s = np.array([-20.0, -17.0, -40.0, -18.0], np.float16) + m16
+        e = np.exp(s - s.max())
+        p = e / e.sum()
+    assert np.isfinite(p).all() == finite

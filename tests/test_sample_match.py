@@ -162,7 +162,7 @@ def test_uag_on_the_trained_cross_tokenizer_pair(penalty, tmp_path):
     position sees its guess's own tokens barely moves these two tokens: the greedy penalty tests and the speculative
     sampling chi-square are the ones that fail when repetition_penalty_seq drops them.)"""
     from transformers import AutoModelForCausalLM
-    from dgopt.models.train import model_dir
+    from dgopt.training.trainer import model_dir
     spec = {"model": {"name": "code-tiny"}, "draft": {"name": "code-draft-xtok"}, "strategy": {"kind": "uag", "k": 3},
             "sampling": {**SAMPLING, "repetition_penalty": penalty},
             "target": {"max_seq_len": 512, "max_batch": BATCH}}

@@ -1,13 +1,15 @@
 """TensorRT backend: the static support check (runs everywhere), the build flow against a stand-in `tensorrt` module,
 engine-compatibility checks, and real engine build + run tests that skip unless TensorRT and a CUDA GPU are present."""
 import enum
+import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import PROMPTS, TINY
+from conftest import PROMPTS, TINY, tiny_spec
 from onnx import TensorProto, helper, numpy_helper
 
 import dgopt
@@ -22,6 +24,18 @@ SAMPLING = {
     "sample": {"kind": "sample", "temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.05,
                "repetition_penalty": 1.1, "noise": "precomputed"},
 }
+
+
+@pytest.fixture(scope="session")
+def artifacts(artifacts):
+    """The step graphs TensorRT gets: for the tensorrt backend `auto` writes the plain direct forward (Llama, Qwen2)
+    or traces it (GPT-2); the contrib forward `auto` picks for onnxruntime on the CPU uses onnxruntime's own ops."""
+    def get(family="llama", opt_level=2, **sections):
+        target = sections.get("target", {})
+        if target.get("device") != "cuda" and "forward" not in target:
+            sections["target"] = {**target, "forward": "traced" if family == "gpt2" else "direct"}
+        return artifacts(family, opt_level, **sections)
+    return get
 
 
 def errors(findings):
@@ -60,10 +74,25 @@ def test_sampler_ops_and_precision_warnings(artifacts):
     assert "Multinomial" not in ops
     fp32 = check_artifact(art, "fp32")
     assert fp32 == [], format_report(fp32)
-    fp16 = check_artifact(art, "fp16")
-    assert [(f.node, f.rule, f.severity) for f in fp16] == [("input:attn_mask", "precision", "warning")]
+    fp16 = check_artifact(art, "fp16")           # strongly typed: an fp32 graph builds an fp32 engine
+    assert [(f.node, f.rule, f.severity) for f in fp16] == [("(model)", "precision", "warning")]
+    assert "target.precision fp16" in fp16[0].reason
     table = format_op_table(step(art))
     assert "TopK" in table and "supported" in table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp16_step_graph_is_clean_and_an_unclamped_mask_cast_is_flagged(artifacts, family):
+    """The fp16 lowering clamps each fp32 mask before its Cast to fp16 (no finding); remove the clamp and the check
+    names the Cast."""
+    art = artifacts(family, 2, sampling=SAMPLING["sample"], target={"device": "cuda", "precision": "fp16"})
+    m = step(art)
+    assert check_artifact(art) == [], format_report(check_artifact(art))
+    cast = next(n for n in m.graph.node if n.op_type == "Cast" and n.input[0].endswith("/Max:0"))
+    mx = next(n for n in m.graph.node if n.output[0] == cast.input[0])
+    cast.input[0] = mx.input[0]                                   # mask -> Cast(fp16) directly
+    found = check_onnx(m, "fp16")
+    assert [(f.node, f.rule) for f in found] == [(cast.name, "precision")], format_report(found)
 
 
 def test_precision_defaults_to_the_artifact_target(artifacts):
@@ -217,12 +246,79 @@ def test_profile_shapes_cover_every_dynamic_input(artifacts):
     art = artifacts("llama", 2, sampling=SAMPLING["sample"])
     shapes = profile_shapes(art / "step.onnx", max_batch=4, max_seq_len=64)
     assert set(shapes) == {i.name for i in step(art).graph.input}
-    assert shapes["input_ids"] == ((1, 1), (4, 1), (4, 64))
-    assert shapes["attn_mask"] == ((1, 1, 1, 1), (4, 1, 1, 33), (4, 1, 64, 64))
-    assert shapes["past.0.key"] == ((1, 2, 0, 16), (4, 2, 32, 16), (4, 2, 63, 16))
+    # past <= 3S + W: committed tokens, padding and holes below 3S (slots.py compacts), plus one step's slot
+    assert shapes["input_ids"] == ((1, 1), (4, 1), (4, 65))
+    assert shapes["attn_mask"] == ((1, 1, 1, 1), (4, 1, 1, 33), (4, 1, 65, 193 + 65))
+    assert shapes["past.0.key"] == ((1, 2, 0, 16), (4, 2, 32, 16), (4, 2, 193, 16))
     assert shapes["gumbel"] == ((1, 320), (4, 320), (4, 320))
     with pytest.raises(BackendError):
         profile_shapes(art / "step.onnx", max_batch=4, max_seq_len=64, opt_past=64)
+
+
+def _spec_variants():
+    """Every shipped spec, and one constructed spec per variant the runtime feeds differently."""
+    shipped = sorted(Path(__file__).resolve().parents[1].glob("specs/*.yaml"))
+    built = {"lookahead-sample": ("lookahead.yaml", ["sampling.kind=sample"]),
+             "speculative-constant": ("speculative.yaml", ["strategy.k_schedule=constant", "strategy.k=3"]),
+             "speculative-unfused": ("speculative.yaml", ["strategy.fused=false"])}
+    return [pytest.param(str(p), [], id=p.stem) for p in shipped] + \
+        [pytest.param(str(shipped[0].parent / f), ov, id=k) for k, (f, ov) in built.items()]
+
+
+def _fed_shapes(sess, graph):
+    """Wrap sess.run to record every input shape it is fed (the KV cache included)."""
+    seen = []
+    orig = sess.run
+
+    def run(feeds, cache):
+        allf = dict(feeds)
+        if sess.past:
+            allf.update(zip(sess.past["tensors"], cache))
+        seen.extend((n, tuple(v.shape if isinstance(v.shape, tuple) else v.shape())) for n, v in allf.items())
+        return orig(feeds, cache)
+    sess.run = run
+    return seen
+
+
+@pytest.mark.parametrize("spec,overrides", _spec_variants())
+def test_every_spec_gets_a_profile_that_holds_what_the_runtime_feeds(spec, overrides, tmp_path):
+    """Each step graph (and draft step graph) of every shipped spec gets a complete profile (no unknown dynamic dim),
+    and a ragged batch plus single rows generated up to max_seq_len stay inside it."""
+    S, B = 32, 3
+    art = dgopt.compile(spec, tmp_path / "a", overrides=[f"target.max_seq_len={S}", f"target.max_batch={B}"]
+                        + overrides)
+    dec = dgopt.load(art)
+    graphs = {"step": (dec.session, art / dec.manifest["step"])}
+    if dec.draft_session is not None:
+        graphs["draft"] = (dec.draft_session, art / dec.manifest["draft"]["step"])
+    profiles, fed = {}, {}
+    for k, (sess, path) in graphs.items():
+        profiles[k] = profile_shapes(path, B, S, strategy=dec.manifest["strategy"])
+        assert set(profiles[k]) == {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+        fed[k] = _fed_shapes(sess, path)
+    rows = [list(range(5, 9)), list(range(20, 32)), list(range(50, 70))]
+    for r in rows:
+        dec.generate(r, max_new_tokens=S, seed=1)
+    dec.generate(rows, max_new_tokens=S, seed=1)
+    for k in graphs:
+        assert fed[k]
+        for name, shape in fed[k]:
+            mn, _, mx = profiles[k][name]
+            assert all(lo <= d <= hi for lo, d, hi in zip(mn, shape, mx)), (k, name, shape, mn, mx)
+
+
+def test_every_implemented_strategy_kind_has_step_widths():
+    from dgopt.backends.tensorrt import dim_ranges, step_widths
+    from dgopt.spec import IMPLEMENTED_STRATEGIES, StrategySpec
+    for kind in IMPLEMENTED_STRATEGIES:
+        w = step_widths(StrategySpec(kind=kind).model_dump(mode="json"))
+        assert all(v >= 1 for v in w.values()), (kind, w)
+    with pytest.raises(BackendError, match="strategy kind 'bogus' has no step widths"):
+        step_widths({"kind": "bogus"})
+    with pytest.raises(BackendError, match="input 'x' has dynamic dim 'weird'"):
+        dim_ranges({"batch", "weird"}, None, 2, 64, where={"weird": "x"})
+    with pytest.raises(BackendError, match="strategy 'autoregressive' has no guesses"):
+        dim_ranges({"guesses"}, None, 2, 64)
 
 
 def test_engine_compat_is_checked_against_the_manifest():
@@ -238,14 +334,23 @@ def test_engine_compat_is_checked_against_the_manifest():
         check_engine_compat({}, trt_version="10.15.1.29", compute_capability=(8, 0))
 
 
-def _fake_tensorrt(fail_parse=False):
-    """A stand-in for the few TensorRT 10 Python API objects build_engine touches (recording what it is asked)."""
+def _fake_tensorrt(fail_parse=False, version="11.4.0.12", drop=()):
+    """A stand-in for the TensorRT Python API objects build_engine touches, recording what it is asked. It models
+    TensorRT 11 by default: no weak typing (BuilderFlag.FP16/BF16/PREFER_PRECISION_CONSTRAINTS, ILayer.precision,
+    set_output_type are gone), STRONGLY_TYPED accepted and ignored; version "10.x" adds the weak-typing API back
+    (build_engine must not use it either way). `drop` removes further names ("BuilderFlag.TF32", ...)."""
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.15.1.29"
+    trt.__version__ = version
+    ten = version.startswith("10.")
     trt.float32, trt.float16, trt.bfloat16, trt.int64, trt.int32, trt.bool = "f32", "f16", "bf16", "i64", "i32", "b"
-    trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 BF16 PREFER_PRECISION_CONSTRAINTS")
-    trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
-    rec = trt.rec = {"flags": set(), "profile": {}, "pinned": []}
+    flags = ["TF32", "DEBUG", "EDITABLE_TIMING_CACHE"]
+    flags += ["FP16", "BF16", "PREFER_PRECISION_CONSTRAINTS"] if ten else []
+    flags = [f for f in flags if f"BuilderFlag.{f}" not in drop]
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", " ".join(flags))
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", "WORKSPACE")
+    if "NetworkDefinitionCreationFlag.STRONGLY_TYPED" not in drop:
+        trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0})
+    rec = trt.rec = {"set": set(), "cleared": set(), "profile": {}, "network_flags": None}
 
     class ILogger:
         Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
@@ -254,30 +359,15 @@ def _fake_tensorrt(fail_parse=False):
             pass
 
     class T:
-        def __init__(self, name, dtype="f32"):
-            self.name, self.dtype = name, dtype
-
-    class Layer:
-        def __init__(self, name, dtype):
-            self.name, self._out, self.precision = name, [T(name + ":0", dtype)], None
-            self.num_outputs = 1
-
-        def get_output(self, j):
-            return self._out[j]
-
-        def set_output_type(self, j, dt):
-            rec["pinned"].append(self.name)
+        def __init__(self, name):
+            self.name = name
 
     class Network:
-        def __init__(self):
-            self.inputs, self.layers = [], []
-            self.num_inputs = self.num_layers = 0
+        def __init__(self, flags):
+            self.flags, self.inputs, self.num_inputs = flags, [], 0
 
         def get_input(self, i):
             return self.inputs[i]
-
-        def get_layer(self, i):
-            return self.layers[i]
 
     class Error:
         def desc(self):
@@ -300,10 +390,10 @@ def _fake_tensorrt(fail_parse=False):
             if fail_parse:
                 self.num_errors = 1
                 return False
+            rec["parsed"] = open(path, "rb").read()
             g = onnx.load(path, load_external_data=False).graph
             self.net.inputs = [T(i.name) for i in g.input]
-            self.net.layers = [Layer(n.name, "f32" if n.op_type != "ArgMax" else "i64") for n in g.node]
-            self.net.num_inputs, self.net.num_layers = len(self.net.inputs), len(self.net.layers)
+            self.net.num_inputs = len(self.net.inputs)
             return True
 
         def get_error(self, i):
@@ -314,12 +404,18 @@ def _fake_tensorrt(fail_parse=False):
             rec["profile"][name] = (tuple(mn), tuple(opt), tuple(mx))
 
     class Cache:
+        def __init__(self, data=b""):
+            self.data = bytes(data)
+
         def serialize(self):
-            return b"CACHE"
+            return self.data + b"+1"
 
     class Config:
         def set_flag(self, f):
-            rec["flags"].add(f.name)
+            rec["set"].add(f.name)
+
+        def clear_flag(self, f):
+            rec["cleared"].add(f.name)
 
         def set_memory_pool_limit(self, pool, n):
             rec["workspace"] = n
@@ -329,20 +425,22 @@ def _fake_tensorrt(fail_parse=False):
 
         def create_timing_cache(self, data):
             rec["cache_in"] = bytes(data)
-            return Cache()
+            self.cache = Cache(data)
+            return self.cache
 
         def set_timing_cache(self, cache, ignore_mismatch):
             return True
 
         def get_timing_cache(self):
-            return Cache()
+            return self.cache
 
     class Builder:
         def __init__(self, logger):
             self.logger = logger
 
         def create_network(self, flags=0):
-            return Network()
+            rec["network_flags"] = flags
+            return Network(flags)
 
         def create_builder_config(self):
             return Config()
@@ -357,38 +455,79 @@ def _fake_tensorrt(fail_parse=False):
     return trt
 
 
-def _fake_gpu(monkeypatch, trt):
+def _fake_gpu(monkeypatch, trt, tmp_path=None):
     import torch
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    if tmp_path is not None:
+        monkeypatch.setenv("DGOPT_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def test_build_flow_against_a_stand_in_tensorrt(artifacts, tmp_path, monkeypatch):
-    art = artifacts("llama", 0, sampling=SAMPLING["sample"])
-    trt = _fake_tensorrt()
-    _fake_gpu(monkeypatch, trt)
-    plan, meta = build_engine(art, tmp_path / "engine.plan", precision="fp16", max_batch=2, max_seq_len=32,
-                              workspace_gb=1)
-    assert plan.read_bytes() == b"PLAN" and (tmp_path / "timing.cache").read_bytes() == b"CACHE"
-    assert trt.rec["flags"] == {"FP16", "PREFER_PRECISION_CONSTRAINTS"} and trt.rec["profiles"] == 1
-    assert set(trt.rec["profile"]) == {i.name for i in step(art).graph.input}
-    assert trt.rec["profile"]["past.1.value"] == ((1, 2, 0, 16), (2, 2, 16, 16), (2, 2, 31, 16))
-    pinned = set(trt.rec["pinned"])
-    assert "sampler/top_p/CumSum" in pinned and "sampler/multinomial/CumSum" in pinned
-    assert not any(p.startswith("target/") for p in pinned)
-    assert meta["version"] == "10.15.1.29" and meta["compute_capability"] == [8, 9]
-    assert meta["precision"] == "fp16" and meta["profile"]["input_ids"]["max"] == [2, 32]
-    # the built-in static check runs first: a graph TensorRT cannot take stops before the builder
+@pytest.mark.parametrize("version", ["10.15.1.29", "11.4.0.12"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_flow_against_a_stand_in_tensorrt(artifacts, tmp_path, monkeypatch, version, precision):
+    """Strongly typed on both majors, TF32 cleared, no precision flag; the profile covers every input; the timing
+    cache lands in the user cache dir, keyed by version and GPU, and is read back by the next build."""
+    target = {"device": "cuda", "precision": precision}
+    art = artifacts("llama", 0, sampling=SAMPLING["sample"], target=target)
+    trt = _fake_tensorrt(version=version)
+    _fake_gpu(monkeypatch, trt, tmp_path)
+    plan, meta = build_engine(art, tmp_path / "engine.plan", max_batch=2, max_seq_len=32, workspace_gb=1)
+    assert plan.read_bytes() == b"PLAN"
+    assert trt.rec["network_flags"] == 1 and trt.rec["set"] == set() and trt.rec["cleared"] == {"TF32"}
+    assert trt.rec["profiles"] == 1 and set(trt.rec["profile"]) == {i.name for i in step(art).graph.input}
+    assert trt.rec["profile"]["past.1.value"] == ((1, 2, 0, 16), (2, 2, 16, 16), (2, 2, 97, 16))
+    cache = tmp_path / "cache" / "tensorrt" / f"timing-{version}-sm89.cache"
+    assert meta["timing_cache"] == str(cache) and cache.read_bytes() == b"+1"
+    assert meta["version"] == version and meta["compute_capability"] == [8, 9] and meta["precision"] == precision
+    assert meta["tf32"] is False and meta["strongly_typed"] and meta["profile"]["input_ids"]["max"] == [2, 33]
+    build_engine(art, tmp_path / "engine2.plan")
+    assert trt.rec["cache_in"] == b"+1" and cache.read_bytes() == b"+1+1"        # reused, then grown
+
+
+def test_build_refuses_a_precision_the_graph_does_not_have(artifacts, tmp_path, monkeypatch):
+    _fake_gpu(monkeypatch, _fake_tensorrt(), tmp_path)
+    art = artifacts("llama", 2, sampling=SAMPLING["greedy"])                      # fp32 graph
+    with pytest.raises(BackendError, match="step.onnx is fp32 but precision fp16 was asked.*strongly typed"):
+        build_engine(art, tmp_path / "e.plan", precision="fp16")
+    with pytest.raises(BackendError, match="bf16 engines need a bf16 ONNX step graph"):
+        build_engine(art, tmp_path / "e.plan", precision="bf16")
+
+
+@pytest.mark.parametrize("version,drop,what", [
+    ("11.4.0.12", ("BuilderFlag.TF32",), "BuilderFlag.TF32"),
+    ("10.15.1.29", ("NetworkDefinitionCreationFlag.STRONGLY_TYPED",), "NetworkDefinitionCreationFlag.STRONGLY_TYPED"),
+    ("9.3.0.1", (), "TensorRT 9.3.0.1 is not supported"),
+    ("12.0.0.1", (), "TensorRT 12.0.0.1 is not supported"),
+])
+def test_a_missing_tensorrt_feature_is_a_one_line_backend_error(artifacts, tmp_path, monkeypatch, version, drop,
+                                                               what):
+    _fake_gpu(monkeypatch, _fake_tensorrt(version=version, drop=drop), tmp_path)
+    with pytest.raises(BackendError) as e:
+        build_engine(artifacts("llama", 2, sampling=SAMPLING["greedy"]), tmp_path / "e.plan")
+    assert what in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_11_binding_without_the_strongly_typed_flag_builds(artifacts, tmp_path, monkeypatch):
+    """TensorRT 11 is always strongly typed: a binding that drops the deprecated flag still builds (flags 0)."""
+    trt = _fake_tensorrt(drop=("NetworkDefinitionCreationFlag.STRONGLY_TYPED",))
+    _fake_gpu(monkeypatch, trt, tmp_path)
+    build_engine(artifacts("llama", 2, sampling=SAMPLING["greedy"]), tmp_path / "e.plan")
+    assert trt.rec["network_flags"] == 0
+
+
+def test_the_static_check_runs_before_the_builder(artifacts, tmp_path, monkeypatch):
+    _fake_gpu(monkeypatch, _fake_tensorrt(), tmp_path)
     big = artifacts("llama", 2, model={"config": dict(TINY["llama"], vocab_size=4096), "seed": 0},
                     sampling={"kind": "sample", "top_p": 0.9})
     with pytest.raises(BackendError, match="not TensorRT-buildable.*sampler/top_p/TopK"):
-        build_engine(big, tmp_path / "big.plan", precision="fp16")
+        build_engine(big, tmp_path / "big.plan")
 
 
 def test_build_reports_parser_errors(artifacts, tmp_path, monkeypatch):
-    _fake_gpu(monkeypatch, _fake_tensorrt(fail_parse=True))
+    _fake_gpu(monkeypatch, _fake_tensorrt(fail_parse=True), tmp_path)
     with pytest.raises(BackendError, match=r"parser rejected step\.onnx: sampler/top_p/TopK \(TopK\): planted"):
         build_engine(artifacts("llama", 0, sampling=SAMPLING["sample"]), tmp_path / "e.plan", precision="fp32")
 
@@ -398,6 +537,32 @@ def test_build_without_tensorrt_says_so(artifacts, tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="TensorRT not installed"):
         build_engine(artifacts("gpt2", 2, sampling=SAMPLING["greedy"]), tmp_path / "e.plan", check=False)
     assert not is_available()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_compile_tensorrt_builds_the_checked_graph_with_the_pass_options(tmp_path, monkeypatch, precision):
+    """target.backend tensorrt: --disable-pass, --verify-each and --dump-passes apply to the graph the engine is
+    built from (it is the artifact's step.onnx, byte for byte: no second compile), and the manifest's timing cache
+    outlives the build's temp dir."""
+    trt = _fake_tensorrt()
+    _fake_gpu(monkeypatch, trt, tmp_path)
+    spec = tiny_spec("llama", sampling=SAMPLING["sample"], target={"backend": "tensorrt", "device": "cuda",
+                                                                   "precision": precision, "max_batch": 2})
+    dump = tmp_path / "dump"
+    art = dgopt.compile(spec, tmp_path / "art", opt_level=2, disable=["fuse_gumbel_sampling"], dump_passes=dump,
+                        verify_each=True)
+    manifest = json.loads((art / "manifest.json").read_text())
+    passes = [p["name"] for p in manifest["pipeline"]["passes"]]
+    assert "fuse_gumbel_sampling" not in passes and "eliminate_dead_nodes" in passes
+    assert any(dump.iterdir())
+    assert trt.rec["parsed"] == (art / "step.onnx").read_bytes()
+    names = {n.name for n in step(art).graph.node}
+    assert "sampler/multinomial/CumSum" in names and "sampler/gumbel_argmax/ArgMax" not in names
+    info = manifest["tensorrt"]
+    assert info["engine"] == "engine.plan" and (art / "engine.plan").read_bytes() == b"PLAN"
+    assert Path(info["timing_cache"]).is_file() and str(tmp_path / "cache") in info["timing_cache"]
+    assert info["precision"] == precision == manifest["target"]["precision"]
+    assert not list(tmp_path.glob(".dgopt-trt-*"))
 
 
 # -- (c) real engine: only with TensorRT and a CUDA GPU -------------------------------------------------------------
@@ -433,11 +598,24 @@ def test_engine_sampling_with_precomputed_noise_matches_onnx_cpu(artifacts, tmp_
 
 
 @needs_trt
-def test_engine_fp16_runs_and_is_compatible(artifacts, tmp_path):
-    art = artifacts("llama", 0, sampling=SAMPLING["sample"])
-    plan, meta = build_engine(art, tmp_path / "engine.plan", precision="fp16", max_batch=2, max_seq_len=64)
+def test_engine_fp16_runs_finite_and_is_compatible(artifacts, tmp_path):
+    """fp16 engine from the fp16 step graph: a ragged batch (fully masked left-padding rows) gives finite logits and
+    KV (the mask is clamped to the fp16 range before its Cast), tokens in range, and the compat check holds."""
+    art = artifacts("llama", 0, sampling=SAMPLING["sample"], target={"device": "cuda", "precision": "fp16"})
+    plan, meta = build_engine(art, tmp_path / "engine.plan", max_batch=2, max_seq_len=64)
+    assert meta["precision"] == "fp16"
     check_engine_compat({"tensorrt": meta})
-    res = _trt_decoder(art, plan, meta).generate(PROMPTS[:2], max_new_tokens=8, seed=1)
+    dec = _trt_decoder(art, plan, meta)
+    _assert_first_step_finite(dec)
+    res = dec.generate(PROMPTS[:2], max_new_tokens=8, seed=1)
     assert all(0 <= t < TINY["llama"]["vocab_size"] for row in res.ids for t in row)
     with pytest.raises(ArtifactError):
         check_engine_compat({"tensorrt": dict(meta, version="0.0.0")})
+
+
+def _assert_first_step_finite(dec):
+    from test_fp16 import ragged_first_step
+    out, cache = ragged_first_step(dec.session, TINY["llama"]["vocab_size"])
+    for k, v in list(out.items()) + [(f"kv{i}", t.float().cpu().numpy()) for i, t in enumerate(cache)]:
+        if np.asarray(v).dtype.kind == "f":
+            assert np.isfinite(v).all(), k

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dgopt
-from dgopt.models.train import model_dir
+from dgopt.training.trainer import model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import PY_PROMPTS  # noqa: E402

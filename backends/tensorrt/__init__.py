@@ -5,13 +5,15 @@ from an artifact's step.onnx, and a CUDA session over the engine.
 `TrtSession` and `check_engine_compat`, which raise `dgopt.errors.BackendError` when TensorRT is missing."""
 from __future__ import annotations
 
-from .build import build_engine, profile_shapes
+from .build import build_engine, graph_precision, timing_cache_path
+from .profile import dim_ranges, profile_shapes, step_widths
 from .check import Finding, check_artifact, check_onnx, format_op_table, format_report, op_inventory
 from .session import TrtSession, check_engine_compat
 from .support import MATRIX, TOPK_MAX_K, TRT_MATRIX_VERSION, OpSupport, lookup
 
 __all__ = ["check_onnx", "check_artifact", "Finding", "format_report", "format_op_table", "op_inventory",
-           "build_engine", "profile_shapes", "TrtSession", "check_engine_compat", "is_available", "MATRIX",
+           "build_engine", "profile_shapes", "dim_ranges", "step_widths", "graph_precision", "timing_cache_path",
+           "TrtSession", "check_engine_compat", "is_available", "MATRIX",
            "OpSupport", "lookup", "TOPK_MAX_K", "TRT_MATRIX_VERSION"]
 
 

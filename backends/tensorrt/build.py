@@ -1,23 +1,33 @@
-"""Build a TensorRT engine (`engine.plan`) from an artifact's `step.onnx`, with the TensorRT 10 Python API.
+"""Build a TensorRT engine (`engine.plan`) from an artifact's `step.onnx`, for TensorRT 10 and 11 alike.
 
-    builder = trt.Builder(logger); network = builder.create_network(0)    # explicit batch is the only mode in 10.x
-    trt.OnnxParser(network, logger).parse_from_file(step.onnx)            # parser errors name the ONNX node
-    config: FP16 / BF16 flag, a workspace limit, one optimization profile, a timing cache file
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << STRONGLY_TYPED)       # required on 10 for what follows; ignored on 11
+    trt.OnnxParser(network, logger).parse_from_file(step.onnx)   # parser errors name the ONNX node
+    config: TF32 cleared, a workspace limit, one optimization profile, a timing cache
     builder.build_serialized_network(network, config) -> engine.plan
 
-The optimization profile covers every dynamic input of the step graph by the name of its symbolic dims (what the
-lowering writes): batch 1..max_batch, q 1..max_seq_len, past 0..max_seq_len-1, total 1..max_seq_len; fixed dims
-(vocabulary, heads, head_dim) stay fixed. At FP16/BF16 the processors and sampler (every layer not inlined from the
-model forward) are pinned to FP32 with PREFER_PRECISION_CONSTRAINTS: cumulative sums, softmax over the vocabulary and
-the -inf fills are where reduced precision changes which token is drawn.
+Precision is strongly typed: it comes from the ONNX types, never from builder flags. TensorRT 11 removed the weak
+typing API (BuilderFlag.FP16/BF16, PREFER/OBEY_PRECISION_CONSTRAINTS, ILayer.precision, set_output_type) and always
+builds strongly typed; TensorRT 10 does so with the STRONGLY_TYPED network flag. So an fp16 engine is built from the
+fp16 step graph that `target.precision: fp16` lowers (fp16 weights and KV cache, the mask clamped to the fp16 range
+before its Cast, the logits cast to fp32 for the processors and sampler): one graph, the same on onnxruntime and
+TensorRT, checkable on a CPU. bf16 needs a bf16 ONNX export, which dgopt does not write yet: refused.
+TF32 is cleared for every engine: TensorRT enables it by default, and TF32 matmuls (10-bit mantissa inputs) change
+greedy tokens on near-ties against the fp32 ONNX step, and would round the positions in the fp32 rotary matmul of
+an fp16 forward. A missing API (a TensorRT outside 10.x/11.x) is a one-line BackendError naming it.
+
+The optimization profile (`profile.py`) covers every dynamic input, from the manifest's strategy and target. The timing
+cache lives in the user cache dir (`timing_cache_path`), keyed by TensorRT version and GPU, so the next build reuses
+it wherever the artifact is written.
 
 `tensorrt` is imported only inside `build_engine`; without it the call raises `BackendError("TensorRT not installed
-...")`. Written against the documented TensorRT 10 API; it has not been run here (no TensorRT, no GPU on the machines
-this project is built on)."""
+...")`. Written against the documented TensorRT 10/11 API and tested against a stand-in of it (tests/test_tensorrt.py);
+not run on a GPU yet."""
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -25,13 +35,14 @@ import onnx
 
 from dgopt.errors import BackendError
 
-__all__ = ["build_engine", "profile_shapes", "import_tensorrt", "make_logger", "ENGINE_FILE", "TIMING_CACHE_FILE",
-           "DIM_RANGES"]
+from .profile import profile_shapes
+
+__all__ = ["build_engine", "profile_shapes", "import_tensorrt", "make_logger", "ENGINE_FILE", "timing_cache_path",
+           "graph_precision", "SUPPORTED_MAJORS"]
 log = logging.getLogger("dgopt.tensorrt")
 
 ENGINE_FILE = "engine.plan"
-TIMING_CACHE_FILE = "timing.cache"
-DIM_RANGES = ("batch", "q", "past", "total")       # the symbolic dims of the lowered step's inputs
+SUPPORTED_MAJORS = (10, 11)
 
 
 def import_tensorrt():
@@ -68,77 +79,6 @@ def make_logger(trt, verbose: bool = False):
     return _Logger()
 
 
-def _dims(vi) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
-
-
-def profile_shapes(model: onnx.ModelProto | str | Path, max_batch: int, max_seq_len: int, opt_batch: int | None = None,
-                   opt_q: int = 1, opt_past: int | None = None) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) shape per graph input, from its dims: ints stay fixed; `batch`, `q`, `past`, `total` get
-    [1, max_batch], [1, max_seq_len], [0, max_seq_len - 1], [1, max_seq_len]. The opt point is one decode step
-    (q = opt_q) at half the context (past = max_seq_len // 2) and batch opt_batch (default max_batch)."""
-    if max_batch < 1 or max_seq_len < 2:
-        raise BackendError(f"tensorrt profile: max_batch must be >= 1 and max_seq_len >= 2 "
-                           f"(got {max_batch}, {max_seq_len})")
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    ob = max_batch if opt_batch is None else opt_batch
-    op = max_seq_len // 2 if opt_past is None else opt_past
-    if not 1 <= ob <= max_batch or not 1 <= opt_q <= max_seq_len or not 0 <= op <= max_seq_len - 1 \
-            or op + opt_q > max_seq_len:
-        raise BackendError(f"tensorrt profile: opt point batch={ob}, q={opt_q}, past={op} is outside "
-                           f"batch 1..{max_batch}, past + q <= {max_seq_len}")
-    ranges = {"batch": (1, ob, max_batch), "q": (1, opt_q, max_seq_len), "past": (0, op, max_seq_len - 1),
-              "total": (1, op + opt_q, max_seq_len)}
-    inits = {t.name for t in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        mn, opt, mx = [], [], []
-        for i, d in enumerate(_dims(vi)):
-            if isinstance(d, int) and d > 0:
-                r = (d, d, d)
-            elif d in ranges:
-                r = ranges[d]
-            else:
-                raise BackendError(f"tensorrt profile: input '{vi.name}' dim {i} is {d!r}; the step graph's dynamic "
-                                   f"dims must be named {', '.join(DIM_RANGES)}")
-            mn.append(r[0])
-            opt.append(r[1])
-            mx.append(r[2])
-        out[vi.name] = (tuple(mn), tuple(opt), tuple(mx))
-    return out
-
-
-def _non_forward_prefixes(model: onnx.ModelProto) -> tuple[str, ...]:
-    """`<ir node>/` of every ONNX node that is not part of an inlined model forward (processors, sampler)."""
-    ids = set()
-    for nd in model.graph.node:
-        meta = {p.key: p.value for p in nd.metadata_props}
-        if meta.get("dgopt.ir_node") and meta.get("dgopt.ir_op") not in ("forward", "input"):
-            ids.add(meta["dgopt.ir_node"] + "/")
-    return tuple(sorted(ids))
-
-
-def _pin_fp32(trt, network, prefixes: tuple[str, ...]) -> int:
-    floats = {trt.float32, trt.float16}
-    if hasattr(trt, "bfloat16"):
-        floats.add(trt.bfloat16)
-    n = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if not prefixes or not layer.name.startswith(prefixes) or layer.num_outputs == 0:
-            continue
-        if any(layer.get_output(j).dtype not in floats for j in range(layer.num_outputs)):
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            layer.set_output_type(j, trt.float32)
-        n += 1
-    return n
-
-
 def _parser_errors(parser) -> str:
     msgs = []
     for i in range(parser.num_errors):
@@ -156,30 +96,92 @@ def _write_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def timing_cache_path(trt_version: str, compute_capability) -> Path:
+    """Where builds on this machine share their timing cache: `$DGOPT_CACHE_DIR`, else `$XDG_CACHE_HOME/dgopt`, else
+    `~/.cache/dgopt`, then `tensorrt/timing-<version>-sm<cc>.cache` (a cache is only valid for one TensorRT version on
+    one GPU architecture)."""
+    root = os.environ.get("DGOPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dgopt")
+    ver = re.sub(r"[^0-9A-Za-z.]+", "_", str(trt_version))
+    return Path(root) / "tensorrt" / f"timing-{ver}-sm{int(compute_capability[0])}{int(compute_capability[1])}.cache"
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """fp16 when the step's KV cache inputs are fp16 (the lowering's fp16 forward), else fp32."""
+    kv = [vi for vi in model.graph.input if vi.name.startswith("past.")]
+    types = {vi.type.tensor_type.elem_type for vi in kv}
+    if types == {onnx.TensorProto.FLOAT16}:
+        return "fp16"
+    if types == {onnx.TensorProto.BFLOAT16}:
+        return "bf16"
+    return "fp32"
+
+
+def _api(trt, path: str):
+    """`trt.<path>`, or a one-line BackendError naming what this TensorRT lacks (never an AttributeError)."""
+    obj = trt
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no {path} (dgopt builds with "
+                               f"TensorRT {' and '.join(f'{m}.x' for m in SUPPORTED_MAJORS)})")
+    return obj
+
+
+def _major(trt) -> int:
+    try:
+        major = int(str(trt.__version__).split(".")[0])
+    except (AttributeError, ValueError):
+        raise BackendError(f"TensorRT version {getattr(trt, '__version__', None)!r} is unreadable") from None
+    if major not in SUPPORTED_MAJORS:
+        raise BackendError(f"TensorRT {trt.__version__} is not supported (dgopt builds with TensorRT "
+                           f"{' and '.join(f'{m}.x' for m in SUPPORTED_MAJORS)})")
+    return major
+
+
+def _network(trt, builder, major: int):
+    """A strongly typed network: the flag is required on TensorRT 10 and accepted but ignored on 11 (always strong),
+    where a binding without it is tolerated."""
+    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    st = getattr(flags, "STRONGLY_TYPED", None)
+    if st is None and major < 11:
+        _api(trt, "NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+    return builder.create_network(0 if st is None else 1 << int(st))
+
+
 def build_engine(art_dir: str | Path, out: str | Path | None = None, *, precision: str | None = None,
                  max_batch: int | None = None, max_seq_len: int | None = None, opt_batch: int | None = None,
                  opt_past: int | None = None, workspace_gb: float | None = None,
-                 timing_cache: str | Path | None = None, fp32_sampler: bool = True, check: bool = True,
+                 timing_cache: str | Path | None = None, check: bool = True,
                  verbose: bool = False) -> tuple[Path, dict]:
     """Build `out` (default `<art_dir>/engine.plan`) from the artifact's step graph; returns (engine path, metadata).
 
     `metadata` is what the manifest's `tensorrt` entry should hold: TensorRT `version`, the GPU's
     `compute_capability` [major, minor] (what `check_engine_compat` compares), device name, precision, the profile,
-    the engine's sha256 and the build time. precision / max_batch / max_seq_len default to the artifact's `target`.
+    the timing cache's path, the engine's sha256 and the build time. max_batch / max_seq_len default to the
+    artifact's `target`; `precision`, when given, must be the step graph's (strongly typed: the graph decides).
     With `check` the static check (`check_artifact`) runs first and any error stops the build before TensorRT does."""
     from dgopt.artifact import read_manifest, sha256_file
 
     art_dir = Path(art_dir)
     manifest = read_manifest(art_dir)
     target = manifest["target"]
-    precision = precision or target.get("precision", "fp32")
+    step = art_dir / manifest["step"]
+    graph = onnx.load(str(step), load_external_data=False)
+    have = graph_precision(graph)
+    precision = precision or target.get("precision", have)
     if precision not in ("fp32", "fp16", "bf16"):
         raise BackendError(f"tensorrt: precision must be fp32, fp16 or bf16, not {precision!r}")
+    if precision == "bf16":
+        raise BackendError("tensorrt: bf16 engines need a bf16 ONNX step graph, which dgopt does not export yet "
+                           "(TensorRT takes precision from the graph's types); use fp16")
+    if precision != have:
+        raise BackendError(f"tensorrt: {step.name} is {have} but precision {precision} was asked; TensorRT builds "
+                           f"strongly typed (precision comes from the ONNX types): compile with "
+                           f"target.precision {precision}")
     max_batch = int(max_batch or target["max_batch"])
     max_seq_len = int(max_seq_len or target["max_seq_len"])
-    step = art_dir / manifest["step"]
     out = Path(out) if out else art_dir / ENGINE_FILE
-    timing_cache = Path(timing_cache) if timing_cache else out.parent / TIMING_CACHE_FILE
 
     if check:
         from .check import check_artifact
@@ -188,36 +190,27 @@ def build_engine(art_dir: str | Path, out: str | Path | None = None, *, precisio
             raise BackendError(f"step graph is not TensorRT-buildable ({len(errors)} error(s)); first: {errors[0]} "
                                f"(run `dgopt check {art_dir} --target tensorrt` for the full report)")
 
-    graph = onnx.load(str(step), load_external_data=False)
-    shapes = profile_shapes(graph, max_batch, max_seq_len, opt_batch, 1, opt_past)
+    shapes = profile_shapes(graph, max_batch, max_seq_len, opt_batch, opt_past, manifest.get("strategy"))
 
     trt = import_tensorrt()
+    major = _major(trt)
     import torch
     if not torch.cuda.is_available():
         raise BackendError("tensorrt: no CUDA device visible to torch; an engine is built on the GPU it will run on")
     cc = tuple(torch.cuda.get_device_capability())
-    if precision == "bf16" and cc < (8, 0):
-        raise BackendError(f"tensorrt: bf16 needs compute capability >= 8.0 (this GPU is {cc[0]}.{cc[1]}); use fp16")
+    timing_cache = Path(timing_cache) if timing_cache else timing_cache_path(trt.__version__, cc)
 
     logger = make_logger(trt, verbose)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = _network(trt, builder, major)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(step)):
         raise BackendError(f"TensorRT's ONNX parser rejected {step.name}: {_parser_errors(parser)}")
 
     config = builder.create_builder_config()
+    config.clear_flag(_api(trt, "BuilderFlag.TF32"))
     if workspace_gb:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    pinned = 0
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    if precision != "fp32" and fp32_sampler:
-        pinned = _pin_fp32(trt, network, _non_forward_prefixes(graph))
-        if pinned:
-            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        config.set_memory_pool_limit(_api(trt, "MemoryPoolType.WORKSPACE"), int(workspace_gb * (1 << 30)))
 
     profile = builder.create_optimization_profile()
     net_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
@@ -239,9 +232,12 @@ def build_engine(art_dir: str | Path, out: str | Path | None = None, *, precisio
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, plan)
     try:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(timing_cache, config.get_timing_cache().serialize())
+        cache_path = str(timing_cache.resolve())
     except Exception as e:  # noqa: BLE001 - the cache only speeds up the next build
         log.warning("could not write the timing cache %s: %s", timing_cache, e)
+        cache_path = None
 
     meta = {
         "version": trt.__version__,
@@ -250,12 +246,13 @@ def build_engine(art_dir: str | Path, out: str | Path | None = None, *, precisio
         "engine": out.name if out.parent == art_dir else str(out),
         "sha256": sha256_file(out),
         "precision": precision,
-        "fp32_sampler_layers": pinned,
+        "strongly_typed": True,
+        "tf32": False,
         "max_batch": max_batch,
         "max_seq_len": max_seq_len,
         "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in shapes.items()
                     if k in net_inputs},
-        "timing_cache": str(timing_cache),
+        "timing_cache": cache_path,
         "build_s": round(build_s, 3),
     }
     log.info("built %s (TensorRT %s, sm_%d%d, %s) in %.1fs", out, meta["version"], cc[0], cc[1], precision, build_s)

@@ -9,7 +9,8 @@ and returns `Finding`s:
   range;
 - warning: things that build but behave differently from onnxruntime: a random op whose seed TensorRT ignores, a
   DOUBLE tensor cast down to FLOAT, a TopK K only known at run time, an op without FP16/BF16 kernels at that precision,
-  the float32-min additive attention mask saturating to -inf in FP16/BF16.
+  an fp32 step graph checked at fp16/bf16 (strongly typed: it builds fp32), an fp32 mask cast to FP16 without a floor
+  in the fp16 range (-inf, then NaN rows).
 
 Constant inputs are resolved the way the parser sees them: "initializer" means an initializer or a `Constant` node
 output (optionally through `Identity`); "constant" also folds constant-only subgraphs (and `Shape` of a static tensor).
@@ -297,12 +298,7 @@ def check_onnx(model: onnx.ModelProto, precision: str = "fp16") -> list[Finding]
         if et not in (None, "FP32", "FP16", "BF16", "INT32", "INT64", "BOOL", "UINT8", "INT8", "FP8", "DOUBLE"):
             add(f"input:{gi.name}", "graph input", "error", f"graph input of type {et} is not a TensorRT I/O type",
                 "unsupported-io")
-        if gi.name == "attn_mask" and et == "FP32" and precision in ("fp16", "bf16"):
-            add(f"input:{gi.name}", "graph input", "warning",
-                f"the runtime feeds an additive mask of float32 min (-3.4e38), which overflows to -inf in "
-                f"{precision.upper()} layers: the fully masked left-padding rows of a ragged batch can then give NaN, "
-                f"which reaches real rows through the KV cache; clamp the mask to the {precision} range or keep the "
-                "mask Add in FP32", "precision")
+    _check_mask_precision(G, precision, add)
 
     for nd in G.nodes:
         name = nd.name or f"<{nd.op_type} -> {nd.output[0] if nd.output else '?'}>"
@@ -357,6 +353,47 @@ def check_onnx(model: onnx.ModelProto, precision: str = "fp16") -> list[Finding]
         if op == "TopK":
             _check_topk(G, nd, name, add)
     return out
+
+
+FP16_MIN = float(np.finfo(np.float16).min)
+
+
+def _check_mask_precision(G: _Graph, precision: str, add) -> None:
+    """TensorRT builds strongly typed: an fp32 step graph gives an fp32 engine whatever precision is asked. In an
+    fp16 graph, every Cast to FP16 that an fp32 additive mask reaches must follow a Max with a finite floor >= the fp16
+    minimum: the host's float32-min mask casts to -inf otherwise, and a fully masked (left-padding) row's softmax is
+    then NaN, which reaches real rows through the KV cache."""
+    masks = [gi.name for gi in G.model.graph.input if gi.name.endswith("mask") and _type_info(gi)[0] == "FP32"]
+    half = any(_type_info(gi)[0] == "FP16" for gi in G.model.graph.input)
+    if precision in ("fp16", "bf16") and not half:
+        fix = "compile with target.precision fp16" if precision == "fp16" else \
+            "dgopt does not export bf16 graphs yet (use fp16)"
+        add("(model)", "graph", "warning", f"the step graph is fp32: TensorRT builds strongly typed (precision comes "
+            f"from the ONNX types), so this engine would run in fp32, not {precision}; {fix}", "precision")
+        return
+    consumers: dict[str, list] = {}
+    for nd in G.nodes:
+        for x in nd.input:
+            consumers.setdefault(x, []).append(nd)
+    seen, todo = set(masks), list(masks)
+    while todo:
+        v = todo.pop()
+        for nd in consumers.get(v, []):
+            if nd.op_type == "Cast" and _attr(nd, "to") == TensorProto.FLOAT16:
+                p = G.producer.get(nd.input[0])
+                floor = None
+                if p is not None and p.op_type == "Max":
+                    vals = [G.value(x) for x in p.input if x != v]
+                    floor = min((float(np.min(c)) for c in vals if c is not None), default=None)
+                if floor is None or not np.isfinite(floor) or floor < FP16_MIN:
+                    add(nd.name or f"<Cast -> {nd.output[0]}>", "Cast", "warning", "an fp32 additive mask is cast "
+                        "to FP16 without a floor in the fp16 range (Max with >= -65504 first): its float32 minimum "
+                        "becomes -inf and fully masked rows give NaN", "precision")
+                continue
+            for o in nd.output:
+                if o and o not in seen:
+                    seen.add(o)
+                    todo.append(o)
 
 
 def _check_types(G: _Graph, nd, name, row, precision, add) -> None:

@@ -7,7 +7,7 @@ from ..errors import IRError
 from .graph import Graph, ValueRef
 from .ops import schema
 
-__all__ = ["graph_to_dict", "graph_from_dict", "format_ref"]
+__all__ = ["graph_to_dict", "graph_from_dict", "format_ref", "spec_with_graph"]
 
 
 def format_ref(g: Graph, r: ValueRef) -> str:
@@ -49,3 +49,10 @@ def graph_from_dict(data: Any) -> Graph:
     for name, r in outs.items():
         g.set_output(str(name), g.parse_ref(str(r)))
     return g
+
+
+def spec_with_graph(spec_dict: dict, g: Graph) -> dict:
+    """A complete spec whose `graph:` section is g (what ir.yaml and `--dump-passes` write; it compiles again)."""
+    d = {k: v for k, v in spec_dict.items() if k != "graph"}
+    d["graph"] = graph_to_dict(g)
+    return d

@@ -11,15 +11,21 @@ which is why this exists.
 (KV concat, scores, additive mask, softmax, weighted sum and head merge in one kernel), RotaryEmbedding (angles
 from a cos/sin table over the model's positions instead of computed per forward) and SkipSimplifiedLayerNormalization
 (each residual add fused into the next RMSNorm). onnxruntime only: TensorRT's parser does not know these ops, and
-the arithmetic is the same up to float rounding, not op for op. Multi-head attention only (MultiHeadAttention has
-one head count for q and kv; onnxruntime's GroupQueryAttention takes no multi-token batches with a past)."""
+the arithmetic is the same up to float rounding, not op for op. Grouped-query attention: MultiHeadAttention has one
+head count, so it runs over the kv heads with each kv head's g query heads folded into the query sequence (g blocks
+of q rows under the same mask rows); the cache keeps its [B, Hkv, T, D] layout and no key is copied. (onnxruntime's
+GroupQueryAttention keeps its own cache bookkeeping, seqlens_k and a right-padded past, which dgopt's explicit mask
+with holes does not fit.)
+
+Qwen2's sliding-window layers (use_sliding_window, from max_window_layers on) get a second mask, derived in the graph
+from the given one (see `direct_forward`): the forward's interface and the runtime's masks are unchanged."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["direct_forward", "unsupported_reason"]
+__all__ = ["direct_forward", "unsupported_reason", "layer_types", "sliding_window"]
 
 MS = "com.microsoft"     # onnxruntime's contrib op domain
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq and attention_scaling fixed at load time
@@ -39,14 +45,23 @@ def unsupported_reason(lm, dtype: str, contrib: bool = False) -> str | None:
         return f"rope type {rope} (its frequencies depend on the sequence length)"
     if getattr(lm.model.get_output_embeddings(), "bias", None) is not None:
         return "lm_head bias"
-    if any(t != "full_attention" for t in (getattr(c, "layer_types", None) or [])) or \
-            getattr(c, "use_sliding_window", False):
-        return "sliding-window attention"
-    if contrib and c.num_key_value_heads != c.num_attention_heads:
-        return "grouped-query attention (contrib: multi-head only)"
+    other = set(layer_types(c)) - {"full_attention", "sliding_attention"}
+    if other:
+        return f"layer type {sorted(other)[0]}"
     if contrib and not getattr(c, "max_position_embeddings", 0):
         return "no max_position_embeddings (contrib: the rotary table's size)"
     return None
+
+
+def layer_types(c) -> list[str]:
+    """Each layer's attention as transformers decides it (Qwen2: sliding_attention from max_window_layers on, when
+    use_sliding_window; its config resolves that into layer_types)."""
+    return list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
+
+
+def sliding_window(c) -> int | None:
+    """The window of the sliding layers, None when no layer slides."""
+    return int(c.sliding_window) if "sliding_attention" in layer_types(c) else None
 
 
 class _G:
@@ -149,7 +164,30 @@ def direct_forward(lm, contrib: bool = False):
               helper.make_tensor_value_info("attn_mask", TensorProto.FLOAT, ["batch", 1, "q", "total"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "q", int(c.vocab_size)])]
 
-    def attention(y, names, p):
+    masks = {"full_attention": "attn_mask"}
+    window = sliding_window(c)
+    if window is not None:
+        # transformers masks key k for query q where q - k >= window (cache indices of one unpadded row, i.e.
+        # positions). dgopt's mask has holes (padding, rejected proposals) and no key positions; a query's visible
+        # keys are its sequence, one per position, in slot order: the key with n visible keys after it lies n
+        # positions back. Mask those with n >= window.
+        seen = g.op("Cast", [g.op("Greater", ["attn_mask", g.init("minus_one", np.float32(-1))], name="window/seen")],
+                    name="window/seen_f", to=TensorProto.FLOAT)
+        after = g.op("CumSum", [seen, g.ints("axis_last_scalar", -1)], name="window/after", exclusive=1, reverse=1)
+        old = g.op("GreaterOrEqual", [after, g.init("window", np.float32(window))], name="window/old")
+        masks["sliding_attention"] = g.op("Where", [old, g.init("masked", np.finfo(np.float32).min), "attn_mask"],
+                                          name="window/mask")
+    if contrib and groups > 1:
+        # MultiHeadAttention has one head count: the g query heads of a kv head become g blocks of the query
+        # sequence ([B, g*q, Hkv*D], block j holds heads h*g + j), each block under the same mask rows
+        masks = {t: g.op("Tile", [mk, g.ints("tile_groups", [1, 1, groups, 1])], name=f"{t}/groups")
+                 for t, mk in masks.items()}
+        q_groups = g.ints("shape_q_groups", [0, 0, Hkv, groups, D])
+        q_folded = g.ints("shape_q_folded", [0, -1, Hkv * D])
+        o_groups = g.ints("shape_o_groups", [0, groups, -1, Hkv, D])
+        o_merged = g.ints("shape_o_merged", [0, 0, Hq * D])
+
+    def attention(y, names, p, mask):
         """[B, q, (Hq + 2 Hkv) D] projections -> [B, q, Hq D] attention output; the cache outputs get their names."""
         if contrib:
             q, k, v = g.op("Split", [y, qkv_split], n=3, name=f"{p}.split", axis=-1)
@@ -157,10 +195,18 @@ def direct_forward(lm, contrib: bool = False):
                      num_heads=Hq, interleaved=0)
             k = g.op("RotaryEmbedding", [k, "position_ids", cos_t, sin_t], name=f"{p}.rope_k", domain=MS,
                      num_heads=Hkv, interleaved=0)
-            o = g.op("MultiHeadAttention", [q, k, v, "", "", "attn_mask", names["key"][0], names["value"][0]], n=3,
-                     name=f"{p}.attention", domain=MS, num_heads=Hq, scale=scaling)
+            if groups > 1:
+                q = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [q, q_groups], name=f"{p}.q_groups")],
+                                          name=f"{p}.q_groups/T", perm=[0, 3, 1, 2, 4]), q_folded],
+                         name=f"{p}.q_folded")
+            o = g.op("MultiHeadAttention", [q, k, v, "", "", mask, names["key"][0], names["value"][0]], n=3,
+                     name=f"{p}.attention", domain=MS, num_heads=Hkv, scale=scaling)
             g.nodes[-1].output[1:] = [names["key"][1], names["value"][1]]
-            return o[0]
+            if groups == 1:
+                return o[0]
+            o = g.op("Transpose", [g.op("Reshape", [o[0], o_groups], name=f"{p}.o_groups")], name=f"{p}.o_groups/T",
+                     perm=[0, 2, 3, 1, 4])
+            return g.op("Reshape", [o, o_merged], name=f"{p}.o_merged")
         y = g.op("Transpose", [g.op("Reshape", [y, heads], name=f"{p}.heads")], name=f"{p}.heads/T",
                  perm=[0, 2, 1, 3])                                               # [B, Hq + 2 Hkv, q, D]
         qk, v = g.op("Split", [y, slots], n=2, name=f"{p}.split", axis=1)
@@ -176,7 +222,7 @@ def direct_forward(lm, contrib: bool = False):
                               name=f"{p}.scores"), scaling_t], name=f"{p}.scores/scale")
         if groups > 1:
             s = g.op("Reshape", [s, to_heads], name=f"{p}.scores/heads")
-        pr = g.op("Softmax", [g.op("Add", [s, "attn_mask"], name=f"{p}.mask")], name=f"{p}.softmax", axis=-1)
+        pr = g.op("Softmax", [g.op("Add", [s, mask], name=f"{p}.mask")], name=f"{p}.softmax", axis=-1)
         if groups > 1:
             pr = g.op("Reshape", [pr, to_groups], name=f"{p}.probs/groups")
         o = g.op("MatMul", [pr, V], name=f"{p}.attend")
@@ -186,6 +232,7 @@ def direct_forward(lm, contrib: bool = False):
                     name=f"{p}.merge")                                            # [B, q, Hq*D]
 
     delta = None        # the last block's output, not yet added to the residual stream x
+    types = layer_types(c)
     for i, layer in enumerate(m.layers):
         a, mlp, p = layer.self_attn, layer.mlp, f"layers.{i}"
         names = {kv: (f"past.{i}.{kv}", f"present.{i}.{kv}") for kv in ("key", "value")}
@@ -199,7 +246,7 @@ def direct_forward(lm, contrib: bool = False):
         if a.q_proj.bias is not None:
             y = g.op("Add", [y, g.init(f"{p}.qkv.bias", np.concatenate([w(t.bias) for t in proj]))],
                      name=f"{p}.qkv/bias")
-        o = g.op("MatMul", [attention(y, names, p), g.init(f"{p}.o_proj.weight", w(a.o_proj.weight).T)],
+        o = g.op("MatMul", [attention(y, names, p, masks[types[i]]), g.init(f"{p}.o_proj.weight", w(a.o_proj.weight).T)],
                  name=f"{p}.o_proj")
         x, h = add_norm(x, bias(o, a.o_proj, f"{p}.o_proj"), layer.post_attention_layernorm.weight,
                         f"{p}.post_attention_layernorm")

@@ -87,7 +87,7 @@ def load_model(mspec, resolve=lambda p: Path(p)) -> LoadedModel:
         return _finish(config_model(cfg, mspec.seed), cfg["family"], f"random-init {cfg['family']} (seed {mspec.seed})",
                        None)
     if mspec.name is not None:
-        from .train import model_dir
+        from ..training.trainer import model_dir
         try:
             path = model_dir(mspec.name)
         except (FileNotFoundError, KeyError) as e:
@@ -119,9 +119,22 @@ def load_model(mspec, resolve=lambda p: Path(p)) -> LoadedModel:
     return _finish(model, model_type, str(path), tok)
 
 
+def window_mask(mask, window: int):
+    """The additive mask of a sliding-window layer (torch; direct.py writes the same in ONNX): a query's visible
+    keys are its sequence, one per position, in slot order, so the key with n visible keys after it lies n
+    positions back; transformers masks it when n >= window."""
+    import torch
+    seen = (mask > -1).to(torch.int32)
+    after = seen.flip(-1).cumsum(-1).flip(-1) - seen
+    return torch.where(after >= window, torch.finfo(mask.dtype).min, mask)
+
+
 def _step_module(model, num_layers: int):
     import torch
     from transformers import DynamicCache
+
+    from .direct import sliding_window
+    window = sliding_window(model.config) if hasattr(model.config, "sliding_window") else None
 
     class Step(torch.nn.Module):
         def __init__(self, m):
@@ -129,9 +142,13 @@ def _step_module(model, num_layers: int):
             self.m = m
 
         def forward(self, input_ids, position_ids, attn_mask, *past):
-            cache = DynamicCache(config=self.m.config)
+            # no config: every layer keeps its whole cache (a sliding layer's would drop keys, and the mask's
+            # width would no longer match); the window is in the mask instead
+            cache = DynamicCache()
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
+            if window is not None:      # a prepared mask per layer type, as transformers' generate passes
+                attn_mask = {"full_attention": attn_mask, "sliding_attention": window_mask(attn_mask, window)}
             out = self.m(input_ids=input_ids, position_ids=position_ids, attention_mask=attn_mask,
                          past_key_values=cache, use_cache=True)
             res = [out.logits]
@@ -150,7 +167,8 @@ def export_forward(lm: LoadedModel, dtype: str = "float32", method: str = "auto"
     """ONNX ModelProto of one forward: (input_ids, position_ids, attn_mask, past.*) -> (logits, present.*).
     method "direct" writes a Llama / Qwen2 fp32 forward straight from the weights (`direct.py`: half the kernels);
     "contrib" the same with onnxruntime's contrib ops (half again; onnxruntime only); "traced" runs torch.onnx.export;
-    "auto" takes contrib where it applies and `contrib_ok` (onnxruntime on the CPU), else direct where it applies.
+    "auto" takes contrib where it applies and `contrib_ok` (onnxruntime on the CPU; multi-head and grouped-query
+    attention: faster than direct on both, benchmarks/forward_gqa.py), else direct where it applies.
     `lm.info["forward"]` records which.
     Traced at batch 2, q 3, past 4 with every such axis dynamic: the legacy tracer bakes size-1 dims and transformers'
     `q_length == 1` branches into the graph otherwise (seen: a q=1 trace failed at prefill).

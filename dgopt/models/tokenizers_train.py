@@ -12,6 +12,14 @@ Both are byte level: ``decode(encode(text)) == text`` for any string.  Token
 id 0 is ``<|endoftext|>``, used as BOS, EOS, PAD and UNK.  Nothing is added
 automatically when encoding (no BOS), and decoding does not clean up spaces.
 Training is deterministic for a fixed corpus (single-threaded trainer).
+
+The corpus is the running Python's standard library, so a tokenizer trained on
+another Python has other merges and other ids under the same name.  The ones
+the shipped models use are therefore shipped too, in
+``dgopt/assets/tokenizers/NAME`` (``tokenizer.json``, and
+``dgopt_tokenizer.json``: vocab, fingerprint, the corpus' Python version), and
+:func:`recipe_tokenizer` hands those out; training one is for new tokenizers
+(``python -m dgopt.models.tokenizers_train NAME --out DIR``) and for tests.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from typing import Iterable, Sequence
 from . import corpus as _corpus
 
 SPECIAL_TOKEN = "<|endoftext|>"
+
+#: Shipped tokenizers: ``NAME/tokenizer.json`` and ``NAME/dgopt_tokenizer.json``.
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
+ASSET_INFO = "dgopt_tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,39 @@ def train_tokenizer(
     if out_dir is not None:
         save_tokenizer(tok, out_dir)
     return tok
+
+
+def asset_info(name: str) -> dict | None:
+    """The shipped tokenizer ``name``'s card (vocab, fingerprint, corpus_python, ...), None when not shipped."""
+    try:
+        return json.loads((ASSETS_DIR / name / ASSET_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_tokenizer(name: str):
+    """The shipped tokenizer ``name``, wrapped exactly as :func:`train_tokenizer` wraps a trained one."""
+    from tokenizers import Tokenizer
+
+    tok = wrap(Tokenizer.from_file(str(ASSETS_DIR / name / "tokenizer.json")))
+    tok.name_or_path = name
+    return tok
+
+
+def recipe_tokenizer(name: str, files: Sequence[_corpus.CorpusFile], vocab_size: int | None = None):
+    """(tokenizer, where it came from) for a model build: the shipped asset (independent of the running Python),
+    or -- with ``vocab_size`` (tests) or for a tokenizer that is not shipped -- one trained on ``files``."""
+    import platform
+
+    info = asset_info(name)
+    if vocab_size is None and info is not None:
+        tok = load_tokenizer(name)
+        if tokenizer_fingerprint(tok) != info["fingerprint"]:
+            raise ValueError(f"tokenizer asset {name}: tokenizer.json does not match its {ASSET_INFO} fingerprint")
+        return tok, {"source": "asset", "path": f"dgopt/assets/tokenizers/{name}",
+                     "corpus_python": info["corpus_python"]}
+    tok = train_tokenizer(name, files=files, vocab_size=vocab_size)
+    return tok, {"source": "trained", "corpus_python": platform.python_version()}
 
 
 def save_tokenizer(tok, out_dir: str | os.PathLike) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, BackendError
 
 __all__ = ["OrtSession", "BoundSession", "make_session"]
 log = logging.getLogger("dgopt.runtime")
@@ -198,20 +198,34 @@ def make_session(art_dir: Path, manifest: dict, device: str | None = None, threa
             return TrtSession(art_dir, manifest)
         except ArtifactError as e:
             log.warning("%s; falling back to the artifact's ONNX step graph", e)
+    asked = device
     device = device or manifest["target"]["device"]
     step = art_dir / manifest["step"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if asked == "cuda":
+                raise BackendError("device cuda: onnxruntime has no CUDAExecutionProvider here (pip install "
+                                   "onnxruntime-gpu, dgopt[gpu]); pass device='cpu' to run on the CPU")
             log.warning("artifact targets cuda but onnxruntime has no CUDAExecutionProvider here; running on CPU "
-                        "(install dgopt[gpu])")
+                        "(install dgopt[gpu], or pass device='cuda' to make this an error)")
             device = "cpu"
         else:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if io_binding is False:
-                return OrtSession(step, manifest, providers, threads)
-            return BoundSession(step, manifest, providers, threads, device="cuda")
+            sess = OrtSession(step, manifest, providers, threads) if io_binding is False else \
+                BoundSession(step, manifest, providers, threads, device="cuda")
+            _require_cuda(sess)
+            return sess
     if device != "cpu":
         raise ArtifactError(f"unknown device '{device}' (cpu or cuda)")
     if io_binding:
         return BoundSession(step, manifest, ["CPUExecutionProvider"], threads, device="cpu")
     return OrtSession(step, manifest, ["CPUExecutionProvider"], threads)
+
+
+def _require_cuda(sess: OrtSession) -> None:
+    """onnxruntime drops a provider it cannot start (CUDA libraries missing, driver too old) with only a log line:
+    the session's own providers say what will run."""
+    if not sess.providers or sess.providers[0] != "CUDAExecutionProvider":
+        raise BackendError(f"device cuda: onnxruntime started this session on {', '.join(sess.providers) or 'nothing'}"
+                           ", not CUDAExecutionProvider (CUDA or cuDNN libraries missing or mismatched?); "
+                           "pass device='cpu' to run on the CPU")

@@ -1,12 +1,21 @@
-"""Strategy expansion: spec.strategy -> IR step graph. One module per strategy."""
+"""Strategy expansion: spec.strategy -> IR step graph. One module per strategy kind, one registry line each;
+shared pieces: verify.py (the verify branch), draft_chain.py (a draft's chained proposals)."""
 from ..errors import SpecError
 from ..ir import Graph
 from ..spec import Spec
 from .autoregressive import expand_autoregressive
-from .lookahead import expand_jacobi, expand_lookahead, expand_speculative
+from .jacobi import expand_jacobi
+from .lookahead import expand_lookahead
+from .speculative import expand_speculative
+from .uag import expand_uag
 
-EXPANDERS = {"autoregressive": expand_autoregressive, "lookahead": expand_lookahead, "jacobi": expand_jacobi,
-             "speculative": expand_speculative, "uag": expand_speculative}
+EXPANDERS = {
+    "autoregressive": expand_autoregressive,
+    "lookahead": expand_lookahead,
+    "jacobi": expand_jacobi,
+    "speculative": expand_speculative,
+    "uag": expand_uag,
+}
 
 __all__ = ["expand", "EXPANDERS"]
 

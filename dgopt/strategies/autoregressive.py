@@ -1,13 +1,12 @@
 """Autoregressive decoding: one model call over the new tokens, then logits processors and a sampler, all in the
 step graph. The -O0 expansion is the literal textbook step (processors -> softmax -> argmax|multinomial); passes
-simplify it."""
+simplify it. The other strategies build on its step inputs, processors and sampler."""
 from __future__ import annotations
 
 from ..ir import Graph
 from ..spec import Spec
 
-__all__ = ["expand_autoregressive", "add_model_inputs", "add_processors", "add_sampler", "add_draft_chain",
-           "expand_draft_chain", "expand_draft_probs"]
+__all__ = ["expand_autoregressive", "add_model_inputs", "add_processors", "add_sampler"]
 
 
 def add_model_inputs(g: Graph):
@@ -58,52 +57,5 @@ def expand_autoregressive(spec: Spec) -> Graph:
     last = g.add("last_position", [fwd.out("logits")], id="last_position")
     tok = add_sampler(g, last, spec.sampling)
     g.set_output("next_token", tok)
-    g.set_output("present", fwd.out("kv"))
-    return g
-
-
-def add_draft_chain(g: Graph, ids, pos, mask, kv, k: int, model: str = "target", prefix: str = "draft",
-                    pick=None):
-    """k chained forwards of `model`, each over the token the one before chose (next_inputs). Returns the
-    proposals [B, k] and the cache, which holds the fed block and d_1..d_{k-1}; d_k is never fed, as when the host
-    calls a one-token step k times, but without k-1 round trips through the host.
-    pick(last_logits, i) chooses d_i; default greedy (argmax)."""
-    props = None
-    for i in range(k):
-        fwd = g.add("forward", [ids, pos, mask, kv], {"model": model}, id=f"{prefix}{i}")
-        last = g.add("last_position", [fwd.out("logits")], id=f"{prefix}{i}/last_position")
-        tok = pick(last, i) if pick else g.add("argmax", [last], id=f"{prefix}{i}/argmax")
-        nxt = g.add("next_inputs", [tok, pos, mask], id=f"{prefix}{i}/next")
-        ids, pos, mask, kv = nxt.out("ids"), nxt.out("positions"), nxt.out("mask"), fwd.out("kv")
-        props = ids if props is None else g.add("concat_seq", [props, ids], id=f"{prefix}{i}/proposals")
-    return props, kv
-
-
-def expand_draft_chain(spec: Spec, k: int, loop: bool = False, confidence: float = 0.0) -> Graph:
-    """A greedy draft's own step that proposes k tokens in ONE call (draft.onnx beside the target's step); `loop`:
-    as many as its input draft_k says, up to k (a draft_loop: k_schedule heuristic), fewer where the draft's
-    confidence in a proposal falls below `confidence`."""
-    g = Graph()
-    ids, pos, mask, past = add_model_inputs(g)
-    if loop:
-        n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
-        chain = g.add("draft_loop", [ids, pos, mask, past, n],
-                      {"model": "target", "k_max": k, "confidence": confidence}, id="draft")
-        props, kv = chain.out("proposals"), chain.out("kv")
-    else:
-        props, kv = add_draft_chain(g, ids, pos, mask, past, k)
-    g.set_output("proposals", props)
-    g.set_output("present", kv)
-    return g
-
-
-def expand_draft_probs(spec: Spec) -> Graph:
-    """A draft's step for speculative sampling: its processed distribution q for the next token. The host draws the
-    proposal from q and hands q to the target's verify_sample."""
-    g = Graph()
-    ids, pos, mask, past = add_model_inputs(g)
-    fwd = g.add("forward", [ids, pos, mask, past], {"model": "target"}, id="target")
-    last = g.add("last_position", [fwd.out("logits")], id="last_position")
-    g.set_output("probs", g.add("softmax", [add_processors(g, last, spec.sampling)], id="sampler/softmax"))
     g.set_output("present", fwd.out("kv"))
     return g

@@ -207,7 +207,7 @@ def corpus_prompts(model_dir: Path, data: Sequence[str], n_train: int, n_val: in
     from transformers import AutoTokenizer
 
     from ..models import corpus as _corpus
-    from ..models.train import encode_stream
+    from .data import encode_stream
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.eos_token_id is None:
@@ -416,7 +416,7 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         tr_prompts, va_prompts = pr[:samples], pr[samples:]
     else:
         tr_prompts, va_prompts, va_stream = corpus_prompts(src, data, samples, val_samples, prompt_len, seed)
-        from ..models.train import eval_windows
+        from .data import eval_windows
         ppl_windows = eval_windows(va_stream, 256, 8192)   # 32 windows: a 2-core budget
 
     # trajectories of the original model
@@ -585,7 +585,7 @@ RECIPES = {
 
 def build(name: str, out: str | Path | None = None, device: str = "cpu", seed: int = 0,
           command: str | None = None) -> Path:
-    from ..models.train import cache_dir, model_dir
+    from .trainer import cache_dir, model_dir
 
     r = dict(RECIPES[name])
     out = Path(out) if out is not None else cache_dir(name)
@@ -599,33 +599,49 @@ def build(name: str, out: str | Path | None = None, device: str = "cpu", seed: i
 # --------------------------------------------------------------------------
 
 
-def add_arguments(p) -> None:
+HELP = "consistency training (CLLM): Jacobi decoding of the result converges in fewer steps per block"
+
+
+def _standalone_arguments(p) -> None:
+    """The options `dgopt train` shares (its common parser) for `python -m dgopt.training.consistency`."""
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a causal LM directory (config.json + weights)")
     p.add_argument("-o", "--out", required=True, help="output model directory")
     p.add_argument("--data", nargs="+", default=["self"], metavar="self|stdlib|PATH",
                    help="prompts: sampled by the model itself (no tokenizer needed), stdlib corpus windows, or "
                         "files/directories of text (default self)")
-    p.add_argument("--block", type=int, default=16, help="Jacobi block size n (default 16)")
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget (default 10)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_arguments(p) -> None:
+    """This subcommand's own options (`dgopt train consistency`; --data self here = prompts the model samples from
+    its BOS id, token ids only)."""
+    p.add_argument("--block", type=int, default=16, help="Jacobi block size n (default 16)")
     p.add_argument("--samples", type=int, default=512, help="training prompts (default 512)")
     p.add_argument("--val-samples", type=int, default=64, help="validation prompts (default 64)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--blocks", type=int, default=3, help="Jacobi blocks per prompt (default 3)")
     p.add_argument("--batch", type=int, default=16, help="training rows per step (default 16)")
-    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ar-weight", type=float, default=1.0, help="lambda: weight of the AR loss (default 1)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def run(a, command: str | None = None) -> int:
-    info = train(a.model_dir, a.out, data=a.data, block=a.block, minutes=a.minutes, device=a.device, seed=a.seed,
-                 samples=a.samples, val_samples=a.val_samples, prompt_len=a.prompt_len, blocks=a.blocks,
-                 batch=a.batch, lr=a.lr, ar_weight=a.ar_weight, eval_every=a.eval_every, patience=a.patience,
-                 threads=a.threads, command=command)
+def run(a, common=None) -> int:
+    """`dgopt train consistency` (common: the checked shared options) or the standalone command (common: None)."""
+    c = common or a
+    own = ("block", "samples", "val_samples", "prompt_len", "blocks", "batch", "ar_weight", "eval_every", "patience")
+    command = (common.command + " " + shlex.join(f"--{k.replace('_', '-')}={getattr(a, k)}" for k in own)) if common \
+        else shlex.join(["python", "-m", "dgopt.training.consistency", *sys.argv[1:]])
+    info = train(c.model_dir, c.out, data=list(c.data), block=a.block, minutes=c.minutes or 10.0, device=c.device,
+                 seed=c.seed, samples=a.samples, val_samples=a.val_samples, prompt_len=a.prompt_len, blocks=a.blocks,
+                 batch=a.batch, lr=c.lr or 1e-4, ar_weight=a.ar_weight, eval_every=a.eval_every,
+                 patience=a.patience, threads=c.threads, max_steps=c.max_steps,
+                 command=command)
     print(summary(info))
     print(f"  saved to {a.out}")
     return 0
@@ -635,11 +651,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m dgopt.training.consistency", description=__doc__.split("\n")[0])
+    _standalone_arguments(p)
     add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     try:
-        return run(a, shlex.join(["python", "-m", "dgopt.training.consistency", *argv]))
+        return run(a)
     except DgoptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
