@@ -27,6 +27,7 @@ from ..errors import DgoptError
 #: name -> module implementing the subcommand (HELP, add_arguments(parser), run(args, common) -> int)
 TRAIN_COMMANDS: dict[str, str] = {
     "lm": "dgopt.training.finetune",
+    "consistency": "dgopt.training.consistency",
 }
 
 
@@ -137,6 +138,12 @@ def cmd_models(a) -> int:
             where = m["path"] if m["path"] else f"missing: dgopt models build {m['name']}"
             print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
                   f"{m['unigram_ppl'] or '-':>8}  {where}")
+        return 0
+    from . import consistency
+    if a.name in consistency.RECIPES:      # consistency-trained: fine-tuned from its base within a time budget
+        cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
+            (["--device", a.device] if a.device != "cpu" else []) + (["--seed", str(a.seed)] if a.seed else [])
+        print(consistency.build(a.name, out=a.out, device=a.device, seed=a.seed, command=" ".join(cmd)))
         return 0
     if a.name not in RECIPES:
         raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(RECIPES)})")
