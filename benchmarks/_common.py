@@ -53,3 +53,20 @@ def prompts_for(lm, n: int) -> list[list[int]]:
     import random
     rng = random.Random(0)
     return [[rng.randrange(lm.info["vocab_size"]) for _ in range(rng.randint(4, 16))] for _ in range(n)]
+
+
+def code_prompts(lm, n: int, tokens: int = 256) -> list[list[int]]:
+    """Longer code prompts for prompt lookup: the last `tokens` tokens of the first half of n source files of the
+    `rich` package (a dependency, outside the stdlib corpus the project's models are trained on), sorted by name."""
+    import rich
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(lm.tokenizer_dir)
+    out = []
+    for f in sorted(Path(rich.__file__).parent.glob("*.py")):
+        ids = tok(f.read_text())["input_ids"]
+        if len(ids) >= 4 * tokens:
+            half = len(ids) // 2
+            out.append(ids[half - tokens:half])
+        if len(out) == n:
+            break
+    return out

@@ -8,6 +8,8 @@ lookahead at the first config) are timed against autoregressive sampling only.
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
     python benchmarks/strategies.py --prompts 20 --new 128 --configs 5,4,5 7,4,7 10,5,10
     python benchmarks/strategies.py --device cuda --model code-small     # on the lent GPU (onnxruntime-gpu)
+    python benchmarks/strategies.py --code-prompts 10 --new 128 --ngram 4,1 8,1 --configs --jacobi --draft none \
+        --xdraft none --sample-k      # ngram (prompt lookup) against autoregressive on longer code prompts
 
 The dgopt rows are timed in blocks: a row runs all prompts right after autoregressive runs them (greedy rows after
 greedy, sampled after sampled), --repeats rounds; a row's "vs AR" is the median over rounds of its ratio to that
@@ -29,7 +31,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, model_spec, prompts_for  # noqa: E402
+from _common import code_prompts, machine, model_spec, prompts_for  # noqa: E402
 
 
 def main():
@@ -42,6 +44,10 @@ def main():
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--configs", nargs="*", default=["5,4,5", "7,4,7", "5,3,5"], help="lookahead W,N,G")
     ap.add_argument("--jacobi", nargs="*", type=int, default=[8], help="jacobi block sizes")
+    ap.add_argument("--ngram", nargs="*", default=["4,1", "8,1"], help="ngram (prompt lookup) k,guesses")
+    ap.add_argument("--code-prompts", type=int, default=0, help="use this many longer code prompts instead (256 "
+                    "tokens from the middle of files of the rich package, outside the training corpus): what prompt "
+                    "lookup is for")
     ap.add_argument("--draft", nargs="*", default=["auto"], help="drafts for speculative rows: built model names, "
                     "HF dirs, or none; auto: code-draft-kd and code-draft-sd with code-tiny")
     ap.add_argument("--xdraft", nargs="*", default=["auto"], help="drafts with another tokenizer for uag rows: built "
@@ -92,7 +98,7 @@ def main():
             torch.cuda.synchronize()
     lm = load_model(spec_from_dict(base).model, lambda p: Path(p))
     model = lm.model.to(dev)
-    prompts = prompts_for(lm, a.prompts)
+    prompts = code_prompts(lm, a.code_prompts) if a.code_prompts else prompts_for(lm, a.prompts)
     tmp = Path(tempfile.mkdtemp())
 
     def hf_run(**kw):
@@ -159,6 +165,9 @@ def main():
         strategies.append((f"lookahead W{W} N{N} G{G}", {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}))
     for n in a.jacobi:
         strategies.append((f"jacobi n{n}", {"kind": "jacobi", "block": n}))
+    for c in a.ngram:
+        k, G = map(int, c.split(","))
+        strategies.append((f"ngram k{k} G{G}", {"kind": "ngram", "k": k, "guesses": G}))
     for d in drafts:
         for k in a.k:
             strategies.append((f"speculative k{k} ({d})", {"kind": "speculative", "k": k}, {"draft": as_model(d)}))
@@ -191,6 +200,10 @@ def main():
         W, N, G = map(int, a.configs[0].split(",")) if a.configs else (4, 3, 4)
         strategies.append((f"lookahead W{W} N{N} G{G} (sample)",
                            {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}, {"sampling": sample}))
+        if a.ngram:
+            k, G = map(int, a.ngram[0].split(","))
+            strategies.append((f"ngram k{k} G{G} (sample)", {"kind": "ngram", "k": k, "guesses": G},
+                               {"sampling": sample}))
         sdraft = a.sample_draft
         if sdraft == "auto":
             sdraft = "code-draft-kd" if base["model"].get("name") == "code-tiny" else (drafts[-1] if drafts else None)
@@ -270,7 +283,8 @@ def main():
             r["provider"] = ran[r["name"]]
     providers = sorted(set(ran.values()))
     print(f"machine: {machine()}; onnxruntime {', '.join(providers)}, {a.threads} threads{gpu}")
-    print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} prompts x {a.new} "
+    print(f"model: {lm.source} ({lm.info['num_parameters'] / 1e6:.2f} M params); {len(prompts)} "
+          f"{'code prompts (rich, 256 tokens)' if a.code_prompts else 'prompts'} x {a.new} "
           f"new tokens, batch {a.batch} (transformers rows: batch 1), greedy")
     print(f"{'':52s} {'tok/s':>8s} {'vs AR':>7s} {'vs HF':>7s} {'tok/step':>9s} {'ms/step':>8s} {'accept':>7s}"
           "  identical")

@@ -20,6 +20,7 @@ EPILOG = """examples:
   dgopt serve out/greedy --port 8000
   dgopt inspect out/greedy --no-browser
   dgopt check specs/lookahead.yaml --target tensorrt
+  dgopt tune specs/lookahead.yaml -o tuned.yaml    # measure configs here, write the fastest
   dgopt models list
   dgopt train lm code-tiny -o out/tiny-ft --data mycode/ --minutes 10
 
@@ -31,6 +32,7 @@ strategies (spec strategy.kind; examples in specs/):
   speculative     draft model proposes k tokens, the target verifies in one forward; greedy or
                   rejection sampling (speculative.yaml, speculative-sample.yaml)
   uag             speculative with a draft of another tokenizer, through text (uag.yaml)
+  ngram           prompt lookup: continuations of the context's longest repeated suffix (ngram.yaml)
 """
 
 
@@ -61,7 +63,15 @@ def cmd_compile(a) -> int:
     out = a.output or str(Path("out") / Path(a.spec).stem)
     import time
     t = time.perf_counter()
-    path = dg_compile(a.spec, out, opt_level=a.O, disable=a.disable_pass or [], dump_passes=a.dump_passes,
+    spec = a.spec
+    if a.tune:          # measure first, compile the tuned spec (written beside the artifact for the record)
+        from .tune import print_table, tune
+        spec = str(Path(out).with_name(Path(out).name + ".tuned.yaml"))
+        rep = tune(a.spec, spec, overrides=a.set or [], progress=not a.quiet and console.is_terminal)
+        if not a.quiet:
+            print_table(rep, console)
+        a.set = []
+    path = dg_compile(spec, out, opt_level=a.O, disable=a.disable_pass or [], dump_passes=a.dump_passes,
                       verify_each=a.verify_each, overrides=a.set or [], progress=_stage_progress(console, a.quiet))
     m = json.loads((path / "manifest.json").read_text())
     ran = ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}" for p in m["pipeline"]["passes"])
@@ -130,7 +140,9 @@ def cmd_run(a) -> int:
     s = res.stats
     hist = s.get("accepted_hist")
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
-    if "acceptance_rate" in s:
+    if "acceptance_rate" in s and dec.manifest["strategy"]["kind"] == "ngram":
+        accepted += f"; n-gram proposals: {s['mean_k']:.1f} per step, {s['acceptance_rate']:.2f} accepted"
+    elif "acceptance_rate" in s:
         st = dec.manifest["strategy"]
         varies = ", ".join(([] if st.get("k_schedule") != "heuristic" else ["k adapts"])
                            + ([f"stops below confidence {st['confidence']}"] if st.get("confidence") else []))
@@ -180,6 +192,9 @@ def cmd_inspect(a) -> int:
     t.add_row("strategy", json.dumps(m["strategy"]))
     t.add_row("sampling", json.dumps({k: v for k, v in m["sampling"].items()}))
     t.add_row("target", json.dumps(m["target"]))
+    tuned = m.get("tuned")
+    t.add_row("tuned", f"yes: {tuned.get('chosen')}, {tuned.get('vs_autoregressive')}x autoregressive on "
+                       f"{tuned.get('machine')} ({tuned.get('date')})" if tuned else "no (hand-written config)")
     fwd = lambda info: f" · {info['forward']} forward" if info.get("forward") else ""   # noqa: E731
     t.add_row("model", f"{m['model']['family']} · {m['model']['num_parameters']:,} params · vocab "
                        f"{m['model']['vocab_size']} · {m['model']['source']}{fwd(m['model'])}")
@@ -210,6 +225,17 @@ def cmd_inspect(a) -> int:
     console.print("[dim]serving in Netron; Ctrl-C to stop[/]")
     with contextlib.suppress(KeyboardInterrupt):
         netron.wait()
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from .tune import print_table, tune
+    console = _console()
+    rep = tune(a.spec, a.output, prompts=a.prompts, minutes=a.minutes, kinds=a.kinds, new=a.new_tokens,
+               threads=a.threads, plot=a.plot or str(Path(a.output).with_suffix(".png")), overrides=a.set or [],
+               progress=console.is_terminal)
+    print_table(rep, console)
+    console.print(f"wrote {a.output} and {a.plot or Path(a.output).with_suffix('.png')} in {rep.seconds:.0f}s")
     return 0
 
 
@@ -268,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "is a complete spec `dgopt compile` accepts)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("-q", "--quiet", action="store_true", help="print only the artifact path")
+    c.add_argument("--tune", action="store_true", help="run `dgopt tune` on the spec first (defaults) and compile "
+                   "the tuned spec, written beside the artifact as OUTPUT.tuned.yaml")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate with a compiled artifact",
@@ -314,6 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-O", type=int, default=2, choices=[0, 1, 2], metavar="LEVEL", help="optimisation level")
     ck.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     ck.set_defaults(fn=cmd_check)
+
+    tu = sub.add_parser("tune", help="measure strategy configurations on this machine, write the fastest spec",
+                        description="Measures the step cost by positions per forward and each candidate "
+                        "configuration of the spec's strategy (lookahead W/N/G, ngram k/guesses, speculative/uag "
+                        "k and schedules, jacobi block) against autoregressive decoding on sample prompts; writes "
+                        "the fastest as a spec (autoregressive when nothing is faster), a table and a PNG plot.")
+    tu.add_argument("spec")
+    tu.add_argument("-o", "--output", required=True, help="the tuned spec to write (YAML)")
+    tu.add_argument("--prompts", help="prompts: a .json list of strings, .jsonl, or text with one per line "
+                    "(default: held-out files of the stdlib corpus)")
+    tu.add_argument("--minutes", type=float, default=4.0, help="time budget for measuring (default 4)")
+    tu.add_argument("--kinds", nargs="*", help="strategy kinds to try (default: the spec's), e.g. lookahead ngram")
+    tu.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    tu.add_argument("--plot", help="PNG to write (default: OUTPUT with .png)")
+    tu.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    tu.set_defaults(fn=cmd_tune)
 
     ps = sub.add_parser("passes", help="list the passes and the -O levels that run them")
     ps.set_defaults(fn=cmd_passes)

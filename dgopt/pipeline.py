@@ -179,12 +179,19 @@ def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir,
     spec_dict = spec.to_dict()
     if spec.model.path is not None:   # make the recorded spec valid from inside the artifact
         spec_dict["model"]["path"] = str(spec.resolve(spec.model.path).resolve())
+    document = spec.resolve(spec.strategy.document) if spec.strategy.document else None
+    if document is not None:
+        spec_dict["strategy"]["document"] = "document.txt"      # the artifact's copy
+    if document is not None and not lm.tokenizer_dir:
+        raise SpecError("spec field 'strategy.document': a text document needs a model with a tokenizer (this one "
+                        "is a random-init config); set Decoder.document to token ids at run time instead")
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "dgopt_version": _versions()["dgopt"],
         "versions": _versions(),
         "created_unix": int(time.time()),
-        "strategy": spec.strategy.model_dump(mode="json"),
+        # a document travels in the artifact (document.txt; the runtime encodes it once)
+        "strategy": {**spec.strategy.model_dump(mode="json"), "document": "document.txt" if document else None},
         "sampling": spec.sampling.model_dump(mode="json"),
         "target": spec.target.model_dump(mode="json"),
         "model": {**lm.info, "source": lm.source},
@@ -193,6 +200,7 @@ def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir,
         "io": io,
         "step": "step.onnx",
         "tokenizer": "tokenizer" if lm.tokenizer_dir else None,
+        "tuned": spec.tuned,
     }
     manifest.update(extra or {})
     if dm is not None and draft is None:        # fused: the draft's forwards are inside step.onnx
@@ -214,6 +222,8 @@ def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir,
         (staging / "ir.O0.yaml").write_text(yaml.safe_dump(spec_with_graph(spec_dict, g0), sort_keys=False))
         if lm.tokenizer_dir:
             _copy_tokenizer(lm.tokenizer_dir, staging / "tokenizer")
+        if document is not None:
+            (staging / "document.txt").write_text(document.read_text())
         if draft is not None and spec.strategy.kind == "uag":
             _copy_tokenizer(draft[1].tokenizer_dir, staging / "draft_tokenizer")
         for f in extra_files:

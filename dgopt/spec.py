@@ -17,9 +17,9 @@ __all__ = ["Spec", "ModelSpec", "SamplingSpec", "TargetSpec", "StrategySpec", "l
            "apply_overrides", "FAMILIES", "STRATEGY_KINDS", "DEFAULT_MAX_SEQ_LEN", "DTYPE_ALIASES", "RecycleSpec"]
 
 FAMILIES = ("llama", "gpt2", "qwen2")
-STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
-IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle")
-MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag", "recycle")
+STRATEGY_KINDS = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle", "ngram")
+IMPLEMENTED_STRATEGIES = ("autoregressive", "lookahead", "jacobi", "speculative", "uag", "ngram", "recycle")
+MULTI_TOKEN = ("lookahead", "jacobi", "speculative", "uag", "ngram", "recycle")
 DEFAULT_MAX_SEQ_LEN = 1024     # target.max_seq_len left out: this, or less where a model has fewer positions
 
 
@@ -55,7 +55,7 @@ class ModelSpec(_Strict):
 
 
 class StrategySpec(_Strict):
-    kind: Literal["autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle"] = "autoregressive"
+    kind: Literal["autoregressive", "lookahead", "jacobi", "speculative", "uag", "recycle", "ngram"] = "autoregressive"
     # lookahead: W window columns, N n-gram size (N-1 window levels), G candidate n-grams verified per step
     window: int = Field(5, ge=1)
     ngram: int = Field(4, ge=1)
@@ -78,6 +78,19 @@ class StrategySpec(_Strict):
     # recycle: true (lossless) verifies the module's k proposals with the target each step; false is RecycleGPT's
     # own mode, LOSSY: tokens from the module are committed unverified
     verify: bool = True
+    # ngram (prompt lookup): k tokens of up to `guesses` continuations of the longest context suffix (max_ngram down
+    # to min_ngram tokens) that occurred before; `document`: a text file whose tokens are searched as well
+    min_ngram: int = Field(1, ge=1)
+    max_ngram: int = Field(3, ge=1)
+    document: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ngram_defaults(cls, data):
+        # one guess by default: its length can then vary per step (no match: a step as cheap as autoregressive)
+        if isinstance(data, dict) and data.get("kind") == "ngram" and "guesses" not in data:
+            data = {**data, "guesses": 1}
+        return data
 
     @model_validator(mode="after")
     def _degenerate(self):
@@ -86,18 +99,27 @@ class StrategySpec(_Strict):
         if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         if self.k_schedule == "heuristic":
-            if self.kind not in ("speculative", "uag"):
-                raise ValueError(f"k_schedule heuristic needs strategy speculative or uag (got {self.kind})")
+            if self.kind not in ("speculative", "uag", "ngram"):
+                raise ValueError(f"k_schedule heuristic needs strategy speculative or uag, or ngram (got {self.kind})")
+            if self.kind == "ngram" and self.guesses != 1:
+                raise ValueError("k_schedule heuristic with ngram needs guesses 1 (one proposal of varying length)")
             if self.k > self.k_max:
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
         if self.confidence and self.kind not in ("speculative", "uag"):
             raise ValueError(f"confidence needs strategy speculative or uag (got {self.kind})")
+        if self.kind == "ngram":
+            if self.guesses < 1:
+                raise ValueError("ngram needs guesses >= 1 (continuations verified per step)")
+            if self.min_ngram > self.max_ngram:
+                raise ValueError(f"min_ngram {self.min_ngram} exceeds max_ngram {self.max_ngram}")
+        elif self.document is not None:
+            raise ValueError(f"document applies to strategy ngram only, not '{self.kind}'")
         return self
 
     @property
     def draft_loop(self) -> bool:
         """The draft's chain is a loop (its length varies per step: a heuristic k, or an early stop)."""
-        return self.k_schedule == "heuristic" or self.confidence > 0
+        return self.kind != "ngram" and (self.k_schedule == "heuristic" or self.confidence > 0)
 
 
 class SamplingSpec(_Strict):
@@ -146,6 +168,7 @@ class Spec(_Strict):
     sampling: SamplingSpec = SamplingSpec()
     target: TargetSpec = TargetSpec()
     graph: dict[str, Any] | None = None   # explicit IR (what `--dump-passes` writes); replaces strategy expansion
+    tuned: dict[str, Any] | None = None   # written by `dgopt tune`: what was measured where; recorded in the manifest
 
     _base_dir: Path = Path(".")
 
@@ -181,6 +204,9 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
         raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
+    if spec.strategy.kind == "ngram" and spec.strategy.k_schedule == "heuristic" and spec.sampling.kind == "sample":
+        raise SpecError("spec field 'strategy.k_schedule': heuristic ngram proposals vary in length, greedy only (a "
+                        "sampled step verifies a fixed width of k): use k_schedule constant")
     if spec.strategy.draft_loop and spec.sampling.kind == "sample":
         field = "k_schedule" if spec.strategy.k_schedule == "heuristic" else "confidence"
         why = ("speculative sampling needs the draft's distribution at each proposal" if spec.strategy.kind ==
@@ -209,6 +235,8 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.target.backend == "tensorrt" and spec.target.device != "cuda":
         raise SpecError("spec field 'target.device': the tensorrt backend needs device 'cuda'")
     spec._base_dir = Path(base_dir).resolve()
+    if spec.strategy.document is not None and not spec.resolve(spec.strategy.document).is_file():
+        raise SpecError(f"spec field 'strategy.document': file not found: {spec.strategy.document}")
     return spec
 
 

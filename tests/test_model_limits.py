@@ -7,6 +7,7 @@ import dgopt
 from conftest import PROMPTS, TINY, hf_greedy, hf_model, tiny_spec
 from dgopt.errors import DgoptError
 from dgopt.spec import spec_from_dict
+from test_uag import pair  # noqa: F401 - the uag target, its prompts and references (a fixture)
 
 SHORT_GPT2 = {"config": {**TINY["gpt2"], "n_positions": 48}, "seed": 5}
 SHORT_LLAMA_MHA = {"config": {**TINY["llama"], "num_key_value_heads": 4, "max_position_embeddings": 40}, "seed": 5}
@@ -88,3 +89,14 @@ def test_dtype_names_of_transformers(tmp_path):
     m = dgopt.load(art).manifest
     assert m["target"]["precision"] == "fp32"
     assert yaml.safe_load((art / "ir.yaml").read_text())["model"]["dtype"] == "fp32"
+
+
+def test_uag_short_draft_runs_past_its_limit(pair, tmp_path):
+    """uag end to end with a draft of 24 positions: the target's default max_seq_len stays 512 and the drafter
+    stops at its own limit at run time, so the generation goes on past it with the target's tokens."""
+    from test_uag import _pair_model
+    short, _ = _pair_model(tmp_path, "short", "code-bpe-1k", 300, {**TINY["qwen2"], "max_position_embeddings": 24}, 1)
+    spec = {"model": {"path": str(pair["target"])}, "draft": {"path": str(short)}, "strategy": {"kind": "uag", "k": 4}}
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "a"))
+    assert dec.manifest["target"]["max_seq_len"] == 512
+    assert dec.generate(pair["prompts"][:4], max_new_tokens=40).ids == pair["refs"][:4]

@@ -34,7 +34,7 @@ class Decoder:
         # k_schedule heuristic or a confidence threshold: a per-step draft_k goes to whichever graph holds the
         # draft's loop
         st = self.manifest["strategy"]
-        loop = st.get("k_schedule") == "heuristic" or bool(st.get("confidence"))
+        loop = st["kind"] != "ngram" and (st.get("k_schedule") == "heuristic" or bool(st.get("confidence")))
         has_k = any("draft_k" in s.inputs for s in (self.session, self.draft_session) if s is not None)
         if loop != has_k:
             raise ArtifactError(f"corrupt manifest: strategy.k_schedule '{st.get('k_schedule')}' and confidence "

@@ -114,7 +114,10 @@ class Server:
         self.has_tokenizer = bool(m.get("tokenizer"))
         if self.has_tokenizer:
             decoder.tokenizer           # load it now, not in the first request
-        decoder.generate([[0]], max_new_tokens=2)   # and the session's first-run costs: /health is ok when warm
+        try:                            # and the session's first-run costs: /health is ok when warm
+            decoder.generate([[decoder.pad]], max_new_tokens=2)
+        except Exception as e:  # noqa: BLE001 - a warm-up is no reason not to serve; requests will tell
+            log.warning("warm-up generate failed: %s", e)
         self.created = int(time.time())
         self._bridge: _Bridge | None = None
         self.metrics = Metrics(lambda: self.batcher.queue_depth(), self.model_name, m["strategy"]["kind"])

@@ -7,6 +7,7 @@ from .autoregressive import expand_autoregressive
 from .jacobi import expand_jacobi
 from .lookahead import expand_lookahead
 from .recycle import expand_recycle
+from .ngram import expand_ngram
 from .speculative import expand_speculative
 from .uag import expand_uag
 
@@ -17,6 +18,7 @@ EXPANDERS = {
     "speculative": expand_speculative,
     "uag": expand_uag,
     "recycle": expand_recycle,
+    "ngram": expand_ngram,
 }
 
 __all__ = ["expand", "EXPANDERS"]

@@ -28,6 +28,7 @@ from ..errors import DgoptError
 TRAIN_COMMANDS: dict[str, str] = {
     "lm": "dgopt.training.finetune",
     "recycle": "dgopt.training.recycle",
+    "consistency": "dgopt.training.consistency",
 }
 
 
@@ -143,6 +144,12 @@ def cmd_models(a) -> int:
     if a.name in recycle.RECIPES:     # a recyclable module (strategy recycle), not a model
         _check_device(a.device, "models build")
         print(recycle.build(a.name, a.out, a.device, a.seed or None))
+        return 0
+    from . import consistency
+    if a.name in consistency.RECIPES:      # consistency-trained: fine-tuned from its base within a time budget
+        cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
+            (["--device", a.device] if a.device != "cpu" else []) + (["--seed", str(a.seed)] if a.seed else [])
+        print(consistency.build(a.name, out=a.out, device=a.device, seed=a.seed, command=" ".join(cmd)))
         return 0
     if a.name not in RECIPES:
         raise DgoptError(f"unknown model '{a.name}' (known: {', '.join(RECIPES)})")

@@ -4,6 +4,7 @@ from .autoregressive import Autoregressive
 from .jacobi import Jacobi
 from .lookahead import Lookahead
 from .recycle import Recycle
+from .ngram import Ngram
 from .speculative import Speculative
 from .uag import UAG
 
@@ -14,6 +15,7 @@ STRATEGIES = {
     "speculative": Speculative,
     "uag": UAG,
     "recycle": Recycle,
+    "ngram": Ngram,
 }
 
 __all__ = ["STRATEGIES"]

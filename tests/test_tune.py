@@ -1,0 +1,98 @@
+"""dgopt tune with injected timings (deterministic): it picks the faster of the configurations it timed, never
+writes one slower than autoregressive (nor one inside the noise margin), skips what the cost curve rules out, and
+the spec it writes compiles into an artifact whose manifest says it was tuned."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import dgopt
+from conftest import tiny_spec
+from dgopt.spec import load_spec
+from dgopt.tune import MARGIN, Measured, candidates, tune
+
+FLAT = {q: 1.0 for q in (1, 2, 4, 8, 16, 32, 64)}          # a GPU-like curve: more positions cost nothing
+
+
+def fake(ratios: dict, calls: list):
+    def measure(c, dec, prompts):
+        calls.append(c.name)
+        r = ratios.get(c.name, 0.5)
+        return Measured(c, 100.0 * r, r, 2.0, 10.0)
+    return measure
+
+
+def run(tmp_path, ratios, cost=FLAT, spec=None):
+    calls = []
+    rep = tune(spec or tiny_spec("llama", strategy={"kind": "ngram", "k": 3}), tmp_path / "tuned.yaml",
+               progress=False, measure=fake(ratios, calls), cost=lambda dec: cost, plot=tmp_path / "tuned.png")
+    return rep, calls, yaml.safe_load((tmp_path / "tuned.yaml").read_text())
+
+
+def test_picks_the_faster_of_two_and_writes_a_compilable_tuned_spec(tmp_path):
+    rep, calls, written = run(tmp_path, {"ngram k2 G1": 1.3, "ngram k6 G1": 1.6})
+    assert rep.chosen.name == "ngram k6 G1" and "ngram k2 G1" in calls
+    assert written["strategy"] == {**rep.chosen.strategy} and written["strategy"]["k"] == 6
+    assert written["tuned"]["chosen"] == "ngram k6 G1" and written["tuned"]["vs_autoregressive"] == 1.6
+    text = (tmp_path / "tuned.yaml").read_text()
+    assert "# Tuned by `dgopt tune`" in text and "ngram k2 G1: 130.0 tok/s, 1.30x" in text
+    assert (tmp_path / "tuned.png").stat().st_size > 0
+    art = dgopt.compile(load_spec(tmp_path / "tuned.yaml"), tmp_path / "art")
+    assert json.loads((art / "manifest.json").read_text())["tuned"]["chosen"] == "ngram k6 G1"
+    out = subprocess.run([sys.executable, "-m", "dgopt", "inspect", str(art), "--no-browser"], capture_output=True,
+                         text=True)
+    assert "ngram k6 G1" in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize("best", [0.9, MARGIN - 0.01], ids=["slower", "within_noise"])
+def test_never_writes_a_config_slower_than_autoregressive(best, tmp_path):
+    rep, calls, written = run(tmp_path, {"ngram k3 G1": best})
+    assert len(calls) > 3                                       # they were measured, and all lost
+    assert rep.chosen.strategy == {"kind": "autoregressive"} and written["strategy"] == {"kind": "autoregressive"}
+    assert "autoregressive is the tuned choice" in (tmp_path / "tuned.yaml").read_text()
+
+
+def test_a_win_that_does_not_repeat_is_not_chosen(tmp_path):
+    """The winner is timed twice; the lower ratio counts: a fluke first block pair does not make the choice."""
+    seq = iter([1.5, 0.95])
+    calls = []
+
+    def measure(c, dec, prompts):
+        calls.append(c.name)
+        r = next(seq) if c.name == "ngram k2 G1" else 0.5
+        return Measured(c, 100.0 * r, r, 2.0, 10.0)
+    rep = tune(tiny_spec("llama", strategy={"kind": "ngram", "k": 3}), tmp_path / "t.yaml", progress=False,
+               measure=measure, cost=lambda dec: FLAT)
+    assert calls.count("ngram k2 G1") == 2 and rep.chosen.name == "autoregressive"
+    assert "confirmation run: 0.95x" in (tmp_path / "t.yaml").read_text()
+
+
+def test_cost_curve_skips_configs_that_cannot_win(tmp_path):
+    steep = {q: float(q) for q in FLAT}                         # a step costs its positions: nothing can pay
+    rep, calls, _ = run(tmp_path, {"ngram k3 G1": 2.0}, cost=steep)
+    assert calls == [] and rep.chosen.name == "autoregressive"
+    assert all(r.note.startswith("skipped") for r in rep.rows)
+
+
+def test_candidates_per_kind():
+    from dgopt.spec import spec_from_dict
+    la = candidates(spec_from_dict(tiny_spec("llama", strategy={"kind": "lookahead", "window": 3, "ngram": 3,
+                                                                "guesses": 3})))
+    assert la[0].name == "lookahead W3 N3 G3" and la[0].positions == 1 + (3 + 3) * 2
+    both = candidates(spec_from_dict(tiny_spec("llama", strategy={"kind": "jacobi"})), ["jacobi", "ngram"])
+    assert {c.strategy["kind"] for c in both} == {"jacobi", "ngram"}
+
+
+def test_cli_bad_input(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dgopt", "tune", *args], capture_output=True, text=True)
+    r = cli(str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "t.yaml"))
+    assert r.returncode == 2 and "spec file not found" in r.stderr
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_spec("llama", strategy={"kind": "ngram"})))
+    r = cli(str(tmp_path / "s.yaml"), "-o", str(tmp_path / "t.yaml"), "--minutes", "0")
+    assert r.returncode == 2 and "--minutes must be > 0" in r.stderr
+    r = cli(str(tmp_path / "s.yaml"), "-o", str(tmp_path / "t.yaml"), "--kinds", "speculative")
+    assert r.returncode == 2 and "needs the spec's draft model" in r.stderr
+    assert not (tmp_path / "t.yaml").exists()
