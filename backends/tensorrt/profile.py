@@ -12,7 +12,8 @@ feed, from these bounds (S = target.max_seq_len):
   third of the slots, checked at doubling sizes, so the slots stay below 3S before a step adds its own W (the sum
   of the widths): past <= 3S + W (seen: 131 at S = 64 for speculative sampling in a ragged batch of 3);
 - a total is past plus every q of the step (merged branches see each other's columns): total <= past_max + sum q_max;
-- guesses and length are the strategy's block, from 1 (the last steps shrink to fit max_seq_len).
+- guesses and length are the strategy's block, from 1 (ngram's length from 0: a step with no match proposes
+  nothing).
 
 A dim named otherwise, or a strategy kind without widths, is a BackendError naming it: an engine whose profile
 misses a shape the runtime feeds fails at run time, on the GPU, far from the cause."""
@@ -47,6 +48,13 @@ def step_widths(strategy: dict | None) -> dict[str, int]:
         # fused speculative: the draft's catch-up (`draft_`), its chain input (`x_`) and the target's verify;
         # unfused and uag: the verify step (the draft's own step graph is autoregressive: `q`)
         return {"": k, "draft_": k, "x_": k, "verify_": k, "guesses": 1, "length": k + 1}
+    if kind == "ngram":     # verify branch alone: up to `guesses` continuations of k (k_max with the heuristic)
+        k = int(st["k_max"] if st.get("k_schedule") == "heuristic" else st["k"])
+        g = int(st.get("guesses") or 1)
+        return {"verify_": g * k + 1, "guesses": g, "length": k + 1}
+    if kind == "recycle":   # the verify branch over [x-block, k proposals]; the module chain runs inside the step
+        k = int(st["k"]) + 1
+        return {"verify_": k, "guesses": 1, "length": k + 1}
     raise BackendError(f"tensorrt profile: strategy kind '{kind}' has no step widths (add it to "
                        "backends/tensorrt/profile.py step_widths)")
 
@@ -100,7 +108,9 @@ def dim_ranges(dims, strategy: dict | None, max_batch: int, max_seq_len: int, op
             if n is None:
                 raise BackendError(f"tensorrt profile: input '{where.get(d, '?')}' has dim '{d}', but strategy "
                                    f"'{(strategy or {}).get('kind', 'autoregressive')}' has no {d}")
-            out[d] = (1, n, n)
+            # ngram proposes nothing when the context has no match: an empty candidate block
+            lo = 0 if d == "length" and (strategy or {}).get("kind") == "ngram" else 1
+            out[d] = (lo, n, n)
         else:
             raise BackendError(f"tensorrt profile: input '{where.get(d, '?')}' has dynamic dim '{d}', which is not "
                                "one the lowering writes (batch, past, [<branch>_]q, [<branch>_]total, "
