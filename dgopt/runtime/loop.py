@@ -169,7 +169,7 @@ class Loop:
 
                 # the next x-block: each row's last accepted token; finished rows stay where they are (their
                 # positions must not run past the model's position table)
-                last = [chain[b][m[b]] for b in range(B)]
+                last = self.last = [chain[b][m[b]] for b in range(B)]
                 if B == 1:
                     self.x_ids = np.array([[dec.pad if done[0] else last[0]]], np.int64)
                 else:
