@@ -1,7 +1,6 @@
 """Shared benchmark helpers: the machine line, the model under test, a fixed prompt set."""
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
@@ -16,15 +15,8 @@ RANDOM_65M = {"family": "llama", "vocab_size": 4096, "hidden_size": 256, "interm
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+    from dgopt.tune import machine as cpu_and_cores
+    return f"{cpu_and_cores()}, {platform.system()}"
 
 
 def model_spec(name: str) -> dict:

@@ -25,7 +25,6 @@ import platform
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,13 +530,10 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
 def _save(model, src: Path, out: Path, info: dict) -> None:
     """Weights as float16 (config says float32: from_pretrained upcasts, the fast dtype on CPUs), the base's
     tokenizer files, the build info; staged beside ``out`` and swapped in."""
-    import os
-
     import torch
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    from .build import staged
+    with staged(out) as staging:
         half = model.to(torch.float16)
         half.config.dtype = "float32"
         half.save_pretrained(str(staging))
@@ -549,16 +545,8 @@ def _save(model, src: Path, out: Path, info: dict) -> None:
             if (src / f).is_file():
                 shutil.copy(src / f, staging / f)
         (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        staging.chmod(0o755)
         for f in staging.iterdir():
             f.chmod(0o644)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def summary(info: dict) -> str:
