@@ -26,6 +26,16 @@ SAMPLING = {
 }
 
 
+@pytest.fixture(scope="session")
+def artifacts(artifacts):
+    """conftest's artifacts, lowered as for a GPU (target.device cuda unless a test says otherwise): on the CPU,
+    forward auto writes onnxruntime contrib ops, which TensorRT's parser does not know."""
+    def get(family="llama", opt_level=2, **sections):
+        sections["target"] = {"device": "cuda", **sections.get("target", {})}
+        return artifacts(family, opt_level, **sections)
+    return get
+
+
 def errors(findings):
     return [f for f in findings if f.severity == "error"]
 
