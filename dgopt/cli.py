@@ -235,7 +235,9 @@ def cmd_tune(a) -> int:
                threads=a.threads, plot=a.plot or str(Path(a.output).with_suffix(".png")), overrides=a.set or [],
                progress=console.is_terminal)
     print_table(rep, console)
-    console.print(f"wrote {a.output} and {a.plot or Path(a.output).with_suffix('.png')} in {rep.seconds:.0f}s")
+    png = Path(a.plot or Path(a.output).with_suffix(".png"))
+    wrote = f"{a.output} and {png}" if png.is_file() else f"{a.output} (no plot: matplotlib is not installed)"
+    console.print(f"wrote {wrote} in {rep.seconds:.0f}s")
     return 0
 
 

@@ -12,6 +12,8 @@ cost curve already puts below autoregressive is skipped without compiling it.
 """
 from __future__ import annotations
 
+import logging
+
 import copy
 import json
 import math
@@ -28,6 +30,7 @@ import yaml
 from .errors import DgoptError
 from .spec import Spec, load_spec
 
+log = logging.getLogger("dgopt.tune")
 __all__ = ["tune", "candidates", "Candidate", "Measured", "TuneReport", "MARGIN", "COST_POSITIONS"]
 
 MARGIN = 1.03               # a configuration must beat autoregressive by 3 % (above this machine's block-to-block noise)
@@ -349,7 +352,10 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
                         statistics.median(ar_tps) if ar_tps else float("nan"), time.perf_counter() - t_start)
     report.spec = _write(raw, report, Path(out), src, sp)
     if plot:
-        save_plot(report, plot)
+        try:
+            save_plot(report, plot)
+        except ImportError:     # the spec and table are the result; the plot is optional (not in the core deps)
+            log.warning("plot not written: matplotlib is not installed (pip install matplotlib, or dgopt[bench])")
     return report
 
 

@@ -21,14 +21,16 @@
 #   ar_fp16        60s  benchmarks/ar_decode.py --device cuda --precision fp16: tokens/s vs transformers fp16 and
 #                       the per-token latency floor (weights / bandwidth + launches)
 #   sampling       40s  benchmarks/sampling.py --device cuda: the sampler alone, torch CUDA vs ORT CUDA EP
-#   ar_fp32        45s  the same as ar_fp16 in fp32
 #   strategies     75s  benchmarks/strategies.py --device cuda on the shipped code-tiny and drafts (no training, no
 #                       tokenizer retraining: shipped assets only); rows are written as each completes
+#   tune           45s  dgopt tune specs/lookahead.yaml --kinds lookahead ngram on the device: the GPU's cost curve
+#                       by positions per forward and the config it picks there (tune.yaml, its header the numbers)
+#   ar_fp32        45s  the same as ar_fp16 in fp32 (last: runs when the stages before left it room)
 #
 # A stage whose limit no longer fits in what is left of BUDGET_S is skipped and says so. Results, all under $OUT (at
 # most 8 files come back): stages.json (one entry per stage, rewritten after each: rc, seconds, status, the last
 # lines of its output), log.txt (every stage's full output), ar_fp16.json, ar_fp32.json, sampling.json,
-# strategies.json. Exit status: 4 dgopt does not import, 2 no CUDA EP, 3 no pytest, 1 a stage failed or was
+# strategies.json, tune.yaml. Exit status: 4 dgopt does not import, 2 no CUDA EP, 3 no pytest, 1 a stage failed or was
 # skipped, 0 all passed.
 #
 # Knobs (environment): DEVICE (cuda; cpu runs the same plumbing, as checked on the CPU machine with
@@ -150,11 +152,15 @@ if [ "$DEVICE" = cuda ]; then
         --prompts "$PROMPTS" --new "$NEW" --repeats "$REPEATS" --out "$WORK/ar_fp16"
 fi
 stage sampling 40 "$PY" benchmarks/sampling.py --device "$DEVICE" --repeats 5 --out "$WORK/sampling"
-stage ar_fp32 45 "$PY" benchmarks/ar_decode.py --device "$DEVICE" --model "$MODEL" \
-    --prompts "$PROMPTS" --new "$NEW" --repeats "$REPEATS" --out "$WORK/ar_fp32"
 stage strategies 75 "$PY" benchmarks/strategies.py --device "$DEVICE" --model "$MODEL" --prompts "$PROMPTS" \
     --new "$NEW" --configs 5,4,5 --jacobi 8 --k 3 --unfused-k --sample-k 3 --heuristic 8 --confidence \
     --repeats "$REPEATS" --out "$WORK/strategies"
+mkdir -p "$WORK/tune"
+stage tune 45 "$PY" -m dgopt tune specs/lookahead.yaml --set target.device="$DEVICE" --kinds lookahead ngram \
+    --minutes 0.5 --new-tokens 32 -o "$WORK/tune/lookahead.tuned.yaml"
+[ -f "$WORK/tune/lookahead.tuned.yaml" ] && cp "$WORK/tune/lookahead.tuned.yaml" "$OUT/tune.yaml"
+stage ar_fp32 45 "$PY" benchmarks/ar_decode.py --device "$DEVICE" --model "$MODEL" \
+    --prompts "$PROMPTS" --new "$NEW" --repeats "$REPEATS" --out "$WORK/ar_fp32"
 
 echo "device_check: $(($(date +%s) - START))s of BUDGET_S=${BUDGET_S}s; results in $OUT" | tee -a "$OUT/log.txt"
 rm -rf "$WORK"

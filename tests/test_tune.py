@@ -96,3 +96,10 @@ def test_cli_bad_input(tmp_path):
     r = cli(str(tmp_path / "s.yaml"), "-o", str(tmp_path / "t.yaml"), "--kinds", "speculative")
     assert r.returncode == 2 and "needs the spec's draft model" in r.stderr
     assert not (tmp_path / "t.yaml").exists()
+
+
+def test_without_matplotlib_the_spec_is_still_written(tmp_path, monkeypatch):
+    """The plot is optional (matplotlib is not a core dependency, and the GPU image may lack it)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib -> ImportError
+    rep, _, written = run(tmp_path, {"ngram k6 G1": 1.6})
+    assert written["tuned"]["chosen"] == "ngram k6 G1" and not (tmp_path / "tuned.png").exists()
