@@ -31,11 +31,10 @@ class Decoder:
             dman = {**self.manifest, "step": d["step"], "io": d["io"], "model": d["model"],
                     "target": {**self.manifest["target"], "backend": "onnx"}}
             self.draft_session = make_session(self.path, dman, device, 1, io_binding=io_binding)
-        # a draft chain (speculative, uag) with a k_schedule heuristic or a confidence threshold is a loop: a per-step
-        # draft_k goes to whichever graph holds it (ngram's heuristic k is host-side: no draft_k)
+        # k_schedule heuristic or a confidence threshold: a per-step draft_k goes to whichever graph holds the
+        # draft's loop
         st = self.manifest["strategy"]
-        loop = st["kind"] in ("speculative", "uag") and (st.get("k_schedule") == "heuristic"
-                                                         or bool(st.get("confidence")))
+        loop = st["kind"] != "ngram" and (st.get("k_schedule") == "heuristic" or bool(st.get("confidence")))
         has_k = any("draft_k" in s.inputs for s in (self.session, self.draft_session) if s is not None)
         if loop != has_k:
             raise ArtifactError(f"corrupt manifest: strategy.k_schedule '{st.get('k_schedule')}' and confidence "
