@@ -167,7 +167,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
         return _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage)
     with stage("writing artifact"):
         out = _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level,
-                                   {"recycle": recycle | {"lossy": not spec.strategy.verify}} if recycle else None)
+                                   {"recycle": recycle} if recycle else None)
     log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
     return out
 

@@ -119,7 +119,7 @@ class StrategySpec(_Strict):
     @property
     def draft_loop(self) -> bool:
         """The draft's chain is a loop (its length varies per step: a heuristic k, or an early stop)."""
-        return self.kind != "ngram" and (self.k_schedule == "heuristic" or self.confidence > 0)
+        return self.kind in ("speculative", "uag") and (self.k_schedule == "heuristic" or self.confidence > 0)
 
 
 class SamplingSpec(_Strict):

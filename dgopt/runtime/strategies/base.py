@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Strategy", "initial_guesses"]
+__all__ = ["Strategy", "initial_guesses", "draft_stats"]
 
 
 class Strategy:
@@ -53,3 +53,17 @@ def initial_guesses(rows: list[list[int]], size: int) -> np.ndarray:
     """[B, size] tokens drawn from each prompt, seeded: repeatable runs."""
     rng = np.random.default_rng(0)
     return np.stack([rng.choice(np.array(r), size=size) for r in rows]).astype(np.int64)
+
+
+def draft_stats(loop, proposed: int, draft_compactions: int, t_draft: float | None) -> dict:
+    """Acceptance and cache stats of a drafting strategy (speculative, uag)."""
+    hist = loop.hist
+    stats = {"acceptance_rate": round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4),
+             "mean_k": round(proposed / max(sum(hist.values()), 1), 3),     # proposals per row and step
+             # rejected proposals stay in the caches as masked slots until they make up a third: then one gather
+             "cache_compactions": loop.slots.compactions + draft_compactions}
+    if t_draft is None:     # draft and target run in one call: no split of the time
+        stats["fused"] = True
+    else:
+        stats["draft_s"], stats["target_s"] = round(t_draft, 6), round(loop.elapsed - t_draft, 6)
+    return stats

@@ -46,14 +46,15 @@ class Ngram(Strategy):
             self.index.append(ix)
         self.uniform = loop.stream("uniform", loop.seed, (loop.B, self.K + 1), loop.steps_max) \
             if loop.sampled else None
-        self.proposed_n = 0
+        self.proposed_n = self.accepted_n = 0
 
     def propose(self, feeds):
         loop, K, G = self.loop, self.K, self.G
         done, last = loop.done, loop.x_ids[:, -1].tolist()
         props = [[] if done[b] else ix.propose(self.k[b], G) for b, ix in enumerate(self.index)]
         self.n = [len(p[0]) if p else 0 for p in props]
-        self.proposed_n += sum(self.n)
+        self.nmax = [max(map(len, p)) if p else 0 for p in props]      # the padding behind them is no proposal
+        self.proposed_n += sum(sum(map(len, p)) for p in props)          # every guess's own tokens
         if self.varies:
             n = max(max(len(p[0]) if p else 0 for p in props), self.least)
             rows = [(p[0] if p else []) for p in props]
@@ -62,6 +63,11 @@ class Ngram(Strategy):
             feeds["depth_uniform"] = self.uniform.next()
         cands = [[(p[g] if g < len(p) else p[0] if p else []) for g in range(G)] for p in props]
         return np.array([[c + [t] * (K - len(c)) for c in row] for row, t in zip(cands, last)], np.int64), K, G
+
+    def accepted(self, out):
+        alen, chain = super().accepted(out)
+        self.accepted_n += sum(min(a - 1, n) for a, n, d in zip(alen, self.nmax, self.loop.done) if not d)
+        return alen, chain
 
     def advance(self, m, got):
         for ix, g in zip(self.index, got):
@@ -73,8 +79,7 @@ class Ngram(Strategy):
                     self.k[b] = min(self.k[b] + 2, self.k_max) if m[b] >= n else max(self.k[b] - 1, 1)
 
     def stats(self):
-        hist, loop = self.loop.hist, self.loop
-        accepted = sum((a - 1) * c for a, c in hist.items())
-        rows_steps = max(sum(hist.values()), 1)
-        return {"acceptance_rate": round(accepted / max(self.proposed_n, 1), 4),
+        loop = self.loop
+        rows_steps = max(sum(loop.hist.values()), 1)
+        return {"acceptance_rate": round(self.accepted_n / max(self.proposed_n, 1), 4),
                 "mean_k": round(self.proposed_n / rows_steps, 3)} if loop.steps else {}

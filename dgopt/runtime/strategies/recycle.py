@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Strategy, initial_guesses
-from .speculative import draft_stats
+from .base import Strategy, draft_stats, initial_guesses
 
 __all__ = ["Recycle"]
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from ..slots import Slots, causal
-from .base import Strategy
+from .base import Strategy, draft_stats
 
 __all__ = ["Speculative", "Drafter"]
 
@@ -184,16 +184,3 @@ class Speculative(Strategy):
         return draft_stats(self.loop, self.proposed_n, self.drafter.slots.compactions,
                            None if self.fused else self.t_draft)
 
-
-def draft_stats(loop, proposed: int, draft_compactions: int, t_draft: float | None) -> dict:
-    """Acceptance and cache stats of a drafting strategy (speculative, uag)."""
-    hist = loop.hist
-    stats = {"acceptance_rate": round(sum((a - 1) * c for a, c in hist.items()) / max(proposed, 1), 4),
-             "mean_k": round(proposed / max(sum(hist.values()), 1), 3),     # proposals per row and step
-             # rejected proposals stay in the caches as masked slots until they make up a third: then one gather
-             "cache_compactions": loop.slots.compactions + draft_compactions}
-    if t_draft is None:     # draft and target run in one call: no split of the time
-        stats["fused"] = True
-    else:
-        stats["draft_s"], stats["target_s"] = round(t_draft, 6), round(loop.elapsed - t_draft, 6)
-    return stats

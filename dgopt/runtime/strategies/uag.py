@@ -9,8 +9,7 @@ import time
 import numpy as np
 
 from ..slots import causal
-from .base import Strategy
-from .speculative import draft_stats
+from .base import Strategy, draft_stats
 
 __all__ = ["UAG", "XTokDrafter"]
 
