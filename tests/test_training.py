@@ -104,8 +104,9 @@ def test_train_lm_on_its_own_generations(tmp_path, capsys, tiny_lm):
 @pytest.mark.parametrize("argv, message", [
     (["NOPE", "-o", "{t}/o"], "MODEL_DIR NOPE: not a model directory"),
     (["{m}", "-o", "{t}/o", "--data", "{t}/missing"], "--data {t}/missing: no such file or directory"),
-    (["{m}", "-o", "{m}"], "is MODEL_DIR itself"),
-    (["{m}", "-o", "{t}/o", "--minutes", "0"], "--minutes must be > 0"),
+    (["{m}", "-o", "{m}"], "contains MODEL_DIR"),
+    (["{m}", "-o", "{t}/o", "--minutes", "0"], "--minutes must be a finite number > 0"),
+    (["{m}", "-o", "{t}/o", "--minutes", "nan"], "--minutes must be a finite number > 0"),
     (["{m}", "-o", "{t}/o", "--seq-len", "0"], "--seq-len must be >= 1"),
 ])
 def test_train_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, argv, message):
@@ -114,6 +115,23 @@ def test_train_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_l
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and fill(message) in err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_an_output_it_would_destroy_before_training(tmp_path, capsys, tiny_lm):
+    """-o is replaced as a whole when training ends: a directory holding something else, a path under a file, and
+    a directory containing MODEL_DIR are refused at once, and nothing is touched."""
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "precious.txt").write_text("keep me")
+    (tmp_path / "file").write_text("x")
+    inner = tmp_path / "models" / "m"
+    shutil.copytree(tiny_lm, inner)
+    for out, model, message in ((home, tiny_lm, "holds no model"), (tmp_path / "file" / "sub", tiny_lm,
+                                "cannot create it"), (tmp_path / "models", inner, "contains MODEL_DIR")):
+        code = main(["train", "lm", str(model), "-o", str(out), "--max-steps", "3", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert (home / "docs" / "precious.txt").read_text() == "keep me" and (inner / "config.json").is_file()
 
 
 def test_train_lm_without_tokenizer_is_one_line(tmp_path, capsys, tiny_lm):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,27 @@ def _check_device(device: str, what: str) -> None:
             raise DgoptError(f"{what} --device cuda: no CUDA device here (or torch is the CPU build)")
 
 
+MODEL_FILES = ("config.json", "dgopt_build.json", "recycle.json")
+
+
+def check_out(out: Path, option: str, model_dir: Path | None = None) -> None:
+    """An output directory is replaced whole when training ends: refuse, before any training, one that holds
+    something other than a model (it would be deleted), one that contains MODEL_DIR, or one that cannot be written."""
+    o = out.resolve()
+    if o.exists() and not o.is_dir():
+        raise DgoptError(f"{option} {out}: exists and is not a directory")
+    if model_dir is not None and (o == model_dir.resolve() or o in model_dir.resolve().parents):
+        raise DgoptError(f"{option} {out}: contains MODEL_DIR {model_dir}; write the trained model elsewhere")
+    if o.is_dir() and any(o.iterdir()) and not any((o / f).is_file() for f in MODEL_FILES):
+        raise DgoptError(f"{option} {out}: an existing directory that holds no model; it would be replaced as a "
+                         "whole: name a new directory (or a model directory to overwrite)")
+    up = o.parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir() or not os.access(up, os.W_OK):
+        raise DgoptError(f"{option} {out}: cannot create it under {up} (not a writable directory)")
+
+
 def common_options(a) -> Common:
     """Check the shared options: one-line errors naming the option."""
     from .trainer import resolve_built
@@ -84,11 +107,10 @@ def common_options(a) -> Common:
                          "name") from None
     for name in ("minutes", "max_steps", "lr"):
         v = getattr(a, name)
-        if v is not None and v <= 0:
-            raise DgoptError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise DgoptError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
     out = Path(a.out)
-    if out.resolve() == model_dir.resolve():
-        raise DgoptError(f"-o {a.out}: is MODEL_DIR itself; write the trained model elsewhere")
+    check_out(out, "-o", model_dir)
     for src in a.data:
         if src not in ("self", "stdlib") and not Path(src).exists():
             raise DgoptError(f"--data {src}: no such file or directory (or: self, stdlib)")
@@ -107,6 +129,8 @@ def cmd_train(a) -> int:
         return mod.run(a, common_options(a))
     except ValueError as e:     # a model or data that does not fit, found while preparing: one line
         raise DgoptError(str(e)) from None
+    except OSError as e:        # an unreadable model file, a full disk: one line naming the path
+        raise DgoptError(f"train {a.train_cmd}: {e.strerror or e} ({e.filename or a.out})") from None
 
 
 def add_train_parser(sub) -> None:
@@ -140,6 +164,8 @@ def cmd_models(a) -> int:
             print(f"{m['name']:16s} {m['params'] / 1e6:6.2f} M  {m['tokenizer']:12s} {m['val_ppl'] or '-':>8} "
                   f"{m['unigram_ppl'] or '-':>8}  {where}")
         return 0
+    if a.out:
+        check_out(Path(a.out), "--out")
     from . import recycle
     if a.name in recycle.RECIPES:     # a recyclable module (strategy recycle), not a model
         _check_device(a.device, "models build")
