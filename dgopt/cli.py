@@ -157,6 +157,8 @@ def cmd_run(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    if not 0 < a.port < 65536:
+        raise DgoptError(f"--port {a.port}: must be 1..65535")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -235,8 +237,7 @@ def cmd_tune(a) -> int:
                threads=a.threads, plot=a.plot or str(Path(a.output).with_suffix(".png")), overrides=a.set or [],
                progress=console.is_terminal)
     print_table(rep, console)
-    png = Path(a.plot or Path(a.output).with_suffix(".png"))
-    wrote = f"{a.output} and {png}" if png.is_file() else f"{a.output} (no plot: matplotlib is not installed)"
+    wrote = f"{a.output} and {rep.plot}" if rep.plot else f"{a.output} (no plot: matplotlib is not installed)"
     console.print(f"wrote {wrote} in {rep.seconds:.0f}s")
     return 0
 

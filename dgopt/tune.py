@@ -12,12 +12,12 @@ cost curve already puts below autoregressive is skipped without compiling it.
 """
 from __future__ import annotations
 
-import logging
-
 import copy
 import json
+import logging
 import math
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -64,6 +64,7 @@ class TuneReport:
     autoregressive_tokens_per_s: float
     seconds: float
     spec: dict = field(default_factory=dict)
+    plot: Path | None = None           # the PNG written (None: no plot, e.g. without matplotlib)
 
 
 def machine() -> str:
@@ -273,90 +274,100 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
         raise DgoptError("tune: this spec gives an explicit graph, not a strategy to tune")
     if minutes <= 0:
         raise DgoptError(f"tune: --minutes must be > 0, got {minutes:g}")
+    if new < 1:
+        raise DgoptError(f"tune: --new-tokens must be >= 1, got {new}")
+    if Path(out).is_dir():
+        raise DgoptError(f"tune: -o {out}: is a directory; name the tuned spec file to write")
+    if prompts and not Path(prompts).is_file():
+        raise DgoptError(f"--prompts {prompts}: file not found")
     cands = candidates(sp, kinds)
     sampled = sp.sampling.kind == "sample"
     work = Path(tempfile.mkdtemp(prefix="dgopt-tune-"))
+    try:
 
-    def compiled(strategy: dict, name: str):
-        d = _for_strategy(raw, strategy)
-        return dgopt.load(dgopt.compile(_absolute(d, sp), work / name, opt_level=2), threads=threads)
+        def compiled(strategy: dict, name: str):
+            d = _for_strategy(raw, strategy)
+            return dgopt.load(dgopt.compile(_absolute(d, sp), work / name, opt_level=2), threads=threads)
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 150)
-    steps_total = 2 + len(cands)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
-        task = bar.add_task("compiling autoregressive", total=steps_total)
-        ar = compiled({"kind": "autoregressive"}, "autoregressive")
-        bar.update(task, advance=1, description="measuring the cost curve")
-        cost_ms = (cost or cost_curve)(ar)
-        bar.update(task, advance=1)
-        ps = read_prompts(prompts, ar) if prompts else default_prompts(ar)
-        ar_tps: list[float] = []
-        if measure is None:
-            ar.generate(ps[0], max_new_tokens=8)                  # warm-up
-            toks, secs, _ = run_block(ar, ps, new)
-            ar_tps.append(toks / secs)
-        rows: list[Measured] = []
-        decs: dict[str, object] = {}
-        deadline = t_start + 60 * minutes
-        for c in cands:
-            bar.update(task, description=f"measuring {c.name}")
-            bound = c.best_case * _interp(cost_ms, 1) / _interp(cost_ms, c.positions)
-            if bound < MARGIN:
-                rows.append(Measured(c, note=f"skipped: at most {bound:.2f}x autoregressive by the cost curve"))
-            elif time.perf_counter() > deadline:
-                rows.append(Measured(c, note=f"not measured: --minutes {minutes:g} used up"))
-            else:
-                key = _graph_key(c.strategy, sampled)
-                if key not in decs:
-                    decs[key] = compiled(c.strategy, f"c{len(decs)}")
-                dec = decs[key]
-                host = {k: v for k, v in c.strategy.items() if k != "document"}   # (the artifact has its copy)
-                dec.manifest["strategy"] = {**dec.manifest["strategy"], **host}         # host-side parameters
-                if measure is not None:
-                    m = measure(c, dec, ps)
-                else:
-                    m = _measure(c, dec, ar, ps, new)
-                    ar_tps.append(m.tokens_per_s / m.ratio)
-                rows.append(m)
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 150)
+        steps_total = 2 + len(cands)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
+            task = bar.add_task("compiling autoregressive", total=steps_total)
+            ar = compiled({"kind": "autoregressive"}, "autoregressive")
+            bar.update(task, advance=1, description="measuring the cost curve")
+            cost_ms = (cost or cost_curve)(ar)
             bar.update(task, advance=1)
-        timed = [r for r in rows if r.ratio is not None]
-        confirmed: list[Measured] = []
-        # one block pair can be a fluke on a shared machine: the leader is timed against autoregressive once more
-        # and keeps the lower of its two ratios; a leader that falls back makes room for the next (3 tries), and
-        # only a confirmed config can be chosen
-        for _ in range(3):
-            best = max(timed, key=lambda r: r.ratio, default=None)
-            if best is None or best.ratio < MARGIN or any(best is c for c in confirmed):
-                break
-            confirmed.append(best)
-            bar.update(task, description=f"confirming {best.candidate.name}")
-            dec = decs[_graph_key(best.candidate.strategy, sampled)]
-            dec.manifest["strategy"] = {**dec.manifest["strategy"], **{
-                k: v for k, v in best.candidate.strategy.items() if k != "document"}}
-            again = measure(best.candidate, dec, ps) if measure is not None else \
-                _measure(best.candidate, dec, ar, ps, new)
-            if again.ratio < best.ratio:
-                best.note = f"confirmation run: {again.ratio:.2f}x (first {best.ratio:.2f}x); the lower counts"
-                best.ratio, best.tokens_per_s = again.ratio, again.tokens_per_s
-            else:
-                best.note = f"confirmed: {again.ratio:.2f}x in a second run"
-    best = max(confirmed, key=lambda r: r.ratio, default=None)
-    if best is not None and best.ratio >= MARGIN:
-        chosen = best.candidate
-    else:
-        chosen = Candidate("autoregressive", {"kind": "autoregressive"}, 1, 1)
-    report = TuneReport(chosen, rows, cost_ms, machine(),
-                        statistics.median(ar_tps) if ar_tps else float("nan"), time.perf_counter() - t_start)
-    report.spec = _write(raw, report, Path(out), src, sp)
-    if plot:
-        try:
-            save_plot(report, plot)
-        except ImportError:     # the spec and table are the result; the plot is optional (not in the core deps)
-            log.warning("plot not written: matplotlib is not installed (pip install matplotlib, or dgopt[bench])")
-    return report
+            ps = read_prompts(prompts, ar) if prompts else default_prompts(ar)
+            ar_tps: list[float] = []
+            if measure is None:
+                ar.generate(ps[0], max_new_tokens=8)                  # warm-up
+                toks, secs, _ = run_block(ar, ps, new)
+                ar_tps.append(toks / secs)
+            rows: list[Measured] = []
+            decs: dict[str, object] = {}
+            deadline = t_start + 60 * minutes
+            for c in cands:
+                bar.update(task, description=f"measuring {c.name}")
+                bound = c.best_case * _interp(cost_ms, 1) / _interp(cost_ms, c.positions)
+                if bound < MARGIN:
+                    rows.append(Measured(c, note=f"skipped: at most {bound:.2f}x autoregressive by the cost curve"))
+                elif time.perf_counter() > deadline:
+                    rows.append(Measured(c, note=f"not measured: --minutes {minutes:g} used up"))
+                else:
+                    key = _graph_key(c.strategy, sampled)
+                    if key not in decs:
+                        decs[key] = compiled(c.strategy, f"c{len(decs)}")
+                    dec = decs[key]
+                    host = {k: v for k, v in c.strategy.items() if k != "document"}   # (the artifact has its copy)
+                    dec.manifest["strategy"] = {**dec.manifest["strategy"], **host}         # host-side parameters
+                    if measure is not None:
+                        m = measure(c, dec, ps)
+                    else:
+                        m = _measure(c, dec, ar, ps, new)
+                        ar_tps.append(m.tokens_per_s / m.ratio)
+                    rows.append(m)
+                bar.update(task, advance=1)
+            timed = [r for r in rows if r.ratio is not None]
+            confirmed: list[Measured] = []
+            # one block pair can be a fluke on a shared machine: the leader is timed against autoregressive once more
+            # and keeps the lower of its two ratios; a leader that falls back makes room for the next (3 tries), and
+            # only a confirmed config can be chosen
+            for _ in range(3):
+                best = max(timed, key=lambda r: r.ratio, default=None)
+                if best is None or best.ratio < MARGIN or any(best is c for c in confirmed):
+                    break
+                confirmed.append(best)
+                bar.update(task, description=f"confirming {best.candidate.name}")
+                dec = decs[_graph_key(best.candidate.strategy, sampled)]
+                dec.manifest["strategy"] = {**dec.manifest["strategy"], **{
+                    k: v for k, v in best.candidate.strategy.items() if k != "document"}}
+                again = measure(best.candidate, dec, ps) if measure is not None else \
+                    _measure(best.candidate, dec, ar, ps, new)
+                if again.ratio < best.ratio:
+                    best.note = f"confirmation run: {again.ratio:.2f}x (first {best.ratio:.2f}x); the lower counts"
+                    best.ratio, best.tokens_per_s = again.ratio, again.tokens_per_s
+                else:
+                    best.note = f"confirmed: {again.ratio:.2f}x in a second run"
+        best = max(confirmed, key=lambda r: r.ratio, default=None)
+        if best is not None and best.ratio >= MARGIN:
+            chosen = best.candidate
+        else:
+            chosen = Candidate("autoregressive", {"kind": "autoregressive"}, 1, 1)
+        report = TuneReport(chosen, rows, cost_ms, machine(),
+                            statistics.median(ar_tps) if ar_tps else float("nan"), time.perf_counter() - t_start)
+        report.spec = _write(raw, report, Path(out), src, sp)
+        if plot:
+            try:
+                save_plot(report, plot)
+                report.plot = Path(plot)
+            except ImportError:     # the spec and table are the result; the plot is optional (not in the core deps)
+                log.warning("plot not written: matplotlib is not installed (pip install matplotlib, or dgopt[bench])")
+        return report
+    finally:    # the compiled candidates are hundreds of MB: never leave them behind
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _measure(c: Candidate, dec, ar, prompts, new: int) -> Measured:

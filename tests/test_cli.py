@@ -240,3 +240,11 @@ def test_models_list_and_unknown_model(capsys, tmp_path):
     code, _, err = run_cli(capsys, "compile", Path(__file__).parents[1] / "specs" / "greedy.yaml",
                            "--set", "model.name=no-such-model", "-o", tmp_path / "x")
     assert code == 2 and "model.name" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("port", ["0", "-5", "99999"])
+def test_serve_port_out_of_range_is_one_line(port, capsys):
+    """uvicorn would wrap 99999 to another port, and -5 failed after the model loaded, naming no option."""
+    assert main(["serve", "no-artifact", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: must be 1..65535" in err and err.count("\n") == 1

@@ -96,6 +96,22 @@ def test_cli_bad_input(tmp_path):
     r = cli(str(tmp_path / "s.yaml"), "-o", str(tmp_path / "t.yaml"), "--kinds", "speculative")
     assert r.returncode == 2 and "needs the spec's draft model" in r.stderr
     assert not (tmp_path / "t.yaml").exists()
+    for args, message in ((["--new-tokens", "0"], "--new-tokens must be >= 1"),
+                          (["--prompts", str(tmp_path / "nope.txt")], "nope.txt: file not found")):
+        r = cli(str(tmp_path / "s.yaml"), "-o", str(tmp_path / "t.yaml"), *args)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (tmp_path / "adir").mkdir()
+    r = cli(str(tmp_path / "s.yaml"), "-o", str(tmp_path / "adir"))
+    assert r.returncode == 2 and "is a directory" in r.stderr and not (tmp_path / "adir.tmp").exists()
+
+
+def test_removes_its_compiled_candidates(tmp_path, monkeypatch):
+    """Every candidate is compiled into a temp dir (hundreds of MB for real models): gone when tune returns."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run(tmp_path, {"ngram k6 G1": 1.6})
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_without_matplotlib_the_spec_is_still_written(tmp_path, monkeypatch):
