@@ -324,3 +324,31 @@ def test_cli_bad_input(art, tmp_path, capsys):
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and field in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_failed_batch_does_not_splice_two_samples():
+    """After a batch fails mid-call, greedy rows are retried alone without resending their first tokens (a retry
+    repeats them); an unseeded sampled row that already got tokens fails instead: a retry draws another sample, and
+    its tail behind the first sample's head would be neither."""
+    from types import SimpleNamespace
+
+    from dgopt.serve.batcher import Batcher, Job
+
+    class Dec:      # the batch call commits one token per row, then fails; a one-row call succeeds
+        eos, max_batch = set(), 8
+
+        def generate(self, prompts, max_new_tokens, seed, on_token, should_stop):
+            on_token([101] * len(prompts))
+            if len(prompts) > 1:
+                raise RuntimeError("injected failure")
+            on_token([102])
+            return SimpleNamespace(stats={"stop": ["max_new_tokens"]})
+
+    got = {}
+    def sink(name):
+        return lambda kind, v: got.setdefault(name, []).append((kind, v))
+    b = object.__new__(Batcher)
+    b.dec, b.on_batch = Dec(), None
+    b._call([Job([1], 2, sink("greedy")), Job([2], 2, sink("sampled"), sampled=True)])
+    assert got["greedy"] == [("token", 101), ("token", 102), ("end", "length")]
+    assert [k for k, _ in got["sampled"]] == ["token", "error"]

@@ -158,7 +158,8 @@ class Batcher:
 
     def _call(self, batch: list[Job], skip: list[int] | None = None) -> None:
         """One generate call. `skip`: tokens per row already delivered (a retry after a failed batch: greedy and
-        seeded calls repeat themselves, so the first ones are not sent twice)."""
+        seeded calls repeat themselves, so the first ones are not sent twice; an unseeded sampled row that already
+        got tokens is not retried, it fails)."""
         dec = self.dec
         B = len(batch)
         skip = skip or [0] * B
@@ -197,7 +198,12 @@ class Batcher:
             # which row failed is unknown: each unfinished job again alone, so only the failing one errors
             log.warning("batch of %d failed (%s): retrying its rows one by one", B, e)
             for j, c in zip(batch, counts):
-                if not j.ended:
+                if j.ended:
+                    continue
+                if c and j.sampled and j.seed is None:
+                    # an unseeded draw does not repeat: its delivered tokens and a retry would be two samples
+                    j._end("error", e)
+                else:
                     self._call([j], [c])
             return
         reasons = res.stats["stop"]
