@@ -1,5 +1,5 @@
 """Lowering rules of the RecycleGPT ops: the verify forward's hidden states, the chain's start after verification,
-and one step of the recyclable module (dgopt/models/recycle.py) as plain ONNX ops."""
+the lossy mode's unverified acceptance, and one step of the recyclable module (dgopt/models/recycle.py) as plain ONNX ops."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,15 +42,31 @@ def _accepted_hidden(b, node, ins):
     b.names[node.out("token")] = b.op("Squeeze", [tok, i64([1])])
 
 
+def _accept_unverified(b, node, ins):
+    tokens, alen, cands, trusted = ins
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    d = b.op("Squeeze", [cands, i64([1])])                                            # [B, K]
+    d_ext = b.op("Concat", [d, b.op("Slice", [tokens, i64([-1]), i64([2 ** 62]), i64([1])])], axis=1)   # [B, K+1]
+    K1 = b.op("Shape", [tokens], start=1, end=2)
+    col = b.op("Range", [i64(0), b.op("Squeeze", [K1, i64([0])]), i64(1)])           # [K+1]
+    take = b.op("Less", [b.op("Unsqueeze", [col, i64([0])]), b.op("Unsqueeze", [trusted, i64([1])])])
+    b.names[node.out("tokens")] = b.op("Where", [take, d_ext, tokens])
+    b.names[node.out("accept_len")] = b.op("Max", [alen, b.op("Add", [trusted, i64(1)])])
+    b.names[node.out("best")] = b.op("Mul", [alen, i64(0)])
+
+
 def _rms(b, x: str, w: str, eps: float) -> str:
-    ms = b.op("ReduceMean", [b.op("Mul", [x, x]), b.const([-1], np.int64)], keepdims=1)
-    return b.op("Mul", [b.op("Mul", [x, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, b.const(eps)])])])]), w])
+    """RMSNorm as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern onnxruntime fuses into one
+    SimplifiedLayerNormalization kernel (the chain's cost on a CPU is its kernel count, not its arithmetic)."""
+    ms = b.op("ReduceMean", [b.op("Pow", [x, b.const(2.0)]), b.const([-1], np.int64)], keepdims=1)
+    return b.op("Mul", [b.op("Div", [x, b.op("Sqrt", [b.op("Add", [ms, b.const(eps)])])]), w])
 
 
 def _recycle_step(b, node, ins):
-    """x = fc([rms(h); rms(E[tok])]); x += down(silu(gate(rms(x))) * up(rms(x))); h' = norm(x); logits = head(h').
-    The module's weights and the target's frozen embedding, final norm and LM head are initializers named
-    `<module>/...`, shared by every step of the chain."""
+    """x = fc_h(rms(h)) + emb_fc[tok]; x += down(silu(gate(rms(x))) * up(rms(x))); h' = norm(x); logits = head(h').
+    (emb_fc: fc's token half applied to the normed embedding table at compile time, one Gather.) The module's
+    weights and the target's frozen final norm and LM head are initializers named `<module>/...`, shared by every
+    step of the chain."""
     name = node.attrs["module"]
     try:
         info = b.forwards[name][1]
@@ -66,16 +82,29 @@ def _recycle_step(b, node, ins):
         return full
 
     h, tok = ins
-    e = b.op("Gather", [init("embed"), tok], axis=0)                                  # [B, H]
-    x = b.op("Concat", [_rms(b, h, init("norm_h"), eps), _rms(b, e, init("norm_e"), eps)], axis=-1)
-    x = b.op("MatMul", [x, init("fc")])
+    x = b.op("Add", [b.op("MatMul", [_rms(b, h, init("norm_h"), eps), init("fc_h")]),
+                     b.op("Gather", [init("emb_fc"), tok], axis=0)])                 # [B, H]
     y = _rms(b, x, init("norm_x"), eps)
     gate = b.op("MatMul", [y, init("gate")])
     act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), b.op("MatMul", [y, init("up")])])
     x = b.op("Add", [x, b.op("MatMul", [act, init("down")])])
     hn = _rms(b, x, init("final_norm"), info["target_eps"])
     b.names[node.out("hidden")] = hn
-    b.names[node.out("logits")] = b.op("MatMul", [hn, init("lm_head")])
+    logits = b.op("MatMul", [hn, init("lm_head")])
+    if "vocab" in w:    # a draft vocabulary: its scores scattered into [B, V], every other token at the minimum
+        vocab = f"{name}/vocab"
+        if vocab not in b.inits:
+            b.const(w["vocab"], np.int64, name=vocab)
+        Bd = b.op("Shape", [h], start=0, end=1)
+        floor = f"{name}/floor"
+        if floor not in b.inits:
+            b.const(np.full((1, b.V), np.finfo(np.float32).min, np.float32), np.float32, name=floor)
+        base = b.op("Expand", [floor,
+                               b.op("Concat", [Bd, b.const([b.V], np.int64)], axis=0)])
+        idx = b.op("Expand", [b.op("Unsqueeze", [vocab, b.const([0], np.int64)]),
+                              b.op("Concat", [Bd, b.const([len(w["vocab"])], np.int64)], axis=0)])
+        logits = b.op("ScatterElements", [base, idx, logits], axis=1)
+    b.names[node.out("logits")] = logits
 
 
-RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step}
+RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step, "accept_unverified": _accept_unverified}

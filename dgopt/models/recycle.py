@@ -161,16 +161,27 @@ def check_target(cfg: dict, model, target_ref: str, path: Path, field: str = "re
                          f"not for this spec's model {target_ref} (sha {sha})")
 
 
-def step_weights(module, model) -> dict:
+def step_weights(module, model, vocab: list[int] | None = None) -> dict:
     """What the step graph's recycle_step nodes need, as float32 numpy arrays laid out for x @ W: the module's own
-    weights and the target's frozen embedding, final norm and LM head; plus both norms' eps."""
+    weights (fc split: its hidden half fc_h, and its token half folded into a table emb_fc [V, H] = fc_e(rms(E))),
+    the target's frozen final norm and LM head (only the draft vocabulary's columns, and `vocab` their ids, for a
+    module that has one); plus both norms' eps."""
     import numpy as np
+    import torch
     f = lambda t: t.detach().float().cpu().numpy().astype(np.float32)  # noqa: E731
     norm = final_norm(model)
-    w = {"norm_h": f(module.norm_h.weight), "norm_e": f(module.norm_e.weight), "fc": f(module.fc.weight).T,
+    H = module.hidden_size
+    fc = module.fc.weight.detach().float().cpu()                          # [H, 2H] over [rms(h); rms(E[tok])]
+    with torch.no_grad():   # the token's half of fc depends on the token only: one table row per token
+        emb_fc = module.norm_e(model.get_input_embeddings().weight.detach().float().cpu()) @ fc[:, H:].T
+    head = f(model.get_output_embeddings().weight).T                        # [H, V]
+    w = {"norm_h": f(module.norm_h.weight), "fc_h": f(fc[:, :H]).T, "emb_fc": f(emb_fc),
          "norm_x": f(module.norm_x.weight), "gate": f(module.gate.weight).T, "up": f(module.up.weight).T,
-         "down": f(module.down.weight).T, "embed": f(model.get_input_embeddings().weight),
-         "final_norm": f(norm.weight), "lm_head": f(model.get_output_embeddings().weight).T}
+         "down": f(module.down.weight).T, "final_norm": f(norm.weight)}
+    if vocab is not None:   # the draft vocabulary: the head's columns of those tokens, and their ids
+        w["lm_head"], w["vocab"] = head[:, vocab], np.asarray(vocab, np.int64)
+    else:
+        w["lm_head"] = head
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return {"weights": {k: np.ascontiguousarray(v) for k, v in w.items()}, "eps": float(module.eps),
             "target_eps": float(eps)}
@@ -195,4 +206,12 @@ def for_spec(spec, lm) -> tuple[dict, dict]:
     path, field = module_dir(spec.recycle, spec.resolve)
     module, cfg = load(path, field)
     check_target(cfg, lm.model, lm.source, path, field)
-    return {k: v for k, v in cfg.items() if k != "training"} | {"path": str(path)}, step_weights(module, lm.model)
+    vocab = cfg.get("draft_vocab")
+    if vocab is not None:
+        V = int(lm.model.get_output_embeddings().weight.shape[0])
+        if not isinstance(vocab, list) or not vocab or any(not isinstance(t, int) or not 0 <= t < V for t in vocab):
+            raise ModelError(f"{field}: {path / CONFIG}: draft_vocab must be a non-empty list of token ids below {V}")
+    info = {k: v for k, v in cfg.items() if k not in ("training", "draft_vocab")}
+    if vocab is not None:
+        info["draft_vocab_size"] = len(vocab)
+    return info | {"path": str(path)}, step_weights(module, lm.model, vocab)

@@ -5,15 +5,16 @@ targets and chain inputs) and the next-token distributions (soft labels). The lo
 UNROLL steps from every position (step j reads the module's own hidden state from step j-1, as at decode time),
 so the training sees the chain's drift and not only one step.
 
-Data: `--data stdlib` / PATH...: windows of that text (tokenized with the target's tokenizer); the teacher labels
-every position with the target's own distribution, so the text need not be the target's. `--data self` needs no
-text and no tokenizer: rows are BOS + 3 random ids extended by the target's own sampling, then continued half
-greedy (what greedy decoding verifies), half sampled at temperature 1 (Medusa-2 / EAGLE self-distillation).
+Data: the rows are the target's own writing (Medusa-2 / EAGLE self-distillation): PROMPT tokens, then NEW tokens
+the target continues them with, half greedy (what greedy decoding verifies: a small model's greedy text repeats
+itself in ways no human text does, and a module trained on human text misses them), half sampled at temperature 1
+(diversity). The prompts: `--data stdlib` / PATH...: windows of that text (tokenized with the target's tokenizer);
+`--data self` needs no text and no tokenizer: BOS + 3 random ids extended by the target's own sampling.
 
-Validation (held-out windows, or other rows of the target's for `self`): the top-1 agreement of the module's first
-proposal with the target's greedy next-next token, and the chain's mean accepted length at k (the leading
-proposals equal to the target's argmax; on the target's own greedy text exactly what verification accepts). The
-shared loop (dgopt/training/trainer.py) keeps the best state by accepted length and stops early.
+Validation (greedy continuations of held-out prompts): the top-1 agreement of the module's first proposal with the
+target's greedy next-next token, and the chain's mean accepted length at k (the leading proposals equal to the
+target's argmax: on the target's own greedy text exactly what verification accepts). The shared loop
+(dgopt/training/trainer.py) keeps the best state by accepted length and stops early.
 """
 from __future__ import annotations
 
@@ -71,24 +72,44 @@ def _corpus_streams(data: list[str], target_dir: Path):
     return encode_stream(tok, train), encode_stream(tok, val)
 
 
-def _sample_rows(target, n: int, gen, device, vocab: int, bos: int, greedy: bool):
-    """n rows of PROMPT + NEW tokens the target writes itself: BOS + 3 random ids, then sampled at temperature 1
-    up to PROMPT tokens, then greedy (or sampled) to the end. A plain KV-cached loop: generate()'s per-step
-    overhead is many times the 5 M-parameter forward on a shared CPU."""
+def _sample_rows(target, n: int, gen, device, vocab: int, bos: int, greedy: bool, prompts=None):
+    """n rows of PROMPT + NEW tokens the target writes itself, in chunks of 256 rows. The prompt: `prompts` [n,
+    PROMPT], or BOS + 3 random ids sampled on at temperature 1 up to PROMPT tokens; the continuation greedy (or
+    sampled). A plain KV-cached loop: generate()'s per-step overhead is many times the 5 M-parameter forward on a
+    shared CPU."""
     import torch
-    x = torch.cat([torch.full((n, 1), bos), torch.randint(1, vocab, (n, 3), generator=gen)], 1).to(device)
-    out, past, cur = [x], None, x
-    with torch.no_grad():
-        for i in range(PROMPT + NEW - x.shape[1]):
-            o = target(input_ids=cur, past_key_values=past, use_cache=True)
-            past, logits = o.past_key_values, o.logits[:, -1].float()
-            if greedy and x.shape[1] + i >= PROMPT:
-                cur = logits.argmax(-1, keepdim=True)
-            else:
-                u = torch.rand(logits.shape, generator=gen).to(device).clamp_min(1e-20)
-                cur = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)   # Gumbel-max: a sample
-            out.append(cur)
-    return torch.cat(out, 1).cpu()
+    out = []
+    for c in range(0, n, 256):
+        m = min(256, n - c)
+        if prompts is not None:
+            x = prompts[c:c + m].to(device)
+        else:
+            x = torch.cat([torch.full((m, 1), bos), torch.randint(1, vocab, (m, 3), generator=gen)], 1).to(device)
+        toks, past, cur = [x], None, x
+        with torch.no_grad():
+            for i in range(PROMPT + NEW - x.shape[1]):
+                o = target(input_ids=cur, past_key_values=past, use_cache=True)
+                past, logits = o.past_key_values, o.logits[:, -1].float()
+                if greedy and x.shape[1] + i >= PROMPT:
+                    cur = logits.argmax(-1, keepdim=True)
+                else:
+                    u = torch.rand(logits.shape, generator=gen).to(device).clamp_min(1e-20)
+                    cur = (logits - torch.log(-torch.log(u))).argmax(-1, keepdim=True)   # Gumbel-max: a sample
+                toks.append(cur)
+        out.append(torch.cat(toks, 1).cpu())
+    return torch.cat(out)
+
+
+def top_tokens(rows, vocab: int, keep: int) -> list[int] | None:
+    """The module's draft vocabulary (EAGLE-3's reduced draft vocabulary): the `keep` tokens the target writes most
+    often in `rows`, sorted; None when keep covers the vocabulary. The chain's LM head then reads keep columns: on a
+    CPU the head's weights are most of a chain step's memory traffic. A token outside it is never proposed, which
+    verification treats like any other miss."""
+    import torch
+    if not keep or keep >= vocab:
+        return None
+    counts = torch.bincount(rows.reshape(-1), minlength=vocab)
+    return sorted(torch.argsort(counts, descending=True, stable=True)[:keep].tolist())
 
 
 def _windows(stream, n: int, seq: int, gen):
@@ -155,9 +176,10 @@ def evaluate(module, frozen, target, rows, k: int) -> dict:
 
 
 def train(model_dir: str, out: str, data: list[str], minutes: float | None, device: str = "cpu", seed: int = 0,
-          intermediate: int | None = None, batch: int = 16, lr: float = 3e-3, k: int = 4, gen_rows: int = 512,
+          intermediate: int | None = None, batch: int = 16, lr: float = 3e-3, k: int = 4, gen_rows: int = 4096,
           val_rows: int = 32, eval_every: int = 25, patience: int = 6, progress: bool = True, ce_frac: float = 0.25,
-          command: str | None = None, init: str | None = None, max_steps: int = 100_000) -> dict:
+          command: str | None = None, init: str | None = None, max_steps: int = 100_000,
+          vocab_keep: int = 1024) -> dict:
     """Train on the shared loop (dgopt/training/trainer.py: warm-up + cosine LR fitted to `minutes`, early stopping,
     best checkpoint); validation = the chain's mean accepted length at k (higher is better)."""
     import torch
@@ -180,22 +202,22 @@ def train(model_dir: str, out: str, data: list[str], minutes: float | None, devi
     self_data = list(data) == ["self"]
     train_s, val_s = (None, None) if self_data else _corpus_streams(list(data), tdir)
     say = print if progress else (lambda *a, **k: None)
-    seq = PROMPT + NEW
     vgen = torch.Generator().manual_seed(seed + 1_000_003)
-    if self_data:
-        say(f"sampling {gen_rows} training + {val_rows} validation rows with the target ...", flush=True)
-        half = gen_rows // 2     # half greedy (what greedy decoding verifies), half sampled (diversity)
-        rows = torch.cat([_sample_rows(target, half, gen, device, vocab, bos, True),
-                          _sample_rows(target, gen_rows - half, gen, device, vocab, bos, False)])
-        val = _sample_rows(target, val_rows, vgen, device, vocab, bos, True)
-    else:
-        rows = None
-        val = _windows(val_s, val_rows, seq, vgen)
+    say(f"the target writes {gen_rows} training + {val_rows} validation rows of {PROMPT + NEW} tokens ...", flush=True)
+    t_gen = time.time()
+    half = gen_rows // 2     # half greedy (what greedy decoding verifies), half sampled (diversity)
+    prompts = (None, None, None) if self_data else \
+        (_windows(train_s, half, PROMPT, gen), _windows(train_s, gen_rows - half, PROMPT, gen),
+         _windows(val_s, val_rows, PROMPT, vgen))
+    rows = torch.cat([_sample_rows(target, half, gen, device, vocab, bos, True, prompts[0]),
+                      _sample_rows(target, gen_rows - half, gen, device, vocab, bos, False, prompts[1])])
+    val = _sample_rows(target, val_rows, vgen, device, vocab, bos, True, prompts[2])
+    gen_s = time.time() - t_gen
+    say(f"  {gen_s:.0f} s", flush=True)
+    draft_vocab = top_tokens(rows[:, PROMPT:], vocab, vocab_keep)
 
     def batches(step):
-        x = _windows(train_s, batch, seq, gen) if rows is None else rows[torch.randint(0, len(rows), (batch,),
-                                                                                       generator=gen)]
-        return x.to(device)
+        return rows[torch.randint(0, len(rows), (batch,), generator=gen)].to(device)
 
     def loss_fn(m, x):
         hn, logp = _teacher(target, x)
@@ -210,8 +232,8 @@ def train(model_dir: str, out: str, data: list[str], minutes: float | None, devi
     final = evaluate(module, frozen, target, val, k)
     info = {
         "seed": seed, "data": list(data), "device": device, "steps": res.steps_done, "stopped": res.stopped,
-        "best_step": res.best_step, "unroll": UNROLL, "batch": batch, "seq_len": seq, "lr": lr, "minutes": minutes,
-        "gen_rows": gen_rows if self_data else 0, "val_rows": val_rows, "ce_frac": ce_frac,
+        "best_step": res.best_step, "unroll": UNROLL, "batch": batch, "seq_len": PROMPT + NEW, "lr": lr, "minutes": minutes,
+        "gen_rows": gen_rows, "gen_s": round(gen_s, 1), "val_rows": val_rows, "ce_frac": ce_frac,
         "val_agreement": round(final["agreement"], 4), f"val_accepted_at_{k}": round(final["accepted"], 4),
         "val_tokens_per_forward_at_k": round(1 + final["accepted"], 4), "k": k,
         "evals": [[s, round(-v, 4)] for s, v in res.evals],
@@ -220,7 +242,10 @@ def train(model_dir: str, out: str, data: list[str], minutes: float | None, devi
         "threads": torch.get_num_threads(), "init": init, "command": command or "",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
     }
-    R.save(module.cpu(), Path(out), str(model_dir), R.target_hash(target.cpu()), {"training": info})
+    info["draft_vocab_coverage"] = round(float(torch.isin(val[:, PROMPT:], torch.tensor(draft_vocab)).float().mean()),
+                                         4) if draft_vocab else 1.0
+    R.save(module.cpu(), Path(out), str(model_dir), R.target_hash(target.cpu()),
+           {"draft_vocab": draft_vocab, "training": info} if draft_vocab else {"training": info})
     say(f"saved {out}: agreement {final['agreement']:.3f}, accepted@{k} {final['accepted']:.3f} "
         f"(~{1 + final['accepted']:.2f} tokens per target forward), {res.steps_done} steps, {res.stopped}",
         flush=True)
@@ -228,11 +253,10 @@ def train(model_dir: str, out: str, data: list[str], minutes: float | None, devi
 
 
 #: Shipped modules: `dgopt models build NAME` runs `dgopt train recycle` with these arguments (into the user cache
-#: unless --out). code-tiny-recycle: two sittings on this 2-core machine (the second --init from the first, see
-#: its recycle.json); one sitting of the summed minutes is the recipe.
+#: unless --out); the committed code-tiny-recycle is this recipe's output on the 2-core machine (its recycle.json).
 RECIPES = {
-    "code-tiny-recycle": {"model_dir": "code-tiny", "data": ["stdlib"], "minutes": 60.0, "seed": 0, "batch": 4,
-                          "lr": 3e-3, "eval_every": 15, "val_rows": 16},
+    "code-tiny-recycle": {"model_dir": "code-tiny", "data": ["stdlib"], "minutes": 40.0, "seed": 0, "batch": 4,
+                          "lr": 3e-3, "eval_every": 250, "val_rows": 32, "patience": 8, "gen_rows": 4096},
 }
 
 
@@ -256,10 +280,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help="continue training this module dir (trained for the same target)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--gen-rows", type=int, default=512, help="--data self: rows the target writes")
+    p.add_argument("--gen-rows", type=int, default=4096, help="training rows the target writes (continuing prompts of the "
+                   "--data text, or its own for self)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--val-rows", type=int, default=32)
     p.add_argument("--patience", type=int, default=6, help="evaluations without gain before stopping (0: off)")
+    p.add_argument("--draft-vocab", type=int, default=1024, help="the chain proposes only the N tokens the target "
+                   "writes most often in the training rows (its LM head reads N columns; 0: the whole vocabulary)")
 
 
 def run(a, common) -> int:
@@ -270,5 +297,5 @@ def run(a, common) -> int:
     train(str(common.model_dir), str(common.out), list(common.data), common.minutes or 20.0, common.device,
           common.seed, a.intermediate, a.batch, lr=common.lr or 3e-3, gen_rows=a.gen_rows, val_rows=a.val_rows,
           eval_every=a.eval_every, patience=a.patience, progress=common.progress, command=common.command,
-          init=a.init, max_steps=common.max_steps or 100_000)
+          init=a.init, max_steps=common.max_steps or 100_000, vocab_keep=a.draft_vocab)
     return 0
