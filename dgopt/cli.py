@@ -142,6 +142,8 @@ def cmd_run(a) -> int:
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
     if "acceptance_rate" in s and dec.manifest["strategy"]["kind"] == "ngram":
         accepted += f"; n-gram proposals: {s['mean_k']:.1f} per step, {s['acceptance_rate']:.2f} accepted"
+    elif s.get("lossy"):
+        accepted += "; LOSSY (verify: false): the module's tokens were committed unverified, not the target's output"
     elif "acceptance_rate" in s:
         st = dec.manifest["strategy"]
         varies = ", ".join(([] if st.get("k_schedule") != "heuristic" else ["k adapts"])
@@ -191,7 +193,10 @@ def cmd_inspect(a) -> int:
     m = read_manifest(path)
     console = _console()
     t = Table(title=f"dgopt artifact {path}", show_header=False)
-    t.add_row("strategy", json.dumps(m["strategy"]))
+    lossy = m["strategy"].get("verify") is False
+    t.add_row("strategy", json.dumps(m["strategy"]) + ("  [bold red]LOSSY: verify false commits the recyclable "
+                                                       "module's tokens unverified; the output is not the "
+                                                       "target's[/]" if lossy else ""))
     t.add_row("sampling", json.dumps({k: v for k, v in m["sampling"].items()}))
     t.add_row("target", json.dumps(m["target"]))
     tuned = m.get("tuned")

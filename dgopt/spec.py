@@ -226,9 +226,9 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.recycle is not None and spec.strategy.kind != "recycle":
         raise SpecError(f"spec field 'recycle': a recyclable module is used by strategy recycle only, not "
                         f"'{spec.strategy.kind}'")
-    if not spec.strategy.verify and spec.strategy.kind == "recycle":
-        raise SpecError("spec field 'strategy.verify': false (RecycleGPT's unverified, lossy mode) is not implemented "
-                        "yet; use true (lossless)")
+    if not spec.strategy.verify and spec.strategy.kind == "recycle" and spec.sampling.kind != "greedy":
+        raise SpecError("spec field 'strategy.verify': false (RecycleGPT's unverified, lossy mode) supports "
+                        f"sampling.kind greedy only, not '{spec.sampling.kind}'; use verify: true (lossless)")
     if not spec.strategy.verify and spec.strategy.kind != "recycle":
         raise SpecError(f"spec field 'strategy.verify': false applies to strategy recycle only, not "
                         f"'{spec.strategy.kind}'")

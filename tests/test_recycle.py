@@ -42,6 +42,11 @@ def modules(tmp_path_factory):
         m = _train_briefly(R.new_module(64, 96, seed=1), target, steps)
         R.save(m, root / name, "tiny llama", sha)
         out[name] = root / name
+    # the trained module with a draft vocabulary: the tokens the target writes for PROMPTS (and nothing else)
+    m, cfg = R.load(out["trained"])
+    vocab = sorted({t for p in PROMPTS for t in hf_greedy(target, p, NEW)})
+    R.save(m, root / "subset", "tiny llama", sha, {"draft_vocab": vocab})
+    out["subset"] = root / "subset"
     other = hf_model("llama", seed=1)
     R.save(R.new_module(64, 96), root / "other", "tiny llama seed 1", R.target_hash(other))
     out["other"] = root / "other"
@@ -62,9 +67,13 @@ def compile_recycle(tmp_path, module_dir, k=4, opt_level=2, **sampling):
                                     opt_level=opt_level))
 
 
-@pytest.mark.parametrize("name", ["random", "trained"])
+@pytest.mark.parametrize("name", ["random", "trained", "subset"])
 def test_greedy_exact_batch1_and_batch4(name, modules, refs, tmp_path):
     dec = compile_recycle(tmp_path, modules[name])
+    if name == "subset":    # the chain's head reads the draft vocabulary's columns only
+        import onnx
+        heads = [t for t in onnx.load(str(dec.path / "step.onnx")).graph.initializer if t.name == "recycle/lm_head"]
+        assert list(heads[0].dims)[1] == len(json.loads((modules[name] / "recycle.json").read_text())["draft_vocab"])
     for p, ref in zip(PROMPTS, refs):
         assert dec.generate(p, max_new_tokens=NEW).ids[0] == ref
     res = dec.generate(PROMPTS[:4], max_new_tokens=NEW)
@@ -126,9 +135,16 @@ def test_bad_inputs(modules, tmp_path):
     assert "recycle.path" in msg and "tiny llama seed 1" in msg and "this spec's model" in msg
     msg = _err(tiny_spec("llama", strategy={"kind": "lookahead", "verify": False}), tmp_path)
     assert "strategy.verify" in msg
-    msg = _err(tiny_spec("llama", strategy={**st, "verify": False}, recycle={"path": str(modules["random"])}),
-               tmp_path)
-    assert "strategy.verify" in msg and "not implemented" in msg
+    msg = _err(tiny_spec("llama", strategy={**st, "verify": False}, recycle={"path": str(modules["random"])},
+                         sampling=SAMPLING), tmp_path)
+    assert "strategy.verify" in msg and "greedy only" in msg
+    cfg = json.loads((modules["subset"] / "recycle.json").read_text())
+    bad = tmp_path / "badvocab"
+    bad.mkdir()
+    (bad / "recycle.safetensors").write_bytes((modules["subset"] / "recycle.safetensors").read_bytes())
+    (bad / "recycle.json").write_text(json.dumps({**cfg, "draft_vocab": [1, 2, 320]}))
+    msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(bad)}), tmp_path)
+    assert "recycle.path" in msg and "draft_vocab" in msg and "below 320" in msg
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "recycle.json").write_text(json.dumps({"hidden_size": 64}))
     msg = _err(tiny_spec("llama", strategy=st, recycle={"path": str(tmp_path / "broken")}), tmp_path)
@@ -159,12 +175,14 @@ def _exact_three(model):
     return joint
 
 
-def test_sampling_matches_target_distribution(modules, tmp_path):
+@pytest.mark.parametrize("name", ["trained", "subset"])
+def test_sampling_matches_target_distribution(name, modules, tmp_path):
     """Three tokens: the first step verifies the prefill's point-mass guesses, later ones the module's draws against
-    its q; the 3-token joint covers both (chi-square, 10,000 draws, fixed seeds)."""
+    its q; the 3-token joint covers both (chi-square, 10,000 draws, fixed seeds). subset: q is zero outside the
+    draft vocabulary, which rejection sampling must make up for."""
     from conftest import chi2_pvalue
     B, calls = 500, 20
-    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 3}, recycle={"path": str(modules["trained"])},
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 3}, recycle={"path": str(modules[name])},
                      sampling=SAMPLING, target={"max_batch": B})
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "sampled"))
     counts, acc = {}, []
@@ -187,9 +205,64 @@ def test_train_self_data_without_tokenizer(tmp_path):
     hf_model("llama").save_pretrained(tmp_path / "target")
     assert main([str(tmp_path / "target"), "-o", str(tmp_path / "mod"), "--data", "self", "--minutes", "5",
                  "--max-steps", "3", "--gen-rows", "8", "--val-rows", "4", "--eval-every", "2", "--batch", "4",
-                 "--no-progress"]) == 0
+                 "--draft-vocab", "16", "--no-progress"]) == 0
     cfg = json.loads((tmp_path / "mod" / "recycle.json").read_text())
     assert cfg["target_sha"] == R.target_hash(hf_model("llama")) and cfg["training"]["data"] == ["self"]
+    assert len(cfg["draft_vocab"]) == 16 and cfg["draft_vocab"] == sorted(cfg["draft_vocab"])
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 2}, recycle={"path": str(tmp_path / "mod")})
+    spec["model"] = {"path": str(tmp_path / "target")}
+    assert dgopt.load(dgopt.compile(spec, tmp_path / "art")).manifest["recycle"]["draft_vocab_size"] == 16
     assert cfg["training"]["steps"] > 0 and 0.0 <= cfg["training"]["val_agreement"] <= 1.0
     assert main([str(tmp_path / "target"), "-o", str(tmp_path / "m2"), "--data", "stdlib"]) == 2   # no tokenizer
     assert not (tmp_path / "m2").exists()
+
+
+def _lossy_reference(target, module, prompt: list[int], k: int, new: int) -> list[int]:
+    """RecycleGPT's unverified mode written out in torch, recomputing the whole sequence each step: the prefill
+    verifies k guesses drawn from the prompt (as the runtime draws them) and commits the accepted ones and the
+    target's next token; from then on each step commits the module's k-token chain (started from the target's
+    hidden state at the last position it computed, and the token it chose there) unverified, then the target's
+    argmax after them."""
+    from dgopt.runtime.strategies.base import initial_guesses
+    frozen = R.Frozen(target)
+    guesses = initial_guesses([prompt], k)[0].tolist()
+    seq = list(prompt)
+    with torch.no_grad():
+        hn = target.model(input_ids=torch.tensor([seq + guesses])).last_hidden_state[0]
+        pred = frozen.head(hn).argmax(-1).tolist()[len(prompt) - 1:]
+        m = 0
+        while m < k and guesses[m] == pred[m]:
+            m += 1
+        seq += guesses[:m] + [pred[m]]
+        h, tok = hn[len(prompt) - 1 + m][None], torch.tensor([pred[m]])
+        while len(seq) - len(prompt) < new:
+            chain = []
+            for _ in range(k):
+                h, logits = frozen.step(module, h, tok)
+                tok = logits.argmax(-1)
+                chain.append(int(tok))
+            hn = target.model(input_ids=torch.tensor([seq + chain])).last_hidden_state[0]
+            seq += chain + [int(frozen.head(hn[-1]).argmax())]
+            h, tok = hn[-1][None], torch.tensor([seq[-1]])
+    return seq[len(prompt):len(prompt) + new]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_lossy_mode_follows_its_rule(k, modules, refs, tmp_path):
+    """verify: false commits k module tokens and the target's next token per forward, exactly as the reference
+    rule does (batch 1 and 4); with the random module that output is not greedy's (the mode is lossy, and a test
+    that could not tell would be worthless)."""
+    target = hf_model("llama")
+    for name in ("trained", "random"):
+        module, _ = R.load(modules[name])
+        spec = tiny_spec("llama", strategy={"kind": "recycle", "k": k, "verify": False},
+                         recycle={"path": str(modules[name])})
+        dec = dgopt.load(dgopt.compile(spec, tmp_path / f"lossy-{name}-{k}"))
+        want = [_lossy_reference(target, module, p, k, NEW) for p in PROMPTS[:4]]
+        one = [dec.generate(p, max_new_tokens=NEW) for p in PROMPTS[:4]]
+        assert [r.ids[0] for r in one] == want
+        assert dec.generate(PROMPTS[:4], max_new_tokens=NEW).ids == want
+        assert one[0].stats["lossy"] and set(one[0].stats["accepted_hist"]) - {str(a) for a in range(1, k + 2)} \
+            == set() and one[0].stats["accepted_hist"][str(k + 1)] >= NEW // (k + 1) - 2
+        if name == "random":
+            assert want != refs[:4]

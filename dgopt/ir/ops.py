@@ -273,6 +273,15 @@ register(OpSchema("accepted_hidden", (("hidden", ("hidden_seq",)), ("accept_len"
                       "[B] and tokens [B, K+1] as verify_greedy gives them. Outputs the hidden state of the row's "
                       "last accepted position (the one that predicted the bonus token: T-K-2+accept_len) and the "
                       "bonus token tokens[accept_len-1]."))
+register(OpSchema("accept_unverified", (("tokens", ("tokens",)), ("accept_len", ("count",)),
+                                        ("candidates", ("candidates",)), ("trusted", ("count",))),
+                  *_VERIFY_OUT,
+                  doc="RecycleGPT's LOSSY mode (strategy recycle, verify: false): the first `trusted` [B] proposals of "
+                      "candidates [B, 1, K] are committed unverified. tokens [B, K+1] and accept_len [B] as "
+                      "verify_greedy gives them (the target's argmax chain); out: tokens with d_1..d_trusted in front "
+                      "(then the target's own tokens), accept_len max(accept_len, trusted + 1). trusted 0 is plain "
+                      "verification (the prefill's guesses from the prompt), K commits the module's whole chain and "
+                      "the target's token after it: K + 1 tokens per target forward, not the target's output."))
 register(OpSchema("recycle_step", (("hidden", ("hidden",)), ("token", ("token",))), ("hidden", "logits"),
                   ("hidden", "logits"), {"module": Attr(str, "recycle")},
                   doc="One step of the recyclable module (dgopt/models/recycle.py): the target's post-norm hidden "

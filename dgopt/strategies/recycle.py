@@ -13,6 +13,11 @@ At prefill there are no proposals yet: the host feeds k tokens drawn from the pr
 accepts them exactly like any others.
 -O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes.
 
+verify: false (RecycleGPT's own mode, LOSSY): accept_unverified commits the module's k proposals unverified and
+the target's token after them (k + 1 tokens per forward; the input `trusted` is 0 at prefill, when the guesses come
+from the prompt, then k). Greedy only. Its output is not the target's: benchmarks/recycle_lossy.py measures the
+agreement and the perplexity.
+
 Sampling (exact in distribution): the chain draws d'_i from the module's processed distribution q_i (the target's
 logits processors, inverse CDF with the input draft_uniform_i) and outputs q as `proposal_probs`; the next step's
 verify_sample accepts d_i with probability min(1, p_i(d_i) / q_i(d_i)) and draws a rejected position from
@@ -45,6 +50,10 @@ def expand_recycle(spec: Spec) -> Graph:
         v = g.add("verify_sample", [x, cands, q, u], {"length": k}, id="verify/accept")
     else:
         v = g.add("verify_greedy", [logits, cands], {"guesses": 1, "length": k}, id="verify/accept")
+    if not spec.strategy.verify:    # LOSSY: the module's proposals are committed unverified (from the second step)
+        trusted = g.add("input", attrs={"name": "trusted", "type": "count"}, id="trusted")
+        v = g.add("accept_unverified", [v.out("tokens"), v.out("accept_len"), cands, trusted],
+                  id="verify/unverified")
     start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")],
                   id="recycle/start")
     h, tok, props, qs = start.out("hidden"), start.out("token"), None, None

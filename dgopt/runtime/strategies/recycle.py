@@ -4,7 +4,8 @@ previous step and runs the module's chain from the accepted position for the nex
 The first step (prefill) verifies k tokens drawn from the prompt. Sampled: the chain's distributions q come back
 as `proposal_probs` and go into the next step's rejection sampling (`draft_probs`); the prefill's guesses are
 point masses (one-hot q), which rejection sampling handles exactly like any q. Two noise streams, as speculative's:
-the chain's draws and the acceptance tests."""
+the chain's draws and the acceptance tests. verify: false (LOSSY): the input `trusted` says how many proposals are
+committed unverified: 0 at prefill, k after."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +21,8 @@ class Recycle(Strategy):
         self.K = K = loop.dec.manifest["strategy"]["k"]
         self.cands = initial_guesses(loop.rows, K)[:, None, :]
         self.proposed_n = 0
+        self.lossy = not loop.dec.manifest["strategy"].get("verify", True)
+        self.trusted = np.zeros(loop.B, np.int64)
         self.draft_noise = self.accept_noise = None
         if loop.sampled:
             B, n = loop.B, loop.steps_max
@@ -30,6 +33,9 @@ class Recycle(Strategy):
             np.put_along_axis(self.q, self.cands[:, 0, :, None], 1.0, axis=2)
 
     def propose(self, feeds):
+        if self.lossy:      # the prefill's guesses come from the prompt: verified; the module's, from then on, not
+            feeds["trusted"] = self.trusted
+            self.trusted = np.full(self.loop.B, self.K, np.int64)
         if self.draft_noise is not None:
             du = self.draft_noise.next()
             feeds.update({f"draft_uniform_{i}": du[:, i] for i in range(self.K)}, draft_probs=self.q,
@@ -49,4 +55,7 @@ class Recycle(Strategy):
             self.q = self.next_q
 
     def stats(self):
-        return draft_stats(self.loop, self.proposed_n, 0, None)
+        st = draft_stats(self.loop, self.proposed_n, 0, None)
+        if self.lossy:      # acceptance_rate counts unverified tokens: not the target's agreement
+            st["lossy"] = True
+        return st
