@@ -225,19 +225,26 @@ def test_concurrent_load_batches_and_matches_sequential(server, dec, art):
 
 
 def test_a_failing_request_fails_alone(art, dec):
-    """A request that makes the runtime raise (injected: a Decoder that fails on one token id) gets a 500; the
-    requests batched with it are retried alone and answer as usual."""
+    """A request that makes the runtime raise (injected: a Decoder that fails on one token id, in a call's first rows or
+    when it joins a running call) gets a 500; the requests batched with it are retried alone and answer as usual."""
     from dgopt.runtime.decoder import Decoder
     from dgopt.serve import create_app
 
     failed = []
 
     class Faulty(Decoder):
-        def generate(self, prompts, *a, **kw):
+        def generate(self, prompts, *a, admit=None, **kw):
             if any(13 in p for p in prompts):
                 failed.append(len(prompts))
                 raise RuntimeError("injected failure")
-            return super().generate(prompts, *a, **kw)
+
+            def joining(free):      # a poisoned request that joins the running call fails it there
+                rows = admit(free)
+                if any(13 in ids for _, ids, _ in rows):
+                    failed.append(len(prompts) + len(rows))
+                    raise RuntimeError("injected failure")
+                return rows
+            return super().generate(prompts, *a, admit=joining if admit else None, **kw)
 
     app = create_app(Faulty(art), max_batch=4)
 
@@ -337,7 +344,7 @@ def test_a_failed_batch_does_not_splice_two_samples():
     class Dec:      # the batch call commits one token per row, then fails; a one-row call succeeds
         eos, max_batch = set(), 8
 
-        def generate(self, prompts, max_new_tokens, seed, on_token, should_stop):
+        def generate(self, prompts, max_new_tokens, seed, on_token, should_stop, admit=None, on_done=None):
             on_token([101] * len(prompts))
             if len(prompts) > 1:
                 raise RuntimeError("injected failure")

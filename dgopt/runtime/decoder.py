@@ -81,17 +81,22 @@ class Decoder:
 
     def generate(self, prompts, max_new_tokens: int | Sequence[int] = 64, seed: int | None = None,
                  on_token: Callable[[list[int | None]], None] | None = None,
-                 should_stop: Callable[[], Iterable[int]] | None = None) -> GenerateResult:
+                 should_stop: Callable[[], Iterable[int]] | None = None,
+                 admit: Callable[[list[int]], list[tuple[int, list[int], int]]] | None = None,
+                 on_done: Callable[[int, str], None] | None = None) -> GenerateResult:
         """`prompts`: a token-id list, a list of them (a batch), a string or a list of strings.
         `max_new_tokens`: one limit, or one per row. `on_token(tokens)`: each committed token index, one entry per
         row (None: nothing new for that row). `should_stop()`: called once per step; the rows it names stop there
-        (stop reason "cancelled")."""
+        (stop reason "cancelled"). Continuous batching (greedy autoregressive; others ignore it): `admit(free)` is
+        asked after every step for rows to start, [(row, prompt ids, max_new_tokens)], row a finished one of `free`
+        or the next index (up to max_batch); `on_done(row, reason)` says when each row ends. Row indices are then
+        reused: read tokens through the callbacks, not the result."""
         rows, had_text = self._as_rows(prompts)
         if len(rows) > self.max_batch:
             raise ValueError(f"batch of {len(rows)} exceeds the artifact's target.max_batch {self.max_batch}")
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("empty prompt")
-        res = generate(self, rows, max_new_tokens, seed, on_token, should_stop)
+        res = generate(self, rows, max_new_tokens, seed, on_token, should_stop, admit, on_done)
         if had_text or self._tokenizer is not None:
             res.text = [self.decode(r) for r in res.ids]
         return res

@@ -64,6 +64,59 @@ class Loop:
         self.done = [n <= 0 for n in self.budget]
         self.cache = self.sess.new_cache(B)
         self._streams: list[NoiseStream] = []
+        self.joins = 0
+        self.last = [dec.pad] * B
+
+    def joinable(self, strat) -> bool:
+        """Whether rows can join this call while it runs: a strategy that keeps no per-row state of its own
+        (autoregressive, greedy: no noise stream sized at the start) on a session whose cache can grow rows."""
+        return getattr(strat, "joinable", False) and getattr(self.sess, "grow", None) is not None
+
+    def _join(self, new, out_ids, reason, ended, seen):
+        """Start rows `new` [(b, prompt ids, max_new_tokens)]: b a finished row (its slots are forgotten) or the next
+        index (the batch grows by a row). Their prompts become the next x-block's rows, left-padded beside the
+        running rows' one token (a prefill in the same step); returns (B, seen)."""
+        B0 = self.B
+        grow = sum(1 for b, _, _ in new if b >= B0)
+        if grow:
+            if B0 + grow > self.dec.max_batch:
+                raise ValueError(f"{B0 + grow} rows exceed the artifact's target.max_batch {self.dec.max_batch}")
+            if sorted(b for b, _, _ in new if b >= B0) != list(range(B0, B0 + grow)):
+                raise ValueError("rows join at free rows or at the next indices")
+            self.cache = self.sess.grow(self.cache, grow)
+            self.slots.grow(grow)
+            for lst, v in ((self.rows, []), (self.max_new, 0), (self.budget, 0), (self.seqs, []), (self.done, True),
+                           (self.pos_last, 0), (out_ids, []), (reason, "max_new_tokens"), (ended, True),
+                           (self.last, self.dec.pad)):
+                lst += [list(v) if isinstance(v, list) else v for _ in range(grow)]
+            if seen is not None:
+                seen = np.concatenate([seen, np.zeros((grow, seen.shape[1]), seen.dtype)])
+            self.B = B0 + grow
+        B = self.B
+        L = max(len(ids) for _, ids, _ in new)
+        x_ids = np.full((B, L), self.dec.pad, np.int64)
+        x_valid = np.zeros((B, L), np.int8)
+        x_pos = np.zeros((B, L), np.int64)
+        for b in range(B):
+            if not self.done[b]:
+                x_ids[b, -1], x_valid[b, -1], x_pos[b, -1] = self.last[b], 1, self.pos_last[b]
+        for b, ids, mx in new:
+            if len(ids) >= self.dec.max_seq_len or not ids:
+                raise ValueError(f"a joining prompt of {len(ids)} tokens does not fit target.max_seq_len "
+                                 f"{self.dec.max_seq_len}")
+            self.slots.forget(b)
+            x_ids[b, L - len(ids):], x_valid[b, L - len(ids):] = ids, 1
+            x_pos[b, L - len(ids):] = np.arange(len(ids))
+            self.rows[b], self.seqs[b], out_ids[b] = list(ids), list(ids), []
+            self.max_new[b], self.budget[b] = mx, min(mx, self.dec.max_seq_len - len(ids))
+            self.done[b], ended[b], reason[b] = self.budget[b] <= 0, False, "max_new_tokens"
+            self.pos_last[b] = len(ids) - 1
+            if seen is not None:
+                seen[b] = 0.0
+                seen[b, ids] = 1.0
+        self.x_ids, self.x_valid, self.x_pos = x_ids, x_valid, x_pos
+        self.joins += len(new)
+        return B, seen
 
     def stream(self, kind: str, seed, shape: tuple[int, ...], total: int) -> NoiseStream:
         """A noise stream closed when the call ends."""
@@ -76,9 +129,11 @@ class Loop:
         """The most steps the call can take (each commits >= 1 token per unfinished row)."""
         return max(self.budget)
 
-    def run(self, on_token=None, should_stop=None) -> GenerateResult:
+    def run(self, on_token=None, should_stop=None, admit=None, on_done=None) -> GenerateResult:
         dec, sess, B = self.dec, self.sess, self.B
         strat = STRATEGIES[dec.manifest["strategy"]["kind"]](self)
+        if admit is not None and not self.joinable(strat):
+            admit = None
         eos, max_pos, budget, done = dec.eos, self.max_pos, self.budget, self.done
         seen = None                     # repetition penalty: the tokens of each row so far (prompt + committed)
         if "seen" in sess.inputs:
@@ -89,6 +144,7 @@ class Loop:
         slots = self.slots = Slots(B)
         out_ids: list[list[int]] = [[] for _ in range(B)]
         reason = ["max_new_tokens"] * B
+        ended = [False] * B             # on_done was called
         hist: Counter = Counter()
         steps = 0
         t0 = time.perf_counter()
@@ -129,7 +185,8 @@ class Loop:
                 # KV: the x-block's slots, then the accepted candidates'
                 past = slots.n
                 slots.append(x_valid, qx)
-                if strat.commit == "holes":     # a rejected proposal's slot stays, masked: no copy of the cache
+                if strat.commit == "holes" or self.joins:   # a rejected proposal's (or a join's padding) slot
+                    # stays, masked: no copy of the cache
                     slots.append_prefix(m, K)
                     idx = slots.compaction()
                     self.cache = present if idx is None else sess.select(present, idx)
@@ -166,6 +223,12 @@ class Loop:
                     for b in should_stop():
                         if not done[b]:
                             done[b], reason[b] = True, "cancelled"
+                if on_done:
+                    for b in range(B):
+                        if done[b] and not ended[b]:
+                            ended[b] = True
+                            on_done(b, reason[b] if reason[b] != "max_new_tokens" or len(out_ids[b]) >=
+                                    self.max_new[b] else "max_seq_len")
 
                 # the next x-block: each row's last accepted token; finished rows stay where they are (their
                 # positions must not run past the model's position table)
@@ -181,6 +244,11 @@ class Loop:
                 self.x_valid = None
                 if not all(done):
                     strat.advance(m, got)
+                if admit is not None:   # continuous batching: requests join at the next step
+                    joining = admit([b for b in range(B) if done[b]])
+                    if joining:
+                        B, seen = self._join(joining, out_ids, reason, ended, seen)
+                        strat.joined()
         finally:
             for s in self._streams:
                 s.close()
@@ -195,6 +263,8 @@ class Loop:
             "prefill_s": round(t_prefill or 0.0, 6), "total_s": round(elapsed, 6),
             "tokens_per_s": round(new / max(elapsed, 1e-9), 2), "stop": reason,
         }
+        if self.joins:
+            stats["joined"] = self.joins
         if strat.multi_token:
             stats["accepted_hist"] = {str(a): c for a, c in sorted(hist.items())}
         else:
@@ -207,5 +277,7 @@ class Loop:
 
 def generate(dec, rows: list[list[int]], max_new_tokens: int | Sequence[int] = 64, seed: int | None = None,
              on_token: Callable[[list[int | None]], None] | None = None,
-             should_stop: Callable[[], Iterable[int]] | None = None) -> GenerateResult:
-    return Loop(dec, rows, max_new_tokens, seed).run(on_token, should_stop)
+             should_stop: Callable[[], Iterable[int]] | None = None,
+             admit: Callable[[list[int]], list[tuple[int, list[int], int]]] | None = None,
+             on_done: Callable[[int, str], None] | None = None) -> GenerateResult:
+    return Loop(dec, rows, max_new_tokens, seed).run(on_token, should_stop, admit, on_done)

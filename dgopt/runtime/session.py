@@ -66,6 +66,10 @@ class OrtSession:
     def new_cache(self, batch: int):
         return [np.zeros((batch, h, 0, d), self._kv_dtype) for h, d in self._kv_shapes]
 
+    def grow(self, cache, n: int):
+        """n more rows of zeros (rows that join a running call; their slots are masked)."""
+        return [np.concatenate([t, np.zeros((n,) + t.shape[1:], t.dtype)]) for t in cache]
+
     def _part_name(self, part: str | None) -> str:
         return part or ("past" if "past" in self.parts else next(iter(self.parts)))
 
@@ -126,6 +130,7 @@ class BoundSession(OrtSession):
     only ids, positions, masks and noise go in and the step's small outputs come back. A verify step's KV commit is
     a gather on the device (a tiny second graph), so nothing of the cache crosses to the host.
     Tested on the CPU EP here (same code path, device "cpu"); the CUDA EP run needs a GPU (tests/test_cuda.py)."""
+    grow = None     # the cache is device memory: rows cannot join a running call (no continuous batching)
 
     def __init__(self, step_path: Path, manifest: dict, providers: list[str], threads: int | None = None,
                  device: str = "cpu"):

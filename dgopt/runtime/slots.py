@@ -49,6 +49,14 @@ class Slots:
         self.compactions += 1
         return idx
 
+    def grow(self, n: int) -> None:
+        """n more rows, every slot of theirs masked (rows that join a running call)."""
+        self.buf = np.concatenate([self.buf, np.full((n, self.buf.shape[1]), MASK_MIN, np.float32)])
+
+    def forget(self, b: int) -> None:
+        """Row b's slots all become holes (a finished row taken by a new request)."""
+        self.buf[b, :self.n] = MASK_MIN
+
     def _room(self, k: int) -> None:
         if self.n + k > self.buf.shape[1]:
             buf = np.empty((len(self.buf), 2 * (self.n + k)), np.float32)

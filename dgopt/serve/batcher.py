@@ -1,15 +1,17 @@
 """Requests <-> the decode loop: one worker thread owns the Decoder and runs one `generate` call at a time over a
 batch of queued jobs.
 
-The runtime cannot add a row to a running call (no continuous batching), so batching is next-batch: jobs that
-arrive while a call runs wait in the queue and form the next call, up to `max_batch` rows. What may share a call:
+Greedy jobs join a running greedy call (continuous batching: the loop asks at every step, and a queued job takes a
+finished row's place, or a new row up to `max_batch`, its prompt prefilled in the next step beside the running
+rows' tokens), when the strategy allows it (autoregressive: dgopt/runtime/loop.py Loop.joinable); otherwise
+batching is next-batch: jobs that arrive while a call runs wait in the queue and form the next call, up to
+`max_batch` rows. What may share a call:
 - greedy jobs with greedy jobs: batched greedy equals one-row greedy (left padding is masked out, tested);
 - sampled jobs without a seed with each other, under a fresh random seed per call;
 - a sampled job with a seed runs alone: the runtime draws noise per call and row, so only a call of one row
   reproduces what `generate(prompt, seed=s)` returns.
 Each row has its own max_new_tokens; a row whose request ended early (client gone, stop string) is stopped by the
-call's should_stop at the next step (its place in the batch stays empty until the call ends: no row can join a
-running call).
+call's should_stop at the next step (its place is free for a joining job, or empty until the call ends).
 Each job gets its tokens through `sink(kind, value)` as the loop commits them (called on the worker thread):
 ("token", id) each (or ("tokens", ids) once at the end, for a job with per_token False), then
 ("end", "stop" | "length" | "cancelled") or ("error", exception)."""
@@ -159,12 +161,14 @@ class Batcher:
     def _call(self, batch: list[Job], skip: list[int] | None = None) -> None:
         """One generate call. `skip`: tokens per row already delivered (a retry after a failed batch: greedy and
         seeded calls repeat themselves, so the first ones are not sent twice; an unseeded sampled row that already
-        got tokens is not retried, it fails)."""
+        got tokens is not retried, it fails). A greedy call that is not a retry takes queued greedy jobs while it
+        runs (continuous batching: the loop asks at every step, a job joins at a finished row's place or as a new
+        row up to max_batch); rows[b] is the job row b serves now."""
         dec = self.dec
-        B = len(batch)
-        skip = skip or [0] * B
-        mts = [j.max_tokens for j in batch]
-        counts = [0] * B
+        rows: list[Job] = list(batch)
+        every: list[Job] = list(batch)          # each job the call served (a failed call retries the unfinished)
+        skips = dict(zip(batch, skip or [0] * len(batch)))
+        counts = {j: 0 for j in batch}
         first = batch[0]
         seed = first.seed if first.seed is not None else (random.getrandbits(31) if first.sampled else None)
 
@@ -172,46 +176,77 @@ class Batcher:
             for b, t in enumerate(toks):
                 if t is None:
                     continue
-                j = batch[b]
-                counts[b] += 1
+                j = rows[b]
+                counts[j] += 1
                 if j.ended or j.cancel:
                     continue
-                if counts[b] > skip[b]:
+                if counts[j] > skips.get(j, 0):
                     j._token(t)
                 if t in dec.eos:
                     j._end("end", "stop")
-                elif counts[b] >= mts[b]:
+                elif counts[j] >= j.max_tokens:
                     j._end("end", "length")
 
+        freed = [0]
+
+        def on_done(b, reason):
+            freed[0] += reason == "cancelled"
+            rows[b]._end("end", {"eos": "stop", "cancelled": "cancelled"}.get(reason, "length"))
+
         def should_stop():          # once per step: the rows whose client left or whose stop string matched
-            return [b for b, j in enumerate(batch) if j.cancel]
+            return [b for b, j in enumerate(rows) if j.cancel]
+
+        def admit(free):
+            if self._closed or not self._queue:
+                return []
+            room = self.max_batch - (len(rows) - len(free))
+            out = []
+            with self._cv:
+                keep: deque[Job] = deque()
+                for j in self._queue:
+                    if room > 0 and not j.cancel and not j.sampled:
+                        b = free.pop(0) if free else len(rows)
+                        if b == len(rows):
+                            rows.append(j)
+                        else:
+                            rows[b] = j
+                        every.append(j)
+                        counts[j] = 0
+                        out.append((b, j.ids, j.max_tokens))
+                        room -= 1
+                    else:
+                        keep.append(j)
+                self._queue = keep
+            return out
 
         t0 = time.perf_counter()
+        retry = any(skips.values())
         try:
-            res = dec.generate([j.ids for j in batch], max_new_tokens=mts, seed=seed, on_token=on_token,
-                               should_stop=should_stop)
+            res = dec.generate([j.ids for j in batch], max_new_tokens=[j.max_tokens for j in batch], seed=seed,
+                               on_token=on_token, should_stop=should_stop, on_done=on_done,
+                               admit=None if retry or first.sampled else admit)
         except Exception as e:  # noqa: BLE001 - one request's failure must not fail the others
-            if B == 1:
+            if len(every) == 1:
                 log.warning("request failed: %s", e, exc_info=not isinstance(e, ValueError))
                 first._end("error", e)
                 return
             # which row failed is unknown: each unfinished job again alone, so only the failing one errors
-            log.warning("batch of %d failed (%s): retrying its rows one by one", B, e)
-            for j, c in zip(batch, counts):
+            log.warning("batch of %d failed (%s): retrying its rows one by one", len(every), e)
+            for j in every:
                 if j.ended:
                     continue
+                c = counts[j]
                 if c and j.sampled and j.seed is None:
                     # an unseeded draw does not repeat: its delivered tokens and a retry would be two samples
                     j._end("error", e)
                 else:
                     self._call([j], [c])
             return
-        reasons = res.stats["stop"]
-        for b, j in enumerate(batch):       # rows the call stopped itself (max_seq_len) or that were cancelled
+        for j in every:       # rows the call stopped itself (max_seq_len) or that were cancelled
             if not j.ended:
-                j._end("end", {"eos": "stop", "cancelled": "cancelled"}.get(reasons[b], "length"))
+                j._end("end", "length")
         if self.on_batch is not None:
             stats = dict(res.stats)
-            stats.update(batch=B, tokens=sum(counts), seconds=time.perf_counter() - t0,
-                         freed=reasons.count("cancelled"))
+            stats.update(batch=len(rows), tokens=sum(counts.values()), seconds=time.perf_counter() - t0,
+                         freed=freed[0], requests=len(every))
             self.on_batch(stats)

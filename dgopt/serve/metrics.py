@@ -23,19 +23,22 @@ class Metrics:
         self.latency = Histogram("dgopt_request_latency_seconds", "request arrival to its last token",
                                  buckets=_LATENCY, registry=r)
         Gauge("dgopt_queue_depth", "requests waiting for the next batch", registry=r).set_function(queue_depth)
-        self.batch = Histogram("dgopt_batch_size", "rows per generate call", buckets=(1, 2, 4, 8, 16, 32, 64),
-                               registry=r)
+        self.batch = Histogram("dgopt_batch_size", "requests per generate call (those that joined it while it ran "
+                               "included)", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.joined = Counter("dgopt_rows_joined", "requests that joined a running generate call (continuous "
+                              "batching)", registry=r)
         self.tokens_per_step = Histogram("dgopt_tokens_per_step", "tokens committed per row and step-graph call "
                                          "(multi-token strategies > 1)", buckets=(1, 1.5, 2, 2.5, 3, 4, 5, 6, 8),
                                          registry=r)
         self.freed = Counter("dgopt_rows_freed", "rows whose request ended (client gone, stop string) before "
-                             "their generate call", registry=r)
+                             "their generate call did", registry=r)
         self.acceptance = Gauge("dgopt_acceptance_rate", "draft proposals accepted / proposed in the last "
                                 "generate call (speculative, uag)", registry=r)
 
     def on_batch(self, stats: dict) -> None:
         """Called by the worker after each generate call (stats of a call cut short hold only batch/tokens)."""
-        self.batch.observe(stats["batch"])
+        self.batch.observe(stats.get("requests", stats["batch"]))
+        self.joined.inc(stats.get("joined", 0))
         if stats["seconds"] > 0:
             self.tokens_per_s.set(stats["tokens"] / stats["seconds"])
         if stats.get("tokens_per_step"):

@@ -18,10 +18,15 @@ class Autoregressive(Strategy):
         self.noise = {name: loop.stream(name, loop.seed, (B,) if name == "uniform" else (B, V), loop.steps_max)
                       for name in ("uniform", "gumbel") if name in loop.sess.inputs}
 
+    @property
+    def joinable(self):     # greedy: no per-row state (the noise streams are sized at the call's start)
+        return not self.noise
+
     def propose(self, feeds):
         for name, stream in self.noise.items():
             feeds[name] = stream.next()
         return None, 0, 0
 
     def accepted(self, out):
-        return [1] * self.loop.B, [[t] for t in out["next_token"].tolist()]
+        toks = out["next_token"].tolist()
+        return [1] * len(toks), [[t] for t in toks]

@@ -12,6 +12,7 @@ penalty's `seen`, noise streams, timing and the common stats. A strategy says, p
   advance(m, got)   after the loop committed the tokens: carry state to the next step (window, pool, draft cache,
                     guesses, adaptive k)
   stats()           its own stats, merged into the loop's
+  joinable, joined  continuous batching: whether rows may join a running call, and what to do when they did
 
 Everything per row is a Python int or list where the loop hands it over: between onnxruntime calls the
 interpreter's working set is cold, and a few Python-int operations per row cost less than [B]-array numpy calls."""
@@ -47,6 +48,12 @@ class Strategy:
 
     def stats(self) -> dict:
         return {}
+
+    # continuous batching: whether rows may join a running call (Loop._join), and the hook after they did
+    joinable = False
+
+    def joined(self) -> None:
+        pass
 
 
 def initial_guesses(rows: list[list[int]], size: int) -> np.ndarray:
