@@ -127,13 +127,14 @@ def _calls(base: str) -> tuple[float, float]:
 
 
 def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadline: float,
-               threads: int | None) -> dict:
+               threads: int | None, stream_interval: float = 0.0) -> dict:
     art = _compile(spec, out)
     prompts = PY_PROMPTS
     dec, want = _load(art, prompts, max_tokens, threads)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dgopt", "serve", str(art), "--host", "127.0.0.1", "--port",
-                             str(port)] + (["--threads", str(threads)] if threads else []), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             str(port), "--stream-interval", str(stream_interval)] + (["--threads", str(threads)] if threads else []),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     url = base + "/v1/completions"
     rows = []
@@ -187,7 +188,9 @@ def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadli
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--specs", nargs="+", default=["specs/greedy.yaml", "specs/speculative.yaml"])
-    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--clients", nargs="*", type=int, default=[1, 4, 16, 64], help="concurrency levels (none: "
+                    "only the overhead against dgopt run)")
+    ap.add_argument("--stream-interval", type=float, default=0.0, metavar="MS", help="the server's --stream-interval")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-limit", type=float, default=1200, help="seconds for the whole run (default 1200)")
     ap.add_argument("--out", default="out/bench/serve")
@@ -199,9 +202,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + a.time_limit
     print(f"machine: {machine()}; loopback 127.0.0.1; max_tokens {a.max_tokens}; {len(PY_PROMPTS)} Python prompts; "
-          f"onnxruntime threads {a.threads or 'all'}",
+          f"onnxruntime threads {a.threads or 'all'}; server --stream-interval {a.stream_interval:g} ms",
           flush=True)
-    results = [bench_spec(Path(s), out, a.clients, a.max_tokens, deadline, a.threads or None) for s in a.specs]
+    results = [bench_spec(Path(s), out, a.clients, a.max_tokens, deadline, a.threads or None, a.stream_interval)
+               for s in a.specs]
     print("\n| spec | clients | requests | tok/s | vs 1 client | rows/call | p50 ms | p99 ms | TTFT p99 ms | mismatches |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -1,8 +1,9 @@
 """Decoding strategies side by side on one model and one prompt set, in one run: autoregressive, lookahead at several
 (W, N, G), jacobi, each at -O0 (separate forwards) and -O2 (merged), speculative with a draft of the same tokenizer
 (several k; draft and target fused in one step graph, and for --unfused-k in two), UAG with a draft of another
-tokenizer and recycle (RecycleGPT/EAGLE: a recyclable module drafting from the target's hidden states; --recycle), plus transformers generate greedy, with prompt lookup decoding, assisted generation and UAG as external
-baselines. Greedy rows are checked token-identical; sampling rows (--sample-k: speculative fused and unfused, uag;
+tokenizer and recycle (RecycleGPT/EAGLE: a recyclable module drafting from the target's hidden states; --recycle),
+plus transformers generate greedy, with prompt lookup decoding, assisted generation and UAG as external baselines.
+Greedy rows are checked token-identical; sampling rows (--sample-k: speculative fused and unfused, uag, recycle;
 lookahead at the first config) are timed against autoregressive sampling only.
 
     python benchmarks/strategies.py                      # code-tiny if built, else a random 6.5M Llama
@@ -216,6 +217,10 @@ def main():
                 d = list(xdraft_specs)[-1]
                 strategies.append((f"uag k{k} ({d}, sample)", {"kind": "uag", "k": k},
                                    {"draft": xdraft_specs[d], "sampling": sample}))
+            for r in (r for r in modules if r != "none"):
+                rspec = {"path": str(Path(r).resolve())} if Path(r).is_dir() else {"name": r}
+                strategies.append((f"recycle k{k} ({r}, sample)", {"kind": "recycle", "k": k},
+                                   {"recycle": rspec, "sampling": sample}))
     decs = []
     for name, st, *extra in strategies:
         for lvl in ((0, 2) if st["kind"] == "lookahead" and "sample" not in name else (2,)):

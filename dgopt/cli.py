@@ -158,6 +158,10 @@ def cmd_run(a) -> int:
     return 0
 
 
+# dgopt serve's default --stream-interval (ms); measured in benchmarks/serve_load.py (docs/serving.md)
+STREAM_INTERVAL_MS = 0.0
+
+
 def cmd_serve(a) -> int:
     if not 0 < a.port < 65536:
         raise DgoptError(f"--port {a.port}: must be 1..65535")
@@ -173,13 +177,15 @@ def cmd_serve(a) -> int:
         raise DgoptError(f"--max-batch {a.max_batch}: must be 1..{cap} (the artifact's target.max_batch)")
     if a.replicas != 1 and not a.ray:
         raise DgoptError("--replicas needs --ray")
+    if not 0 <= a.stream_interval <= 1000:
+        raise DgoptError(f"--stream-interval {a.stream_interval}: must be 0..1000 ms")
     if a.ray:
         from .serve.ray import run as run_ray
         return run_ray(a.artifact, a.host, a.port, a.replicas, max_batch=a.max_batch, model_name=a.model_name,
-                       device=a.device, threads=a.threads)
+                       device=a.device, threads=a.threads, stream_interval=a.stream_interval / 1000)
     from .serve import create_app
     app = create_app(a.artifact, max_batch=a.max_batch, model_name=a.model_name, device=a.device,
-                     threads=a.threads)
+                     threads=a.threads, stream_interval=a.stream_interval / 1000)
     _console().print(f"serving {a.artifact} at http://{a.host}:{a.port}/v1 "
                      f"(max batch {app.state.server.batcher.max_batch}; Ctrl-C to stop)")
     uvicorn.run(app, host=a.host, port=a.port, log_level="debug" if a.debug else "warning")
@@ -327,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, help="most rows per generate call (default: the artifact's max_batch)")
     sv.add_argument("--model-name", help="the model id clients send (default: the artifact dir's name)")
+    sv.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL_MS, metavar="MS",
+                    help="a stream's writes at most this often: the tokens of the steps in between go in one write "
+                         f"(each write wakes the server and the client; default {STREAM_INTERVAL_MS:g}; 0: every step)")
     sv.add_argument("--device", choices=["cpu", "cuda"], help="override the artifact's target device")
     sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local Ray instance, or "

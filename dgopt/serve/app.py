@@ -73,23 +73,32 @@ def _error(status: int, message: str, param: str | None = None, kind: str | None
 
 class _Bridge:
     """Worker-thread events -> the requests' asyncio queues, one event-loop wake-up per burst: a step of a batch
-    of 8 commits 8 tokens, and waking the loop 8 times costs more than the tokens' own handling."""
+    of 8 commits 8 tokens, and waking the loop 8 times costs more than the tokens' own handling. `interval` > 0:
+    at most one wake-up per interval seconds (the streams' writes then carry several tokens each: at one row a
+    token takes well under a millisecond, and each wake-up and socket write costs a good part of that); a burst
+    after a quiet interval (a first token) goes at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
+        self.loop, self.interval = loop, interval
         self._pending: list = []
         self._lock = threading.Lock()
+        self._last = 0.0
 
     def post(self, queue: asyncio.Queue, item) -> None:
         with self._lock:
             self._pending.append((queue, item))
             if len(self._pending) > 1:          # a drain is already scheduled
                 return
-        self.loop.call_soon_threadsafe(self._drain)
+        wait = self._last + self.interval - time.perf_counter() if self.interval else 0.0
+        if wait > 0:
+            self.loop.call_soon_threadsafe(self.loop.call_later, wait, self._drain)
+        else:
+            self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         with self._lock:
             items, self._pending = self._pending, []
+            self._last = time.perf_counter()
         for queue, item in items:
             queue.put_nowait(item)
 
@@ -105,8 +114,10 @@ class _Sink:
 
 
 class Server:
-    def __init__(self, decoder, max_batch: int | None = None, model_name: str | None = None):
+    def __init__(self, decoder, max_batch: int | None = None, model_name: str | None = None,
+                 stream_interval: float = 0.0):
         self.dec = decoder
+        self.stream_interval = stream_interval
         m = decoder.manifest
         self.model_name = model_name or Path(decoder.path).resolve().name
         self.sampling = m["sampling"]
@@ -219,7 +230,7 @@ class Server:
         sampled = not self.greedy
         loop = asyncio.get_running_loop()
         if self._bridge is None or self._bridge.loop is not loop:
-            self._bridge = _Bridge(loop)
+            self._bridge = _Bridge(loop, self.stream_interval)
         sink = _Sink(self._bridge)
         budget = req.max_tokens if req.max_tokens is not None else self.dec.max_seq_len - len(ids)
         # a whole response without stop strings needs no token before the end
@@ -373,11 +384,12 @@ class _Completion:
 
 
 def create_app(artifact, max_batch: int | None = None, model_name: str | None = None, device: str | None = None,
-               threads: int | None = None) -> FastAPI:
-    """`artifact`: an artifact dir or a loaded Decoder."""
+               threads: int | None = None, stream_interval: float = 0.0) -> FastAPI:
+    """`artifact`: an artifact dir or a loaded Decoder. `stream_interval`: seconds between a stream's writes at
+    most (0: one per step)."""
     from ..runtime import Decoder, load
     dec = artifact if isinstance(artifact, Decoder) else load(artifact, device=device, threads=threads)
-    server = Server(dec, max_batch, model_name)
+    server = Server(dec, max_batch, model_name, stream_interval)
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
