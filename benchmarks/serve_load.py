@@ -100,16 +100,17 @@ async def _one(client, url: str, prompt: str, max_tokens: int) -> dict:
     return {"ids": toks, "latency": end - t0, "ttft": (first or end) - t0}
 
 
-async def _level(url: str, jobs: list[int], prompts: list[str], clients: int, max_tokens: int,
-                 deadline: float) -> tuple[list[tuple[int, dict]], float]:
+async def _level(url: str, jobs: list[tuple[int, int]], prompts: list[str], clients: int,
+                 deadline: float) -> tuple[list[tuple[tuple[int, int], dict]], float]:
+    """jobs: (prompt index, max_tokens) each."""
     import httpx
     queue = list(jobs)
-    done: list[tuple[int, dict]] = []
+    done: list[tuple[tuple[int, int], dict]] = []
 
     async def worker(client):
         while queue and time.monotonic() < deadline:
-            i = queue.pop(0)
-            done.append((i, await _one(client, url, prompts[i], max_tokens)))
+            i, mt = queue.pop(0)
+            done.append(((i, mt), await _one(client, url, prompts[i], mt)))
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -127,13 +128,15 @@ def _calls(base: str) -> tuple[float, float]:
 
 
 def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadline: float,
-               threads: int | None, stream_interval: float = 0.0) -> dict:
+               threads: int | None, stream_interval: float = 0.0, rounds: int = 1, serve_args=(),
+               mixed: bool = False) -> dict:
     art = _compile(spec, out)
     prompts = PY_PROMPTS
-    dec, want = _load(art, prompts, max_tokens, threads)
+    dec, want = _load(art, prompts, max_tokens * 7 // 4 if mixed else max_tokens, threads)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dgopt", "serve", str(art), "--host", "127.0.0.1", "--port",
-                             str(port), "--stream-interval", str(stream_interval)] + (["--threads", str(threads)] if threads else []),
+                             str(port), "--stream-interval", str(stream_interval), *serve_args]
+                            + (["--threads", str(threads)] if threads else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     url = base + "/v1/completions"
@@ -150,18 +153,20 @@ def bench_spec(spec: Path, out: Path, levels: list[int], max_tokens: int, deadli
             if proc.poll() is not None or time.monotonic() > t_end:
                 raise RuntimeError("server did not start")
             time.sleep(0.5)
-        asyncio.run(_level(url, [0, 1], prompts, 2, 8, deadline))           # warm-up
-        for c in levels:
+        asyncio.run(_level(url, [(0, 8), (1, 8)], prompts, 2, deadline))           # warm-up
+        for rnd, c in ((r, c) for r in range(rounds) for c in levels):
             n = max(2 * c, 2 * len(prompts))        # requests at this level: every prompt, at least twice
-            jobs = [i % len(prompts) for i in range(n)]
+            # mixed: max_tokens cycles through 1/4, 1/2, 1, 3/2 and 7/4 of --max-tokens (the same mean)
+            lengths = [max(1, max_tokens * f // 4) for f in (1, 2, 4, 6, 7)] if mixed else [max_tokens]
+            jobs = [(i % len(prompts), lengths[(i * 3) % len(lengths)]) for i in range(n)]
             calls0 = _calls(base)
-            done, wall = asyncio.run(_level(url, jobs, prompts, c, max_tokens, deadline))
+            done, wall = asyncio.run(_level(url, jobs, prompts, c, deadline))
             calls = [a - b for a, b in zip(_calls(base), calls0)]
-            wrong = sum(r["ids"] != want[i] for i, r in done)
+            wrong = sum(r["ids"] != want[i][:mt] for (i, mt), r in done)
             tokens = sum(len(r["ids"]) for _, r in done)
             lat = np.array([r["latency"] for _, r in done]) * 1e3
             ttft = np.array([r["ttft"] for _, r in done]) * 1e3
-            row = {"clients": c, "requests": len(done), "planned": n, "tokens": tokens, "seconds": wall,
+            row = {"round": rnd, "clients": c, "requests": len(done), "planned": n, "tokens": tokens, "seconds": wall,
                    "tokens_per_s": tokens / wall, "p50_ms": float(np.percentile(lat, 50)),
                    "p99_ms": float(np.percentile(lat, 99)), "ttft_p50_ms": float(np.percentile(ttft, 50)),
                    "ttft_p99_ms": float(np.percentile(ttft, 99)), "mismatches": wrong,
@@ -191,6 +196,13 @@ def main() -> int:
     ap.add_argument("--clients", nargs="*", type=int, default=[1, 4, 16, 64], help="concurrency levels (none: "
                     "only the overhead against dgopt run)")
     ap.add_argument("--stream-interval", type=float, default=0.0, metavar="MS", help="the server's --stream-interval")
+    ap.add_argument("--mixed", action="store_true", help="requests of mixed lengths: max_tokens cycles through 1/4, "
+                    "1/2, 1, 3/2 and 7/4 of --max-tokens (what continuous batching is for: next-batch batching "
+                    "waits for a call's longest row)")
+    ap.add_argument("--no-continuous", action="store_true", help="the server's --no-continuous (next-batch only)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the levels this many times in turn; the table gives "
+                    "medians, 'vs 1 client' the median of each round's ratio (this machine drifts by 10-40%% over "
+                    "minutes: a ratio of levels run minutes apart measures the drift)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-limit", type=float, default=1200, help="seconds for the whole run (default 1200)")
     ap.add_argument("--out", default="out/bench/serve")
@@ -202,19 +214,26 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + a.time_limit
     print(f"machine: {machine()}; loopback 127.0.0.1; max_tokens {a.max_tokens}; {len(PY_PROMPTS)} Python prompts; "
-          f"onnxruntime threads {a.threads or 'all'}; server --stream-interval {a.stream_interval:g} ms",
+          f"onnxruntime threads {a.threads or 'all'}; server --stream-interval {a.stream_interval:g} ms"
+          f"{' --no-continuous' if a.no_continuous else ''}{'; mixed lengths' if a.mixed else ''}",
           flush=True)
-    results = [bench_spec(Path(s), out, a.clients, a.max_tokens, deadline, a.threads or None, a.stream_interval)
-               for s in a.specs]
+    results = [bench_spec(Path(s), out, a.clients, a.max_tokens, deadline, a.threads or None, a.stream_interval,
+                          a.rounds, ["--no-continuous"] if a.no_continuous else [], a.mixed) for s in a.specs]
     print("\n| spec | clients | requests | tok/s | vs 1 client | rows/call | p50 ms | p99 ms | TTFT p99 ms | mismatches |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        one = next((x["tokens_per_s"] for x in r["rows"] if x["clients"] == 1), None)
-        for x in r["rows"]:
-            ratio = f"{x['tokens_per_s'] / one:.2f}x" if one else "-"
-            print(f"| {Path(r['spec']).stem} | {x['clients']} | {x['requests']} | {x['tokens_per_s']:.1f} | {ratio} "
-                  f"| {x['rows_per_call'] or 0:.1f} "
-                  f"| {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {x['ttft_p99_ms']:.0f} | {x['mismatches']} |")
+        by_round = {(x["round"], x["clients"]): x for x in r["rows"]}
+        for c in dict.fromkeys(x["clients"] for x in r["rows"]):
+            xs = [x for x in r["rows"] if x["clients"] == c]
+            ratios = [x["tokens_per_s"] / by_round[(x["round"], 1)]["tokens_per_s"] for x in xs
+                      if (x["round"], 1) in by_round]
+            med = lambda k: float(np.median([x[k] for x in xs]))  # noqa: E731
+            ratio = f"{np.median(ratios):.2f}x" if ratios else "-"
+            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+            print(f"| {Path(r['spec']).stem} | {c} | {sum(x['requests'] for x in xs)} | {med('tokens_per_s'):.1f} "
+                  f"| {ratio}{spread} | {med('rows_per_call') if all(x['rows_per_call'] for x in xs) else 0:.1f} "
+                  f"| {med('p50_ms'):.0f} | {med('p99_ms'):.0f} | {med('ttft_p99_ms'):.0f} "
+                  f"| {sum(x['mismatches'] for x in xs)} |")
     print()
     for r in results:
         o = r["overhead"]

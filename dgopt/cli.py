@@ -182,10 +182,11 @@ def cmd_serve(a) -> int:
     if a.ray:
         from .serve.ray import run as run_ray
         return run_ray(a.artifact, a.host, a.port, a.replicas, max_batch=a.max_batch, model_name=a.model_name,
-                       device=a.device, threads=a.threads, stream_interval=a.stream_interval / 1000)
+                       device=a.device, threads=a.threads, stream_interval=a.stream_interval / 1000,
+                       continuous=not a.no_continuous)
     from .serve import create_app
     app = create_app(a.artifact, max_batch=a.max_batch, model_name=a.model_name, device=a.device,
-                     threads=a.threads, stream_interval=a.stream_interval / 1000)
+                     threads=a.threads, stream_interval=a.stream_interval / 1000, continuous=not a.no_continuous)
     _console().print(f"serving {a.artifact} at http://{a.host}:{a.port}/v1 "
                      f"(max batch {app.state.server.batcher.max_batch}; Ctrl-C to stop)")
     uvicorn.run(app, host=a.host, port=a.port, log_level="debug" if a.debug else "warning")
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL_MS, metavar="MS",
                     help="a stream's writes at most this often: the tokens of the steps in between go in one write "
                          f"(each write wakes the server and the client; default {STREAM_INTERVAL_MS:g}; 0: every step)")
+    sv.add_argument("--no-continuous", action="store_true", help="next-batch batching only: a request waits for the "
+                    "running generate call to end instead of joining it (greedy autoregressive artifacts join by "
+                    "default; other strategies always batch next-batch)")
     sv.add_argument("--device", choices=["cpu", "cuda"], help="override the artifact's target device")
     sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local Ray instance, or "

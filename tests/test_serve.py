@@ -198,11 +198,13 @@ def test_disconnect_mid_stream_frees_the_row(server, art):
 
 def test_concurrent_load_batches_and_matches_sequential(server, dec, art):
     """16 concurrent clients, 48 requests (max_tokens 4..19, text and id prompts, some streamed): every greedy
-    response equals its own one-row generate, and generate calls held more than one row."""
+    response equals its own one-row generate, generate calls held more than one row, and rows joined running
+    calls."""
     jobs = [(PROMPTS[i % len(PROMPTS)] if i % 3 else dec.encode(PROMPTS[i % len(PROMPTS)]), 4 + i % 16, i % 4 == 0)
             for i in range(48)]
     want = {i: _expected(dec, p, n)[0] for i, (p, n, _) in enumerate(jobs)}
     calls0, rows0 = _metric(server, "dgopt_batch_size_count"), _metric(server, "dgopt_batch_size_sum")
+    joined0 = _metric(server, "dgopt_rows_joined_total")
 
     def one(i):
         p, n, stream = jobs[i]
@@ -221,6 +223,8 @@ def test_concurrent_load_batches_and_matches_sequential(server, dec, art):
     assert got == want
     calls, rows = _metric(server, "dgopt_batch_size_count") - calls0, _metric(server, "dgopt_batch_size_sum") - rows0
     assert rows == 48 and calls < 48, (calls, rows)
+    # greedy autoregressive: requests of other lengths joined running calls (continuous batching)
+    assert _metric(server, "dgopt_rows_joined_total") > joined0
     assert httpx.get(server + "/health").status_code == 200
 
 
@@ -355,7 +359,7 @@ def test_a_failed_batch_does_not_splice_two_samples():
     def sink(name):
         return lambda kind, v: got.setdefault(name, []).append((kind, v))
     b = object.__new__(Batcher)
-    b.dec, b.on_batch = Dec(), None
+    b.dec, b.on_batch, b.continuous, b._arrivals, b._ended_at = Dec(), None, True, 0, 0
     b._call([Job([1], 2, sink("greedy")), Job([2], 2, sink("sampled"), sampled=True)])
     assert got["greedy"] == [("token", 101), ("token", 102), ("end", "length")]
     assert [k for k, _ in got["sampled"]] == ["token", "error"]

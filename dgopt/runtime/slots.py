@@ -54,8 +54,10 @@ class Slots:
         self.buf = np.concatenate([self.buf, np.full((n, self.buf.shape[1]), MASK_MIN, np.float32)])
 
     def forget(self, b: int) -> None:
-        """Row b's slots all become holes (a finished row taken by a new request)."""
+        """Row b's slots all become holes (a finished row taken by a new request); the next compaction() looks at
+        once (when every row turns over, its whole past goes: the new rows attend over their own slots only)."""
         self.buf[b, :self.n] = MASK_MIN
+        self._check_at = 0
 
     def _room(self, k: int) -> None:
         if self.n + k > self.buf.shape[1]:

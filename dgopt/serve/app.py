@@ -115,7 +115,7 @@ class _Sink:
 
 class Server:
     def __init__(self, decoder, max_batch: int | None = None, model_name: str | None = None,
-                 stream_interval: float = 0.0):
+                 stream_interval: float = 0.0, continuous: bool = True):
         self.dec = decoder
         self.stream_interval = stream_interval
         m = decoder.manifest
@@ -132,7 +132,7 @@ class Server:
         self.created = int(time.time())
         self._bridge: _Bridge | None = None
         self.metrics = Metrics(lambda: self.batcher.queue_depth(), self.model_name, m["strategy"]["kind"])
-        self.batcher = Batcher(decoder, max_batch, on_batch=self.metrics.on_batch)
+        self.batcher = Batcher(decoder, max_batch, on_batch=self.metrics.on_batch, continuous=continuous)
 
     # -- validation ------------------------------------------------------------------------------------------------
     def check(self, req: CompletionRequest) -> tuple[list[int], list[str]]:
@@ -384,12 +384,12 @@ class _Completion:
 
 
 def create_app(artifact, max_batch: int | None = None, model_name: str | None = None, device: str | None = None,
-               threads: int | None = None, stream_interval: float = 0.0) -> FastAPI:
+               threads: int | None = None, stream_interval: float = 0.0, continuous: bool = True) -> FastAPI:
     """`artifact`: an artifact dir or a loaded Decoder. `stream_interval`: seconds between a stream's writes at
-    most (0: one per step)."""
+    most (0: one per step). `continuous` False: next-batch batching only (requests never join a running call)."""
     from ..runtime import Decoder, load
     dec = artifact if isinstance(artifact, Decoder) else load(artifact, device=device, threads=threads)
-    server = Server(dec, max_batch, model_name, stream_interval)
+    server = Server(dec, max_batch, model_name, stream_interval, continuous)
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield

@@ -65,8 +65,9 @@ class Job:
 
 class Batcher:
     def __init__(self, decoder, max_batch: int | None = None, on_batch: Callable[[dict], None] | None = None,
-                 gather_s: float = 0.01):
+                 gather_s: float = 0.01, continuous: bool = True):
         self.dec = decoder
+        self.continuous = continuous         # False: next-batch batching only
         self.max_batch = min(max_batch or decoder.max_batch, decoder.max_batch)
         # Next-batch batching falls into ruts: of 4 clients, the two whose requests came first finish together
         # while the two others wait for the next call, so calls alternate 2 and 2 rows for ever. The clients of
@@ -76,7 +77,9 @@ class Batcher:
         # the calls take longer too), at most 0.1 s; never once the batch is full.
         self.gather_s = gather_s
         self._last, self._last_s = 1, 0.0
-        self._arrivals = self._mark = 0        # jobs submitted so far / by the end of the last call
+        # jobs submitted so far / by the time the last call's last job ended (its response may be out, and its
+        # client's next request in, before the call itself returns: that request counts as a new arrival)
+        self._arrivals = self._mark = self._ended_at = 0
         self.on_batch = on_batch             # stats of each finished call (metrics)
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -156,7 +159,7 @@ class Batcher:
             self.busy = False
             self._last_s = time.perf_counter() - t
             with self._cv:
-                self._mark = self._arrivals
+                self._mark = min(self._ended_at, self._arrivals)
 
     def _call(self, batch: list[Job], skip: list[int] | None = None) -> None:
         """One generate call. `skip`: tokens per row already delivered (a retry after a failed batch: greedy and
@@ -172,6 +175,11 @@ class Batcher:
         first = batch[0]
         seed = first.seed if first.seed is not None else (random.getrandbits(31) if first.sampled else None)
 
+        def end(j, reason):
+            if not j.ended:
+                self._ended_at = self._arrivals
+                j._end("end", reason)
+
         def on_token(toks):
             for b, t in enumerate(toks):
                 if t is None:
@@ -183,15 +191,15 @@ class Batcher:
                 if counts[j] > skips.get(j, 0):
                     j._token(t)
                 if t in dec.eos:
-                    j._end("end", "stop")
+                    end(j, "stop")
                 elif counts[j] >= j.max_tokens:
-                    j._end("end", "length")
+                    end(j, "length")
 
         freed = [0]
 
         def on_done(b, reason):
             freed[0] += reason == "cancelled"
-            rows[b]._end("end", {"eos": "stop", "cancelled": "cancelled"}.get(reason, "length"))
+            end(rows[b], {"eos": "stop", "cancelled": "cancelled"}.get(reason, "length"))
 
         def should_stop():          # once per step: the rows whose client left or whose stop string matched
             return [b for b, j in enumerate(rows) if j.cancel]
@@ -224,7 +232,7 @@ class Batcher:
         try:
             res = dec.generate([j.ids for j in batch], max_new_tokens=[j.max_tokens for j in batch], seed=seed,
                                on_token=on_token, should_stop=should_stop, on_done=on_done,
-                               admit=None if retry or first.sampled else admit)
+                               admit=None if retry or first.sampled or not self.continuous else admit)
         except Exception as e:  # noqa: BLE001 - one request's failure must not fail the others
             if len(every) == 1:
                 log.warning("request failed: %s", e, exc_info=not isinstance(e, ValueError))
@@ -243,8 +251,7 @@ class Batcher:
                     self._call([j], [c])
             return
         for j in every:       # rows the call stopped itself (max_seq_len) or that were cancelled
-            if not j.ended:
-                j._end("end", "length")
+            end(j, "length")
         if self.on_batch is not None:
             stats = dict(res.stats)
             stats.update(batch=len(rows), tokens=sum(counts.values()), seconds=time.perf_counter() - t0,

@@ -20,18 +20,20 @@ class DgoptDeployment:
     """One replica: the FastAPI app of `dgopt serve` (built on the replica, after the constructor)."""
 
     def __init__(self, artifact: str, max_batch: int | None = None, model_name: str | None = None,
-                 device: str | None = None, threads: int | None = None, stream_interval: float = 0.0):
-        self._args = (artifact, max_batch, model_name, device, threads, stream_interval)
+                 device: str | None = None, threads: int | None = None, stream_interval: float = 0.0,
+                 continuous: bool = True):
+        self._args = (artifact, max_batch, model_name, device, threads, stream_interval, continuous)
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
-        artifact, max_batch, model_name, device, threads, interval = self._args
+        artifact, max_batch, model_name, device, threads, interval, continuous = self._args
         return create_app(artifact, max_batch=max_batch, model_name=model_name, device=device, threads=threads,
-                          stream_interval=interval)
+                          stream_interval=interval, continuous=continuous)
 
 
 def build(artifact: str, replicas: int = 1, max_batch: int | None = None, model_name: str | None = None,
-          device: str | None = None, threads: int | None = None, num_cpus: float = 1.0, stream_interval: float = 0.0):
+          device: str | None = None, threads: int | None = None, num_cpus: float = 1.0, stream_interval: float = 0.0,
+          continuous: bool = True):
     """The bound application (for `serve.run`). Each replica batches its own requests, so it may hold several
     batches' worth of requests at once (max_ongoing_requests)."""
     from pathlib import Path
@@ -40,7 +42,8 @@ def build(artifact: str, replicas: int = 1, max_batch: int | None = None, model_
     dep = serve.deployment(DgoptDeployment, name="dgopt", num_replicas=replicas,
                            max_ongoing_requests=8 * (max_batch or cap),
                            ray_actor_options={"num_cpus": num_cpus})
-    return dep.bind(str(Path(artifact).resolve()), max_batch, model_name, device, threads, stream_interval)
+    return dep.bind(str(Path(artifact).resolve()), max_batch, model_name, device, threads, stream_interval,
+                    continuous)
 
 
 def run(artifact: str, host: str, port: int, replicas: int, **kw) -> int:
