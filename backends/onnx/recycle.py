@@ -95,14 +95,15 @@ def _recycle_step(b, node, ins):
         vocab = f"{name}/vocab"
         if vocab not in b.inits:
             b.const(w["vocab"], np.int64, name=vocab)
-        Bd = b.op("Shape", [h], start=0, end=1)
-        floor = f"{name}/floor"
-        if floor not in b.inits:
-            b.const(np.full((1, b.V), np.finfo(np.float32).min, np.float32), np.float32, name=floor)
-        base = b.op("Expand", [floor,
-                               b.op("Concat", [Bd, b.const([b.V], np.int64)], axis=0)])
-        idx = b.op("Expand", [b.op("Unsqueeze", [vocab, b.const([0], np.int64)]),
-                              b.op("Concat", [Bd, b.const([len(w["vocab"])], np.int64)], axis=0)])
+        shared = b.__dict__.setdefault("_recycle_scatter", {})
+        if name not in shared:      # [B, V] floor and [B, N] indices: the same for every step of the chain
+            floor = b.const(np.full((1, b.V), np.finfo(np.float32).min, np.float32), np.float32,
+                            name=f"{name}/floor")
+            Bd = b.op("Shape", [h], start=0, end=1)
+            shared[name] = (b.op("Expand", [floor, b.op("Concat", [Bd, b.const([b.V], np.int64)], axis=0)]),
+                            b.op("Expand", [b.op("Unsqueeze", [vocab, b.const([0], np.int64)]),
+                                            b.op("Concat", [Bd, b.const([len(w["vocab"])], np.int64)], axis=0)]))
+        base, idx = shared[name]
         logits = b.op("ScatterElements", [base, idx, logits], axis=1)
     b.names[node.out("logits")] = logits
 
