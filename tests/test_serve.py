@@ -155,6 +155,7 @@ def test_bad_input_is_a_400_naming_the_field(server, art):
         "too long": ({"prompt": list(range(1, 1025))}, "prompt"),
         "max_tokens 0": ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         "max_tokens -3": ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+        "max_tokens past max_seq_len": ({"prompt": [5, 6, 7], "max_tokens": 1022}, "max_tokens"),
         "vocab": ({"prompt": [1, 4096]}, "prompt"),
         "negative id": ({"prompt": [-1]}, "prompt"),
         "temperature": ({"prompt": "x", "temperature": 0.7}, "temperature"),

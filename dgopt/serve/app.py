@@ -175,6 +175,10 @@ class Server:
         if len(ids) >= dec.max_seq_len:
             raise BadRequest("prompt", f"prompt of {len(ids)} tokens leaves no room under the artifact's "
                                        f"max_seq_len {dec.max_seq_len}")
+        if req.max_tokens is not None and len(ids) + req.max_tokens > dec.max_seq_len:
+            # as OpenAI and vLLM: a request that cannot get what it asks for is refused, not cut short
+            raise BadRequest("max_tokens", f"prompt of {len(ids)} tokens + max_tokens {req.max_tokens} exceeds the "
+                                           f"artifact's max_seq_len {dec.max_seq_len}")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if stop and not self.has_tokenizer:
             raise BadRequest("stop", "stop strings need a tokenizer; this artifact has none")
@@ -417,7 +421,7 @@ def create_app(artifact, max_batch: int | None = None, model_name: str | None = 
 
     @app.get("/health")
     async def health():
-        alive = server.batcher._thread.is_alive()
+        alive = server.batcher.alive
         return JSONResponse({"status": "ok" if alive else "decode worker stopped"}, 200 if alive else 503)
 
     @app.get("/metrics")

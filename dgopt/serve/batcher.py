@@ -96,6 +96,11 @@ class Batcher:
             self._arrivals += 1
             self._cv.notify()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode worker is running (GET /health)."""
+        return self._thread.is_alive()
+
     def queue_depth(self) -> int:
         return len(self._queue)
 
