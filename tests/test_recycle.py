@@ -266,3 +266,17 @@ def test_lossy_mode_follows_its_rule(k, modules, refs, tmp_path):
             == set() and one[0].stats["accepted_hist"][str(k + 1)] >= NEW // (k + 1) - 2
         if name == "random":
             assert want != refs[:4]
+
+
+def test_qwen2_target(tmp_path):
+    """A Qwen2 target (attention biases, its own norm class): a module trained briefly on it, greedy token-identical
+    to transformers at batch 1 and 3."""
+    target = hf_model("qwen2")
+    module = _train_briefly(R.new_module(64, 96, seed=2), target, 30)
+    R.save(module, tmp_path / "mod", "tiny qwen2", R.target_hash(target))
+    spec = tiny_spec("qwen2", strategy={"kind": "recycle", "k": 3}, recycle={"path": str(tmp_path / "mod")})
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "art"))
+    want = [hf_greedy(target, p, NEW) for p in PROMPTS[:3]]
+    assert [dec.generate(p, max_new_tokens=NEW).ids[0] for p in PROMPTS[:3]] == want
+    res = dec.generate(PROMPTS[:3], max_new_tokens=NEW)
+    assert res.ids == want and res.stats["acceptance_rate"] > 0.1, res.stats
