@@ -280,3 +280,52 @@ def test_qwen2_target(tmp_path):
     assert [dec.generate(p, max_new_tokens=NEW).ids[0] for p in PROMPTS[:3]] == want
     res = dec.generate(PROMPTS[:3], max_new_tokens=NEW)
     assert res.ids == want and res.stats["acceptance_rate"] > 0.1, res.stats
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_step_equals_reference_interpreter(verify, modules, tmp_path):
+    """One lowered step (the target's verify forward with its hidden states, acceptance or the lossy rule, the
+    module's chain over a draft vocabulary) against the reference interpreter running the same IR with the torch
+    module: the same accepted lengths, tokens and proposals, the same cache."""
+    import numpy as np
+    import yaml
+
+    from dgopt.backends.reference import run_graph
+    from dgopt.ir import graph_from_dict
+    from dgopt.models.hf import load_model
+    from dgopt.spec import spec_from_dict
+    K, B, P = 3, 3, 0       # no past: the x token is the whole context, so the target's chain is known
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": K, "verify": verify},
+                     recycle={"path": str(modules["subset"])})
+    dec = dgopt.load(dgopt.compile(spec, tmp_path / "a"))
+    lm = load_model(spec_from_dict(tiny_spec("llama")).model, lambda p: p)
+    r = np.random.default_rng(3)
+    x = r.integers(0, 320, (B, 1))
+    cands = np.array([[hf_greedy(lm.model, [int(t)], K)] for t in x[:, 0]])    # the target's own chain: all agree
+    cands[1, 0, 1] = (cands[1, 0, 1] + 1) % 320                                   # row 1: one agrees
+    cands[2, 0, 0] = (cands[2, 0, 0] + 1) % 320                                   # row 2: none
+    feeds = {"verify_ids": np.concatenate([x, cands[:, 0]], 1), "candidates": cands,
+             "verify_position_ids": np.arange(P, P + K + 1)[None].repeat(B, 0),
+             "verify_mask": np.zeros((B, 1, K + 1, P + K + 1), np.float32)}
+    feeds["verify_mask"][:, :, :, P:] = np.where(np.tril(np.ones((K + 1, K + 1))) > 0, 0, np.finfo(np.float32).min)
+    if not verify:
+        feeds["trusted"] = np.array([0, K, 1])
+    s = dec.session
+    for t in s.past["tensors"]:
+        d = s.sess.get_inputs()[[i.name for i in s.sess.get_inputs()].index(t)].shape
+        feeds[t] = r.standard_normal((B, d[1], P, d[3])).astype(np.float32)
+    names = [o.name for o in s.sess.get_outputs()]
+    got = dict(zip(names, s.sess.run(None, feeds)))
+    g = graph_from_dict(yaml.safe_load((dec.path / "ir.yaml").read_text())["graph"])
+    module, cfg = R.load(modules["subset"])
+    models = {"target": lm, "recycle": {"module": module, "frozen": R.Frozen(lm.model), "vocab": cfg["draft_vocab"]}}
+    tfeeds = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items() if not k.startswith("past")}
+    tfeeds["past"] = [torch.from_numpy(feeds[t]) for t in s.past["tensors"]]
+    ref = run_graph(g, tfeeds, models)
+    for name in ("accept_len", "accept_tokens", "proposals"):
+        assert got[name].tolist() == ref[name].tolist(), name
+    if verify:
+        assert got["accept_len"].tolist() == [K + 1, 2, 1]
+    else:       # trusted 0 (verified), K (all of row 1's proposals, the wrong one too), 1 (row 2's first)
+        assert got["accept_len"].tolist() == [K + 1, K + 1, 2]
+    np.testing.assert_allclose(got["present.1.key"], ref["present"][2].numpy(), atol=1e-4)

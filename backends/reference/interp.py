@@ -15,19 +15,58 @@ def _hf(cls_name: str, *args, **kw):
     return getattr(transformers, cls_name)(*args, **kw)
 
 
-def _forward(node, ins, models):
+def _forward(node, ins, models, hidden: bool = False):
+    """hidden: also the LM head's input (after the final norm), from the decoder body, the head applied to it."""
     from transformers import DynamicCache
     ids, pos, mask, past = ins
     lm = models[node.attrs["model"]]
     cache = DynamicCache(config=lm.model.config)
     for i in range(0, len(past), 2):
         cache.update(past[i], past[i + 1], i // 2)
+    kw = dict(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
     with torch.no_grad():
-        out = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+        if hidden:
+            kw["cache"] = kw.pop("past_key_values")     # the decoder body's name for it
+            out = lm.model.get_decoder()(**kw)
+            h = out.last_hidden_state
+            res = {"logits": lm.model.get_output_embeddings()(h), "hidden": h}
+        else:
+            out = lm.model(**kw)
+            res = {"logits": out.logits}
     kv = []
     for layer in out.past_key_values.layers[:lm.info["num_layers"]]:
         kv += [layer.keys, layer.values]
-    return {"logits": out.logits, "kv": kv}
+    return {**res, "kv": kv}
+
+
+def _accepted_hidden(node, ins):
+    hidden, alen, tokens = ins
+    B, T = hidden.shape[:2]
+    m = alen - 1
+    rows = torch.arange(B)
+    return {"hidden": hidden[rows, T - tokens.shape[1] + m], "token": tokens[rows, m]}
+
+
+def _accept_unverified(node, ins):
+    tokens, alen, cands, trusted = ins
+    d = torch.cat([cands[:, 0], tokens[:, -1:]], 1)
+    take = torch.arange(tokens.shape[1])[None] < trusted[:, None]
+    return {"tokens": torch.where(take, d, tokens), "accept_len": torch.maximum(alen, trusted + 1),
+            "best": alen * 0}
+
+
+def _recycle_step(node, ins, models):
+    """models[module]: {"module": the RecycleModule, "frozen": dgopt.models.recycle.Frozen(target), "vocab": the
+    draft vocabulary or None}."""
+    r = models[node.attrs["module"]]
+    with torch.no_grad():
+        h, logits = r["frozen"].step(r["module"], ins[0], ins[1])
+    if r.get("vocab") is not None:      # tokens outside the draft vocabulary at the float minimum
+        keep = torch.full_like(logits, torch.finfo(logits.dtype).min)
+        idx = torch.tensor(r["vocab"])
+        keep[:, idx] = logits[:, idx]
+        logits = keep
+    return {"hidden": h, "logits": logits}
 
 
 def _rep(node, ins):
@@ -162,6 +201,8 @@ RULES = {
     "tail_positions": lambda n, i: i[0][:, -(n.attrs["length"] + 1):].reshape(-1, i[0].shape[-1]),
     "verify_sample": _verify_sample,
     "verify_sample_match": _verify_sample_match,
+    "accepted_hidden": _accepted_hidden,
+    "accept_unverified": _accept_unverified,
 }
 
 
@@ -197,7 +238,12 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
                 raise BackendError(f"reference: missing feed '{node.attrs['name']}'")
             env[node.out()] = feeds[node.attrs["name"]]
         elif node.op == "forward":
-            for k, v in _forward(node, ins, models or {}).items():
+            h = node.out("hidden")
+            wants = any(r == h for n in g.nodes() if n.id in needed for r in n.inputs)
+            for k, v in _forward(node, ins, models or {}, wants).items():
+                env[node.out(k)] = v
+        elif node.op == "recycle_step":
+            for k, v in _recycle_step(node, ins, models or {}).items():
                 env[node.out(k)] = v
         elif node.op == "draft_loop":
             for k, v in _draft_loop(node, ins, models or {}).items():
