@@ -25,3 +25,7 @@ $DG compile specs/uag.yaml -o out/uag -q >/dev/null
 echo "----- UAG: proposals from code-draft-xtok-sd, a draft with another tokenizer (greedy, same tokens)"
 $DG run out/uag --prompt "class Foo:
     def " --max-new-tokens 64
+$DG compile specs/recycle.yaml -o out/recycle -q >/dev/null
+echo "----- recycle (RecycleGPT/EAGLE): code-tiny-recycle drafts from code-tiny's own hidden states, code-tiny verifies (greedy, same tokens)"
+$DG run out/recycle --prompt "class Foo:
+    def " --max-new-tokens 64
