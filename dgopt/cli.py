@@ -218,6 +218,11 @@ def cmd_inspect(a) -> int:
         tok += " · fused into step.onnx" if m["draft"].get("fused") else " · draft.onnx"
         t.add_row("draft", f"{d['family']} · {d['num_parameters']:,} params · vocab {d['vocab_size']} · "
                            f"{d['source']}{fwd(d)}{tok}")
+    if m.get("recycle"):
+        r = m["recycle"]
+        vocab = f" · draft vocabulary {r['draft_vocab_size']} tokens" if r.get("draft_vocab_size") else ""
+        t.add_row("recycle", f"{r['params']:,} params · hidden {r['hidden_size']} · trained for {r['target']} (sha "
+                             f"{r['target_sha']}){vocab} · {r['path']}" + (" · [bold red]LOSSY[/]" if lossy else ""))
     t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"
                                   for p in m["pipeline"]["passes"]) or f"none (-O{m['pipeline']['opt_level']})")
     t.add_row("inputs", ", ".join(i["name"] for i in m["io"]["inputs"]))

@@ -329,3 +329,18 @@ def test_step_equals_reference_interpreter(verify, modules, tmp_path):
     else:       # trusted 0 (verified), K (all of row 1's proposals, the wrong one too), 1 (row 2's first)
         assert got["accept_len"].tolist() == [K + 1, K + 1, 2]
     np.testing.assert_allclose(got["present.1.key"], ref["present"][2].numpy(), atol=1e-4)
+
+
+def test_inspect_and_run_say_lossy(modules, tmp_path, capsys):
+    """dgopt inspect shows the module (its draft vocabulary) and marks verify: false LOSSY; so does dgopt run."""
+    from dgopt.cli import main
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 2, "verify": False},
+                     recycle={"path": str(modules["subset"])})
+    art = dgopt.compile(spec, tmp_path / "lossy")
+    assert main(["inspect", str(art), "--no-browser"]) == 0
+    seen = capsys.readouterr()
+    out = " ".join((seen.out + seen.err).split())
+    assert "LOSSY" in out and "draft vocabulary" in out and "trained for tiny llama" in out
+    assert main(["run", str(art), "--ids", "5,17,42", "--max-new-tokens", "6"]) == 0
+    seen = capsys.readouterr()
+    assert "LOSSY" in " ".join((seen.out + seen.err).split())
