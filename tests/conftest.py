@@ -1,6 +1,7 @@
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,15 @@ def artifacts(tmp_path_factory):
                                        opt_level=opt_level)
         return cache[key]
     return get
+
+
+def random_past(session, B: int, P: int, rng) -> dict:
+    """Random KV inputs of P slots for every cache tensor of an onnxruntime step session (a step fed by hand)."""
+    shapes = {i.name: i.shape for i in session.sess.get_inputs()}
+    return {t: rng.standard_normal((B, shapes[t][1], P, shapes[t][3])).astype(np.float32)
+            for t in session.past["tensors"]}
+
+
+def step_outputs(session, feeds: dict) -> dict:
+    """One hand-fed call of a step session: its outputs by name."""
+    return dict(zip([o.name for o in session.sess.get_outputs()], session.sess.run(None, feeds)))

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 import dgopt
-from conftest import PROMPTS, TINY, hf_greedy, hf_model, noisy_draft_dir, tiny_spec
+from conftest import PROMPTS, TINY, hf_greedy, hf_model, noisy_draft_dir, random_past, tiny_spec
 from dgopt.errors import DgoptError
 
 NEW = 48
@@ -94,9 +94,7 @@ def test_loop_equals_unrolled_chain_and_reference(drafts, tmp_path):
         return {"verify_position_ids": np.arange(P + q - 1, P + q + k)[None].repeat(B, 0), "verify_mask": m}
     feeds.update(verify_inputs(3))
     for s in (fixed.session, adaptive.session):
-        for t in s.past["tensors"]:
-            d = s.sess.get_inputs()[[i.name for i in s.sess.get_inputs()].index(t)].shape
-            feeds[t] = r.standard_normal((B, d[1], P, d[3])).astype(np.float32)
+        feeds.update(random_past(s, B, P, r))
     def run(s, extra):
         return s.sess.run(None, {**{i.name: feeds[i.name] for i in s.sess.get_inputs() if i.name in feeds}, **extra})
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import dgopt
-from conftest import PROMPTS, hf_greedy, hf_model, noisy_draft_dir, tiny_spec
+from conftest import PROMPTS, hf_greedy, hf_model, noisy_draft_dir, random_past, step_outputs, tiny_spec
 from dgopt.errors import DgoptError
 
 NEW = 48
@@ -85,12 +85,8 @@ def test_trimmed_step_equals_reference_and_full_chain(draft, tmp_path):
     feeds["draft_mask"][:, :, 0, -1] = np.finfo(np.float32).min
     feeds["verify_mask"][:, :, :, P:] = np.where(np.tril(np.ones((K + 1, K + 1))) > 0, 0, np.finfo(np.float32).min)
     s = dec.session
-    for t in s.past["tensors"]:
-        d = s.sess.get_inputs()[[i.name for i in s.sess.get_inputs()].index(t)].shape
-        feeds[t] = r.standard_normal((B, d[1], P, d[3])).astype(np.float32)
-    names = [o.name for o in s.sess.get_outputs()]
-    got = dict(zip(names, s.sess.run(None, feeds)))
-    whole = dict(zip(names, full.session.sess.run(None, feeds)))
+    feeds.update(random_past(s, B, P, r))
+    got, whole = step_outputs(s, feeds), step_outputs(full.session, feeds)
     n = got["proposals"].shape[1]
     assert 1 <= n < K and whole["proposals"].shape[1] == K
     assert got["proposals"].tolist() == whole["proposals"][:, :n].tolist()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dgopt
-from conftest import PROMPTS, hf_greedy, hf_model, tiny_spec
+from conftest import PROMPTS, hf_greedy, hf_model, random_past, step_outputs, tiny_spec
 from dgopt.errors import DgoptError
 from dgopt.models import recycle as R
 
@@ -85,10 +85,10 @@ def test_greedy_exact_batch1_and_batch4(name, modules, refs, tmp_path):
         assert rate > 0.3 and len(res.stats["accepted_hist"]) > 2, res.stats
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_O0_equals_O2(k, modules, refs, tmp_path):
-    d0 = compile_recycle(tmp_path, modules["trained"], k, 0)
-    d2 = compile_recycle(tmp_path, modules["trained"], k, 2)
+@pytest.mark.parametrize("k,name", [(1, "trained"), (3, "trained"), (3, "subset")])
+def test_O0_equals_O2(k, name, modules, refs, tmp_path):
+    d0 = compile_recycle(tmp_path, modules[name], k, 0)
+    d2 = compile_recycle(tmp_path, modules[name], k, 2)
     # -O0 keeps the chain's textbook softmax -> argmax; -O2 removes the softmaxes
     assert (d0.path / "ir.yaml").read_text().count("op: softmax") == k
     assert (d2.path / "ir.yaml").read_text().count("op: softmax") == 0
@@ -214,6 +214,7 @@ def test_train_self_data_without_tokenizer(tmp_path):
     assert dgopt.load(dgopt.compile(spec, tmp_path / "art")).manifest["recycle"]["draft_vocab_size"] == 16
     assert cfg["training"]["steps"] > 0 and 0.0 <= cfg["training"]["val_agreement"] <= 1.0
     assert main([str(tmp_path / "target"), "-o", str(tmp_path / "m2"), "--data", "stdlib"]) == 2   # no tokenizer
+    assert main([str(tmp_path / "target"), "-o", str(tmp_path / "m2"), "--data", "self", "--draft-vocab", "-1"]) == 2
     assert not (tmp_path / "m2").exists()
 
 
@@ -311,11 +312,8 @@ def test_step_equals_reference_interpreter(verify, modules, tmp_path):
     if not verify:
         feeds["trusted"] = np.array([0, K, 1])
     s = dec.session
-    for t in s.past["tensors"]:
-        d = s.sess.get_inputs()[[i.name for i in s.sess.get_inputs()].index(t)].shape
-        feeds[t] = r.standard_normal((B, d[1], P, d[3])).astype(np.float32)
-    names = [o.name for o in s.sess.get_outputs()]
-    got = dict(zip(names, s.sess.run(None, feeds)))
+    feeds.update(random_past(s, B, P, r))
+    got = step_outputs(s, feeds)
     g = graph_from_dict(yaml.safe_load((dec.path / "ir.yaml").read_text())["graph"])
     module, cfg = R.load(modules["subset"])
     models = {"target": lm, "recycle": {"module": module, "frozen": R.Frozen(lm.model), "vocab": cfg["draft_vocab"]}}

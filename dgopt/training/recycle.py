@@ -294,6 +294,10 @@ def run(a, common) -> int:
     torch.set_num_threads(common.threads)
     if "self" in common.data and len(common.data) > 1:
         raise ModelError("--data: 'self' cannot be combined with other data")
+    if a.draft_vocab < 0:
+        raise ModelError(f"--draft-vocab {a.draft_vocab}: must be >= 0 (0: the whole vocabulary)")
+    if a.gen_rows < 2 or a.val_rows < 1 or a.batch < 1:
+        raise ModelError("--gen-rows must be >= 2, --val-rows and --batch >= 1")
     train(str(common.model_dir), str(common.out), list(common.data), common.minutes or 20.0, common.device,
           common.seed, a.intermediate, a.batch, lr=common.lr or 3e-3, gen_rows=a.gen_rows, val_rows=a.val_rows,
           eval_every=a.eval_every, patience=a.patience, progress=common.progress, command=common.command,
