@@ -335,7 +335,8 @@ def test_sampled_artifact_seeds_and_compiled_parameters(artifacts):
 def test_cli_bad_input(art, tmp_path, capsys):
     from dgopt.cli import main
     for args, field in (([str(tmp_path / "nowhere")], "nowhere"), ([str(art), "--max-batch", "9"], "--max-batch"),
-                        ([str(art), "--max-batch", "0"], "--max-batch"), ([str(art), "--replicas", "2"], "--replicas")):
+                        ([str(art), "--max-batch", "0"], "--max-batch"), ([str(art), "--replicas", "2"], "--replicas"),
+                        ([str(art), "--stream-interval", "-5"], "--stream-interval")):
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and field in err and len(err.strip().splitlines()) == 1, err
