@@ -60,8 +60,12 @@ class StrategySpec(_Strict):
     window: int = Field(5, ge=1)
     ngram: int = Field(4, ge=1)
     guesses: int = Field(5, ge=0)
-    # jacobi: n guessed tokens refined per step (the converged prefix is committed every step)
+    # jacobi: n guessed tokens refined per step (the converged prefix is committed every step); the next guess is
+    # "chain": the rest of the model's own output chain (CLLM's Jacobi), or "ngram": the continuation of the longest
+    # context suffix (min_ngram..max_ngram tokens) seen before, the rest of the chain behind it (Jacobi Forcing's
+    # rejection recycling; the guess never changes the output, only how much of it a step commits)
     block: int = Field(8, ge=1)
+    guess: Literal["chain", "ngram"] = "ngram"
     # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
     # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
     k: int = Field(4, ge=1)

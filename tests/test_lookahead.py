@@ -17,6 +17,7 @@ from conftest import PROMPTS, hf_greedy, hf_model, tiny_spec
 NEW = 64
 LA = {"kind": "lookahead", "window": 4, "ngram": 3, "guesses": 3}
 JACOBI = {"kind": "jacobi", "block": 4}
+JACOBI_CHAIN = {"kind": "jacobi", "block": 4, "guess": "chain"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def refs():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-@pytest.mark.parametrize("strategy", [LA, JACOBI], ids=["lookahead", "jacobi"])
+@pytest.mark.parametrize("strategy", [LA, JACOBI, JACOBI_CHAIN], ids=["lookahead", "jacobi", "jacobi-chain"])
 def test_greedy_exact_batch1_and_batch4(family, strategy, artifacts, refs):
     dec = dgopt.load(artifacts(family, strategy=strategy))
     expected = refs(family)
@@ -52,6 +53,17 @@ def test_O0_and_O2_same_tokens_and_steps(family, artifacts):
         assert r0.ids == r2.ids and r0.stats["steps"] == r2.stats["steps"]
         assert r0.stats["accepted_hist"] == r2.stats["accepted_hist"]
     assert r2.stats["tokens_per_step"] > 1.0       # the random model repeats itself: candidates get accepted
+
+
+def test_jacobi_ngram_guess_commits_more_per_step(artifacts, refs):
+    """guess: ngram (the continuation of a repeated suffix, then the chain's rest) vs the chain's rest alone: same
+    tokens, fewer steps on text that repeats itself (a random model's greedy output loops)."""
+    ng = dgopt.load(artifacts("llama", strategy={"kind": "jacobi", "block": 6}))
+    ch = dgopt.load(artifacts("llama", strategy={"kind": "jacobi", "block": 6, "guess": "chain"}))
+    assert ng.manifest["strategy"]["guess"] == "ngram" and ch.manifest["strategy"]["guess"] == "chain"
+    a, b = ng.generate(PROMPTS[:4], max_new_tokens=NEW), ch.generate(PROMPTS[:4], max_new_tokens=NEW)
+    assert a.ids == b.ids == refs("llama")[:4]
+    assert a.stats["tokens_per_step"] > 1.2 * b.stats["tokens_per_step"]    # 1.33 vs 1.0 here
 
 
 def test_degenerate_lookahead_is_autoregressive(artifacts):

@@ -117,6 +117,7 @@ def test_op_lowering_equals_reference():
 # -- generate, end to end ----------------------------------------------------------------------------------------
 LA = {"kind": "lookahead", "window": 4, "ngram": 3, "guesses": 3}
 JACOBI = {"kind": "jacobi", "block": 4}
+JACOBI_CHAIN = {"kind": "jacobi", "block": 4, "guess": "chain"}
 
 
 def _draws(dec, prompt, calls=CALLS, batch=BATCH):
@@ -131,7 +132,7 @@ def _draws(dec, prompt, calls=CALLS, batch=BATCH):
     return first, pairs, hist
 
 
-@pytest.mark.parametrize("strategy", [LA, JACOBI], ids=["lookahead", "jacobi"])
+@pytest.mark.parametrize("strategy", [LA, JACOBI, JACOBI_CHAIN], ids=["lookahead", "jacobi", "jacobi-chain"])
 def test_generate_first_token_and_joint(strategy, tmp_path):
     """A random model rarely follows the guesses: ~3 % of the steps accept one (asserted > 1 %), the rest check the
     draw after the x-block; the trained-pair test below exercises the match path most of the time."""

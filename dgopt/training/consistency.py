@@ -237,7 +237,7 @@ def corpus_prompts(model_dir: Path, data: Sequence[str], n_train: int, n_val: in
         starts = torch.randint(0, len(stream) - length, (n,), generator=g)
         return torch.stack([stream[s:s + length] for s in starts.tolist()]).long()
 
-    return windows(tr, n_train), windows(va, n_val), va
+    return windows(tr, n_train), windows(va, n_val), va, tr
 
 
 # --------------------------------------------------------------------------
@@ -287,6 +287,19 @@ def consistency_loss(model, fixed, noisy, s: int, ar_weight: float):
     ce = -(target * logp).sum(-1)                    # [b, n]
     cons = (ce * mask).sum() / mask.sum().clamp(min=1)
     return cons + ar_weight * ar, float(cons.detach()), float(ar.detach())
+
+
+def kd_loss(model, orig, windows):
+    """KL(original || model) per token on ``windows`` ([b, L] real text): holds the model's next-token
+    distribution where perplexity is measured, at every position of a full-length window (the consistency and
+    AR terms only see the first prompt + blocks positions, and the AR term only the original's greedy text)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        t = torch.log_softmax(orig(input_ids=windows, use_cache=False).logits.float(), -1)
+    s = torch.log_softmax(model(input_ids=windows, use_cache=False).logits.float(), -1)
+    return F.kl_div(s.reshape(-1, s.size(-1)), t.reshape(-1, t.size(-1)), log_target=True, reduction="batchmean")
 
 
 # --------------------------------------------------------------------------
@@ -375,7 +388,7 @@ class _Bar:
 def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",), block: int = 16,
           minutes: float = 10.0, device: str = "cpu", seed: int = 0, samples: int = 512, val_samples: int = 64,
           prompt_len: int = 32, blocks: int = 3, batch: int = 16, lr: float = 1e-4, ar_weight: float = 1.0,
-          eval_every: int = 25, patience: int = 4, threads: int | None = None, command: str | None = None,
+          kd_weight: float = 0.0, kd_batch: int = 2, kd_len: int = 256, eval_every: int = 25, patience: int = 4, threads: int | None = None, command: str | None = None,
           collect_batch: int = 64, quiet: bool = False, max_steps: int | None = None) -> dict:
     """Consistency-train the model in ``model_dir`` and save it to ``out`` (written to a staging dir beside it and
     renamed at the end: nothing half-written). Returns the build info written to ``out/dgopt_build.json``."""
@@ -398,6 +411,10 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         raise DgoptError(f"--minutes {minutes}: must be > 0")
     if samples < 1 or val_samples < 1:
         raise DgoptError("--samples: must be >= 1")
+    if kd_weight < 0 or ar_weight < 0:
+        raise DgoptError(f"--{'kd' if kd_weight < 0 else 'ar'}-weight: must be >= 0")
+    if kd_weight and (kd_batch < 1 or kd_len < 2):
+        raise DgoptError(f"--kd-{'batch' if kd_batch < 1 else 'len'}: must be >= {1 if kd_batch < 1 else 2}")
     src = Path(model_dir)
     if data != ["self"] and src.is_dir() and not (src / "tokenizer.json").is_file() \
             and not (src / "tokenizer_config.json").is_file():
@@ -413,8 +430,10 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         log(f"sampling {samples + val_samples} prompts of {prompt_len} tokens from the model itself")
         pr = self_prompts(model, samples + val_samples, prompt_len, seed)
         tr_prompts, va_prompts = pr[:samples], pr[samples:]
+        tr_stream = None
     else:
-        tr_prompts, va_prompts, va_stream = corpus_prompts(src, data, samples, val_samples, prompt_len, seed)
+        tr_prompts, va_prompts, va_stream, tr_stream = corpus_prompts(src, data, samples, val_samples, prompt_len,
+                                                                      seed)
         from .data import eval_windows
         ppl_windows = eval_windows(va_stream, 256, 8192)   # 32 windows: a 2-core budget
 
@@ -430,6 +449,31 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         ppl_windows = vtraj.seq
     ppl_before = perplexity(orig, ppl_windows)
 
+    def kd_windows(gen):
+        """A KD batch: random kd_len windows of the training text (corpus), or of the self-sampled prompts."""
+        if tr_stream is None:
+            return tr_prompts[torch.randint(0, len(tr_prompts), (kd_batch,), generator=gen)].to(device)
+        L = min(kd_len, len(tr_stream) - 1)
+        st = torch.randint(0, len(tr_stream) - L, (kd_batch,), generator=gen).tolist()
+        return torch.stack([tr_stream[i:i + L] for i in st]).long().to(device)
+
+    # early stopping's KD term: held-out windows apart from the reported perplexity's (random starts in the
+    # validation text; self: the held-out sequences)
+    if tr_stream is None:
+        kd_val = vtraj.seq[:8].to(device)
+    else:
+        g_val = torch.Generator().manual_seed(seed + 7)
+        L = min(kd_len, len(va_stream) - 1)
+        kd_val = torch.stack([va_stream[i:i + L] for i in
+                              torch.randint(0, len(va_stream) - L, (4,), generator=g_val).tolist()]).long().to(device)
+
+    def validate():
+        v = val_loss(model, vtraj, batch, ar_weight)
+        if kd_weight:
+            with torch.no_grad():
+                v += kd_weight * float(kd_loss(model, orig, kd_val))
+        return v
+
     # train
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -439,7 +483,7 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
     gen = torch.Generator().manual_seed(seed)
     budget = minutes * 60.0
     t_train = time.time()
-    best = val_loss(model, vtraj, batch, ar_weight)
+    best = validate()
     best_state, best_step, bad, step = copy.deepcopy(model.state_dict()), 0, 0, 0
     evals = [[0, round(best, 5)]]
     log(f"validation loss before training {best:.4f}")
@@ -461,17 +505,21 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         for g in opt.param_groups:
             g["lr"] = lr * warm
         loss, cons, ar = consistency_loss(model, *[x.to(device) if hasattr(x, "to") else x for x in bt], ar_weight)
+        kd = 0.0
+        if kd_weight:
+            kdl = kd_loss(model, orig, kd_windows(gen))
+            loss, kd = loss + kd_weight * kdl, float(kdl.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        losses.append([round(cons, 4), round(ar, 4)])
+        losses.append([round(cons, 4), round(ar, 4), round(kd, 4)])
         if bar:
-            bar(int(min(el, budget)), int(budget), f"s  step {step} consistency {cons:.3f} ar {ar:.3f}")
+            bar(int(min(el, budget)), int(budget), f"s  step {step} consistency {cons:.3f} ar {ar:.3f} kd {kd:.4f}")
         if step % eval_every == 0:
             model.eval()
-            v = val_loss(model, vtraj, batch, ar_weight)
+            v = validate()
             model.train()
             evals.append([step, round(v, 5)])
             if v < best:
@@ -485,7 +533,7 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
     train_s = time.time() - t_train
     if step % eval_every:       # the last steps were not evaluated yet
         model.eval()
-        v = val_loss(model, vtraj, batch, ar_weight)
+        v = validate()
         evals.append([step, round(v, 5)])
         if v < best:
             best, best_state, best_step = v, copy.deepcopy(model.state_dict()), step
@@ -500,16 +548,17 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         "name": Path(out).name,
         "description": f"consistency-trained (CLLM) from {src.name}: Jacobi converges in fewer steps per block",
         "base": str(src.name),
-        "method": "cllm-global",
+        "method": "cllm-global" + ("+kd" if kd_weight else ""),
         "data": data,
         "block": block, "blocks": blocks, "prompt_len": prompt_len,
         "samples": samples, "val_samples": val_samples,
-        "batch": batch, "lr": lr, "ar_weight": ar_weight,
+        "batch": batch, "lr": lr, "ar_weight": ar_weight, "kd_weight": kd_weight,
+        **({"kd_batch": kd_batch, "kd_len": kd_len} if kd_weight else {}),
         "seed": seed, "device": device, "threads": torch.get_num_threads() if device == "cpu" else None,
         "steps_done": step, "best_step": best_step, "stopped": stopped,
         "evals": evals, "train_loss_first": losses[0] if losses else None,
         "train_loss_last20": [round(sum(x[i] for x in losses[-20:]) / max(1, len(losses[-20:])), 4)
-                              for i in (0, 1)] if losses else None,
+                              for i in (0, 1, 2)] if losses else None,
         "val_ppl": round(own, 3), "val_ppl_base": round(ppl_before, 3),
         "val_ppl_on": "corpus validation windows" if data != ["self"] else "held-out self-sampled sequences",
         "greedy_agreement": round(agree, 4),
@@ -614,7 +663,13 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--blocks", type=int, default=3, help="Jacobi blocks per prompt (default 3)")
     p.add_argument("--batch", type=int, default=16, help="training rows per step (default 16)")
-    p.add_argument("--ar-weight", type=float, default=1.0, help="lambda: weight of the AR loss (default 1)")
+    p.add_argument("--ar-weight", type=float, default=1.0,
+                   help="lambda: weight of the AR loss on the original's greedy text (default 1)")
+    p.add_argument("--kd-weight", type=float, default=0.0,
+                   help="weight of KL(original || model) on full-length windows of the training text (default 0: "
+                        "off); holds perplexity where the AR term on greedy text does not")
+    p.add_argument("--kd-batch", type=int, default=2, help="KD windows per step (default 2)")
+    p.add_argument("--kd-len", type=int, default=256, help="KD window tokens (default 256)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
 
@@ -622,12 +677,14 @@ def add_arguments(p) -> None:
 def run(a, common=None) -> int:
     """`dgopt train consistency` (common: the checked shared options) or the standalone command (common: None)."""
     c = common or a
-    own = ("block", "samples", "val_samples", "prompt_len", "blocks", "batch", "ar_weight", "eval_every", "patience")
+    own = ("block", "samples", "val_samples", "prompt_len", "blocks", "batch", "ar_weight", "kd_weight", "kd_batch",
+           "kd_len", "eval_every", "patience")
     command = (common.command + " " + shlex.join(f"--{k.replace('_', '-')}={getattr(a, k)}" for k in own)) if common \
         else shlex.join(["python", "-m", "dgopt.training.consistency", *sys.argv[1:]])
     info = train(c.model_dir, c.out, data=list(c.data), block=a.block, minutes=c.minutes or 10.0, device=c.device,
                  seed=c.seed, samples=a.samples, val_samples=a.val_samples, prompt_len=a.prompt_len, blocks=a.blocks,
-                 batch=a.batch, lr=c.lr or 1e-4, ar_weight=a.ar_weight, eval_every=a.eval_every,
+                 batch=a.batch, lr=c.lr or 1e-4, ar_weight=a.ar_weight, kd_weight=a.kd_weight,
+                 kd_batch=a.kd_batch, kd_len=a.kd_len, eval_every=a.eval_every,
                  patience=a.patience, threads=c.threads, max_steps=c.max_steps,
                  command=command)
     print(summary(info))

@@ -1,8 +1,11 @@
 """Jacobi decoding (CLLM's jacobi_forward): guess a block of K tokens, verify it in one causal forward after the
-x-block; the accepted prefix is the model's own argmax chain (plus one bonus token), and the rest of the chain,
-shifted, is the next guess. Sampled: the draws at each verified depth are matched against the guess."""
+x-block; the accepted prefix is the model's own argmax chain (plus one bonus token). The next guess: the rest of the
+chain, shifted (`guess: chain`), or with `guess: ngram` the continuation of the longest context suffix that
+occurred before (dgopt/runtime/ngram_index.py) with the rest of the chain behind it, so that text which repeats
+itself is guessed whole. Sampled: the draws at each verified depth are matched against the guess."""
 from __future__ import annotations
 
+from ..ngram_index import NgramIndex
 from .base import Strategy, initial_guesses
 
 __all__ = ["Jacobi"]
@@ -13,8 +16,19 @@ class Jacobi(Strategy):
 
     def __init__(self, loop):
         super().__init__(loop)
-        self.K = K = loop.dec.manifest["strategy"]["block"]
+        st = loop.dec.manifest["strategy"]
+        self.K = K = st["block"]
         self.guess = initial_guesses(loop.rows, K)
+        self.index = None
+        if st.get("guess", "chain") == "ngram":     # artifacts compiled before the field: chain
+            self.index = []
+            for b, r in enumerate(loop.rows):
+                ix = NgramIndex(st.get("min_ngram", 1), st.get("max_ngram", 3))
+                ix.extend(r)
+                self.index.append(ix)
+                p = ix.propose(K)
+                if p:
+                    self.guess[b, :len(p[0])] = p[0]
         self.uniform = loop.stream("uniform", loop.seed, (loop.B, K + 1), loop.steps_max) if loop.sampled else None
 
     def propose(self, feeds):
@@ -27,7 +41,12 @@ class Jacobi(Strategy):
         return cands, K
 
     def advance(self, m, got):
-        K, last = self.K, self.loop.x_ids[:, 0]
+        K, last, index = self.K, self.loop.x_ids[:, 0], self.index
         for b in range(self.loop.B):
-            rest = self.chain[b, m[b] + 1:].tolist()
-            self.guess[b] = (rest + [rest[-1] if rest else int(last[b])] * K)[:K]
+            g = self.chain[b, m[b] + 1:].tolist()
+            if index is not None and got[b] is not None:
+                index[b].extend(got[b])
+                p = index[b].propose(K)
+                if p:
+                    g = p[0] + g
+            self.guess[b] = (g + [g[-1] if g else int(last[b])] * K)[:K]
