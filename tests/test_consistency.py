@@ -90,3 +90,59 @@ def test_shipped_cllm_specs_match_transformers_greedy(spec, tmp_path):
     refs = [hf_greedy(model, p, 48) for p in prompts]
     assert [dec.generate(p, max_new_tokens=48).ids[0] for p in prompts] == refs
     assert dec.generate(prompts, max_new_tokens=48).ids == refs
+
+
+def test_kd_loss_is_zero_for_the_original_and_positive_after_a_change():
+    model = hf_model("llama")
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float(cons.kd_loss(model, model, x)) == pytest.approx(0.0, abs=1e-6)
+    import copy
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    assert float(cons.kd_loss(other, model, x)) > 1e-3
+
+
+def _finetune(kd_weight: float, steps: int = 30):
+    """`steps` consistency steps on a random Llama's trajectories, with kd_weight x KL to the original on random
+    token windows; returns (KL to the original on held-out windows, consistency loss on the trajectories)."""
+    import copy
+    orig = hf_model("llama")
+    model = copy.deepcopy(orig).train()
+    g = torch.Generator().manual_seed(0)
+    traj = cons.jacobi_trajectories(orig, torch.randint(0, 256, (16, 8), generator=g), block=8, blocks=2)
+    windows, held = torch.randint(0, 256, (64, 24), generator=g), torch.randint(0, 256, (8, 24), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        bt = cons.sample_batch(traj, torch.randperm(16, generator=g), g)
+        loss = cons.consistency_loss(model, *bt, 0.0)[0]
+        if kd_weight:
+            loss = loss + kd_weight * cons.kd_loss(model, orig, windows[torch.randint(0, 64, (8,), generator=g)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return float(cons.kd_loss(model, orig, held)), cons.val_loss(model, traj, 16, 0.0)
+
+
+def test_kd_term_holds_the_model_near_the_original():
+    """The same consistency fine-tune with and without the KD term: with it the model stays much closer to the
+    original on held-out text, and its consistency loss still falls."""
+    kl_free, cons_free = _finetune(0.0)
+    kl_held, cons_held = _finetune(5.0)
+    with torch.no_grad():
+        cons_before = cons.val_loss(hf_model("llama"), cons.jacobi_trajectories(
+            hf_model("llama"), torch.randint(0, 256, (16, 8), generator=torch.Generator().manual_seed(0)), 8, 2),
+            16, 0.0)
+    assert kl_held < 0.5 * kl_free, (kl_free, kl_held)
+    assert cons_held < cons_before and cons_free < cons_before, (cons_before, cons_free, cons_held)
+
+
+def test_train_records_the_kd_term(tiny_dir, tmp_path):
+    info = cons.train(tiny_dir, tmp_path / "out", data=["self"], block=4, minutes=5, samples=8, val_samples=4,
+                      prompt_len=8, blocks=1, batch=4, kd_weight=2.0, kd_batch=2, eval_every=1000, patience=0,
+                      max_steps=3, quiet=True, threads=1)
+    assert info["method"] == "cllm-global+kd" and info["kd_weight"] == 2.0 and info["kd_batch"] == 2
+    assert len(info["train_loss_last20"]) == 3          # consistency, AR, KD
