@@ -4,7 +4,8 @@
     python benchmarks/cllm.py --cllm code-tiny-cllm --base code-tiny --jacobi 8 16 --prompts 10 --new 96
 
 Rows: autoregressive on the base (the reference every "vs base AR" ratio is taken against), autoregressive, Jacobi
-(--jacobi block sizes) and lookahead (--lookahead W,N,G) on both models. Each row runs all prompts as one block
+(--jacobi block sizes x --guess ngram|chain), prompt lookup (--ngram k: the n-gram guesses alone, no Jacobi) and
+lookahead (--lookahead W,N,G) on both models. Each row runs all prompts as one block
 right after a block of the base's autoregressive row, --repeats rounds; its ratio is the median over rounds of its
 tok/s over that adjacent block's (this machine's speed drifts over minutes). Every greedy row is checked
 token-identical to transformers greedy `generate` on its own model.
@@ -33,7 +34,11 @@ def main():
     ap.add_argument("--base", default="code-tiny")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new", type=int, default=96)
-    ap.add_argument("--jacobi", nargs="*", type=int, default=[8], help="jacobi block sizes")
+    ap.add_argument("--jacobi", nargs="*", type=int, default=[4, 8], help="jacobi block sizes")
+    ap.add_argument("--guess", nargs="*", default=["ngram", "chain"], choices=["ngram", "chain"],
+                    help="jacobi guesses (strategy.guess) to run at each block size")
+    ap.add_argument("--ngram", nargs="*", type=int, default=[4],
+                    help="k of strategy ngram (prompt lookup, no Jacobi) rows: the guesses' source alone")
     ap.add_argument("--lookahead", nargs="*", default=["5,4,5"], help="lookahead W,N,G")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,7 +70,10 @@ def main():
         if m != a.base:
             rows.append((m, "autoregressive", {"kind": "autoregressive"}))
         for n in a.jacobi:
-            rows.append((m, f"jacobi n{n}", {"kind": "jacobi", "block": n}))
+            for gs in a.guess:
+                rows.append((m, f"jacobi n{n} {gs}", {"kind": "jacobi", "block": n, "guess": gs}))
+        for k in a.ngram:
+            rows.append((m, f"ngram k{k}", {"kind": "ngram", "k": k}))
         for c in a.lookahead:
             W, N, G = map(int, c.split(","))
             rows.append((m, f"lookahead W{W} N{N} G{G}", {"kind": "lookahead", "window": W, "ngram": N, "guesses": G}))

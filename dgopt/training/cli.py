@@ -172,7 +172,7 @@ def cmd_models(a) -> int:
         print(recycle.build(a.name, a.out, a.device, a.seed or None))
         return 0
     from . import consistency
-    if a.name in consistency.RECIPES:      # consistency-trained: fine-tuned from its base within a time budget
+    if a.name in consistency.RECIPES:      # consistency-trained: fine-tuned from its base (a step count)
         cmd = ["dgopt", "models", "build", a.name] + (["--out", a.out] if a.out else []) + \
             (["--device", a.device] if a.device != "cpu" else []) + (["--seed", str(a.seed)] if a.seed else [])
         print(consistency.build(a.name, out=a.out, device=a.device, seed=a.seed, command=" ".join(cmd)))
