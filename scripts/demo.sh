@@ -29,3 +29,6 @@ $DG compile specs/recycle.yaml -o out/recycle -q >/dev/null
 echo "----- recycle (RecycleGPT/EAGLE): code-tiny-recycle drafts from code-tiny's own hidden states, code-tiny verifies (greedy, same tokens)"
 $DG run out/recycle --prompt "class Foo:
     def " --max-new-tokens 64
+$DG compile specs/jacobi-cllm.yaml -o out/jacobi-cllm -q >/dev/null
+echo "----- Jacobi (block 4, n-gram guesses) on code-tiny-cllm, code-tiny consistency-trained (CLLM): its own greedy output, in fewer steps"
+$DG run out/jacobi-cllm --prompt "    for i in range(" --max-new-tokens 64
