@@ -111,12 +111,12 @@ class StrategySpec(_Strict):
                 raise ValueError(f"k {self.k} exceeds k_max {self.k_max}")
         if self.confidence and self.kind not in ("speculative", "uag"):
             raise ValueError(f"confidence needs strategy speculative or uag (got {self.kind})")
-        if self.kind == "ngram":
-            if self.guesses < 1:
-                raise ValueError("ngram needs guesses >= 1 (continuations verified per step)")
-            if self.min_ngram > self.max_ngram:
-                raise ValueError(f"min_ngram {self.min_ngram} exceeds max_ngram {self.max_ngram}")
-        elif self.document is not None:
+        if self.kind == "ngram" and self.guesses < 1:
+            raise ValueError("ngram needs guesses >= 1 (continuations verified per step)")
+        uses_index = self.kind == "ngram" or (self.kind == "jacobi" and self.guess == "ngram")
+        if uses_index and self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram {self.min_ngram} exceeds max_ngram {self.max_ngram}")
+        if self.kind != "ngram" and self.document is not None:
             raise ValueError(f"document applies to strategy ngram only, not '{self.kind}'")
         return self
 

@@ -71,6 +71,8 @@ def test_bad_input_one_line_errors(tiny_dir, tmp_path, capsys):
                                intermediate_size=64)).save_pretrained(bert)
     assert "not a decoder-only" in _err(capsys, ["train", "consistency", str(bert), "-o", str(out), "--data", "self"])
     assert "no tokenizer" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "stdlib"])
+    assert "--kd-len" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "self",
+                                     "--block", "4", "--kd-weight", "1", "--kd-len", str(big)])
     assert not out.exists()                 # nothing half-written
 
 
@@ -146,3 +148,17 @@ def test_train_records_the_kd_term(tiny_dir, tmp_path):
                       max_steps=3, quiet=True, threads=1)
     assert info["method"] == "cllm-global+kd" and info["kd_weight"] == 2.0 and info["kd_batch"] == 2
     assert len(info["train_loss_last20"]) == 3          # consistency, AR, KD
+
+
+def test_kd_on_corpus_windows(tmp_path):
+    """The corpus path (the shipped recipe's): KD windows of --kd-len tokens of text files, with code-tiny."""
+    from dgopt.training.trainer import model_dir
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(4):
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(60)))
+    info = cons.train(model_dir("code-tiny"), tmp_path / "out", data=[str(src)], block=4, minutes=5, samples=4,
+                      val_samples=2, prompt_len=8, blocks=1, batch=4, lr=1e-2, kd_weight=2.0, kd_batch=2,
+                      kd_len=64, eval_every=1000, patience=0, max_steps=24, quiet=True, threads=1)
+    assert info["kd_len"] == 64 and info["val_ppl_on"] == "corpus validation windows"
+    assert info["train_loss_last20"][2] > 0, info      # KL to the original grew once the model moved

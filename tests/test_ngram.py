@@ -96,6 +96,8 @@ def test_max_seq_len_respected(artifacts, refs):
 def test_spec_errors(tmp_path):
     base = tiny_spec("llama")
     for strategy, field in (({"kind": "ngram", "min_ngram": 3, "max_ngram": 2}, "min_ngram 3 exceeds"),
+                            ({"kind": "jacobi", "min_ngram": 4, "max_ngram": 3}, "min_ngram 4 exceeds"),
+                            ({"kind": "jacobi", "guess": "sometimes"}, "strategy.guess"),
                             ({"kind": "ngram", "guesses": 0}, "guesses >= 1"),
                             ({"kind": "lookahead", "document": "x.txt"}, "document applies to strategy ngram"),
                             ({"kind": "ngram", "document": "missing.txt"}, "strategy.document': file not found"),
@@ -103,6 +105,8 @@ def test_spec_errors(tmp_path):
         with pytest.raises(SpecError, match=field):
             spec_from_dict({**base, "strategy": strategy}, tmp_path)
     assert spec_from_dict({**base, "strategy": {"kind": "ngram"}}).strategy.guesses == 1
+    # the plain rolling guess has no index: its n-gram sizes are not read
+    spec_from_dict({**base, "strategy": {"kind": "jacobi", "guess": "chain", "min_ngram": 4, "max_ngram": 3}})
 
 
 SAMPLING = {"kind": "sample", "temperature": 0.8, "top_k": 6}

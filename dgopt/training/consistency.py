@@ -44,7 +44,8 @@ BUILD_INFO = "dgopt_build.json"
 # --------------------------------------------------------------------------
 
 
-def load_decoder(model_dir: str | Path, block: int, prompt_len: int, blocks: int, device: str = "cpu"):
+def load_decoder(model_dir: str | Path, block: int, prompt_len: int, blocks: int, device: str = "cpu",
+                 kd_len: int | None = None):
     """The model in ``model_dir`` (float32, eval), refusing what consistency training cannot use."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -68,6 +69,8 @@ def load_decoder(model_dir: str | Path, block: int, prompt_len: int, blocks: int
     if limit is not None and need > limit:
         raise DgoptError(f"--block {block}: prompt {prompt_len} + {blocks} blocks of {block} needs {need} positions, "
                          f"the model has {limit} (max_position_embeddings)")
+    if kd_len is not None and limit is not None and kd_len > limit:
+        raise DgoptError(f"--kd-len {kd_len}: longer than the model's {limit} positions (max_position_embeddings)")
     if device == "cuda" and not torch.cuda.is_available():
         raise DgoptError("--device cuda: no CUDA device here (or torch is the CPU build)")
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).to(device)
@@ -392,8 +395,8 @@ class _Bar:
 def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",), block: int = 16,
           minutes: float = 10.0, device: str = "cpu", seed: int = 0, samples: int = 512, val_samples: int = 64,
           prompt_len: int = 32, blocks: int = 3, batch: int = 16, lr: float = 1e-4, ar_weight: float = 1.0,
-          kd_weight: float = 0.0, kd_batch: int = 2, kd_len: int = 256, eval_every: int = 25, patience: int = 4, threads: int | None = None, command: str | None = None,
-          collect_batch: int = 64, quiet: bool = False, max_steps: int | None = None) -> dict:
+          kd_weight: float = 0.0, kd_batch: int = 2, kd_len: int = 256, eval_every: int = 25, patience: int = 4,
+          threads: int | None = None, command: str | None = None, collect_batch: int = 64, quiet: bool = False, max_steps: int | None = None) -> dict:
     """Consistency-train the model in ``model_dir`` and save it to ``out`` (written to a staging dir beside it and
     renamed at the end: nothing half-written). Returns the build info written to ``out/dgopt_build.json``."""
     import copy
@@ -423,7 +426,7 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
     if data != ["self"] and src.is_dir() and not (src / "tokenizer.json").is_file() \
             and not (src / "tokenizer_config.json").is_file():
         raise DgoptError(f"--data {' '.join(data)}: MODEL_DIR {model_dir} has no tokenizer (use --data self)")
-    model = load_decoder(src, block, prompt_len, blocks, device)
+    model = load_decoder(src, block, prompt_len, blocks, device, kd_len if kd_weight else None)
     orig = copy.deepcopy(model)
     for p in orig.parameters():
         p.requires_grad_(False)
@@ -453,6 +456,8 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         ppl_windows = vtraj.seq
     ppl_before = perplexity(orig, ppl_windows)
 
+    # (the KD windows are drawn from the batches' generator: the shipped recipe was trained so, and a seed gives one
+    # run; switching KD on or off therefore also changes the batches' order)
     def kd_windows(gen):
         """A KD batch: random kd_len windows of the training text (corpus), or of the self-sampled prompts."""
         if tr_stream is None:
@@ -461,10 +466,10 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
         st = torch.randint(0, len(tr_stream) - L, (kd_batch,), generator=gen).tolist()
         return torch.stack([tr_stream[i:i + L] for i in st]).long().to(device)
 
-    # early stopping's KD term: held-out windows apart from the reported perplexity's (random starts in the
-    # validation text; self: the held-out sequences)
+    # early stopping's KD term: held-out text (random starts in the validation text, rarely overlapping the
+    # perplexity's windows; self: 8 more sequences sampled for it alone, apart from the perplexity's)
     if tr_stream is None:
-        kd_val = vtraj.seq[:8].to(device)
+        kd_val = self_prompts(model, 8, prompt_len, seed + 3).to(device)
     else:
         g_val = torch.Generator().manual_seed(seed + 7)
         L = min(kd_len, len(va_stream) - 1)
@@ -618,9 +623,9 @@ def summary(info: dict) -> str:
 
 #: the arguments of :func:`train` that built each shipped model (its dgopt_build.json has the command and seed)
 RECIPES = {
-    # consistency + 5 x KL to code-tiny on 256-token stdlib windows, no AR term; a step count, not a time budget,
-    # so the build is the same on any machine (~25 min on one 2-core EPYC thread)
-    "code-tiny-cllm": dict(base="code-tiny", data=["stdlib"], block=8, minutes=90.0, max_steps=2700, samples=3072,
+    # consistency + 5 x KL to code-tiny on 256-token stdlib windows, no AR term; a step count (the time budget is a
+    # safety cap 12x above ~30 min on one 2-core EPYC thread), so the build does not depend on the machine's speed
+    "code-tiny-cllm": dict(base="code-tiny", data=["stdlib"], block=8, minutes=360.0, max_steps=2700, samples=3072,
                            val_samples=32, prompt_len=32, blocks=2, batch=8, lr=1e-4, ar_weight=0.0, kd_weight=5.0,
                            kd_batch=2, kd_len=256, eval_every=150, patience=0, threads=1),
 }
@@ -675,7 +680,9 @@ def add_arguments(p) -> None:
                    help="weight of KL(original || model) on full-length windows of the training text (default 0: "
                         "off); holds perplexity where the AR term on greedy text does not")
     p.add_argument("--kd-batch", type=int, default=2, help="KD windows per step (default 2)")
-    p.add_argument("--kd-len", type=int, default=256, help="KD window tokens (default 256)")
+    p.add_argument("--kd-len", type=int, default=256,
+                   help="KD window tokens (default 256; clipped to the text; with --data self the KD windows are the "
+                        "sampled prompts, --prompt-len tokens)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
 
