@@ -394,8 +394,8 @@ class _Bar:
 
 def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",), block: int = 16,
           minutes: float = 10.0, device: str = "cpu", seed: int = 0, samples: int = 512, val_samples: int = 64,
-          prompt_len: int = 32, blocks: int = 3, batch: int = 16, lr: float = 1e-4, ar_weight: float = 1.0,
-          kd_weight: float = 0.0, kd_batch: int = 2, kd_len: int = 256, eval_every: int = 25, patience: int = 4,
+          prompt_len: int = 32, blocks: int = 3, batch: int = 16, lr: float = 1e-4, ar_weight: float = 0.0,
+          kd_weight: float = 5.0, kd_batch: int = 2, kd_len: int = 256, eval_every: int = 25, patience: int = 4,
           threads: int | None = None, command: str | None = None, collect_batch: int = 64, quiet: bool = False, max_steps: int | None = None) -> dict:
     """Consistency-train the model in ``model_dir`` and save it to ``out`` (written to a staging dir beside it and
     renamed at the end: nothing half-written). Returns the build info written to ``out/dgopt_build.json``."""
@@ -674,11 +674,12 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--blocks", type=int, default=3, help="Jacobi blocks per prompt (default 3)")
     p.add_argument("--batch", type=int, default=16, help="training rows per step (default 16)")
-    p.add_argument("--ar-weight", type=float, default=1.0,
-                   help="lambda: weight of the AR loss on the original's greedy text (default 1)")
-    p.add_argument("--kd-weight", type=float, default=0.0,
-                   help="weight of KL(original || model) on full-length windows of the training text (default 0: "
-                        "off); holds perplexity where the AR term on greedy text does not")
+    p.add_argument("--ar-weight", type=float, default=0.0,
+                   help="lambda: weight of the AR loss on the original's greedy text (default 0: off; CLLM's own "
+                        "recipe uses 1, which here cost far more perplexity than --kd-weight)")
+    p.add_argument("--kd-weight", type=float, default=5.0,
+                   help="weight of KL(original || model) on full-length windows of the training text (default 5; "
+                        "0: off); holds the perplexity, at some cost in Jacobi steps (docs/cllm.md)")
     p.add_argument("--kd-batch", type=int, default=2, help="KD windows per step (default 2)")
     p.add_argument("--kd-len", type=int, default=256,
                    help="KD window tokens (default 256; clipped to the text; with --data self the KD windows are the "
