@@ -624,7 +624,8 @@ def summary(info: dict) -> str:
 #: the arguments of :func:`train` that built each shipped model (its dgopt_build.json has the command and seed)
 RECIPES = {
     # consistency + 5 x KL to code-tiny on 256-token stdlib windows, no AR term; a step count (the time budget is a
-    # safety cap 12x above ~30 min on one 2-core EPYC thread), so the build does not depend on the machine's speed
+    # safety cap 12x above the 31 min it took on one 2-core EPYC thread), so the build does not depend on the
+    # machine's speed (a rebuild gave byte-identical weights)
     "code-tiny-cllm": dict(base="code-tiny", data=["stdlib"], block=8, minutes=360.0, max_steps=2700, samples=3072,
                            val_samples=32, prompt_len=32, blocks=2, batch=8, lr=1e-4, ar_weight=0.0, kd_weight=5.0,
                            kd_batch=2, kd_len=256, eval_every=150, patience=0, threads=1),
