@@ -7,7 +7,7 @@ occurred before: up to `guesses` distinct ones of at most k tokens, the most rec
 suffixes' where the longest has too few. Plain Python ints throughout: a step's host work stays a few microseconds."""
 from __future__ import annotations
 
-__all__ = ["NgramIndex"]
+__all__ = ["NgramIndex", "row_indexes"]
 
 _SEP = -1       # between a document and the context: no continuation runs across it
 
@@ -66,3 +66,14 @@ class NgramIndex:
                 if len(out) == guesses:
                     return out
         return out
+
+
+def row_indexes(rows, strategy: dict, document=None) -> list[NgramIndex]:
+    """One index per row over its prompt (behind `document`), sized by the manifest's strategy (min_ngram,
+    max_ngram; defaults for artifacts compiled before the fields)."""
+    out = []
+    for r in rows:
+        ix = NgramIndex(strategy.get("min_ngram", 1), strategy.get("max_ngram", 3), document)
+        ix.extend(r)
+        out.append(ix)
+    return out

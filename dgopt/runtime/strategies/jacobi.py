@@ -5,7 +5,7 @@ occurred before (dgopt/runtime/ngram_index.py) with the rest of the chain behind
 itself is guessed whole. Sampled: the draws at each verified depth are matched against the guess."""
 from __future__ import annotations
 
-from ..ngram_index import NgramIndex
+from ..ngram_index import row_indexes
 from .base import Strategy, initial_guesses
 
 __all__ = ["Jacobi"]
@@ -21,11 +21,8 @@ class Jacobi(Strategy):
         self.guess = initial_guesses(loop.rows, K)
         self.index = None
         if st.get("guess", "chain") == "ngram":     # artifacts compiled before the field: chain
-            self.index = []
-            for b, r in enumerate(loop.rows):
-                ix = NgramIndex(st.get("min_ngram", 1), st.get("max_ngram", 3))
-                ix.extend(r)
-                self.index.append(ix)
+            self.index = row_indexes(loop.rows, st)
+            for b, ix in enumerate(self.index):
                 p = ix.propose(K)
                 if p:
                     self.guess[b, :len(p[0])] = p[0]

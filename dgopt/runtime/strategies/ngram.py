@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ngram_index import NgramIndex
+from ..ngram_index import row_indexes
 from .base import Strategy
 
 __all__ = ["Ngram", "document_ids"]
@@ -39,11 +39,7 @@ class Ngram(Strategy):
         # the repetition penalty's lowering takes no empty candidate: a step without a match verifies one stand-in
         self.least = int("seen" in loop.sess.inputs)
         doc = document_ids(loop.dec)
-        self.index = []
-        for r in loop.rows:
-            ix = NgramIndex(st["min_ngram"], st["max_ngram"], doc)
-            ix.extend(r)
-            self.index.append(ix)
+        self.index = row_indexes(loop.rows, st, doc)
         self.uniform = loop.stream("uniform", loop.seed, (loop.B, self.K + 1), loop.steps_max) \
             if loop.sampled else None
         self.proposed_n = self.accepted_n = 0
