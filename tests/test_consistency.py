@@ -71,6 +71,9 @@ def test_bad_input_one_line_errors(tiny_dir, tmp_path, capsys):
                                intermediate_size=64)).save_pretrained(bert)
     assert "not a decoder-only" in _err(capsys, ["train", "consistency", str(bert), "-o", str(out), "--data", "self"])
     assert "no tokenizer" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "stdlib"])
+    for flag, value in (("--kd-weight", "-1"), ("--ar-weight", "-0.5"), ("--kd-batch", "0")):
+        assert flag in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "self",
+                                     flag, value])
     assert "--kd-len" in _err(capsys, ["train", "consistency", str(tiny_dir), "-o", str(out), "--data", "self",
                                      "--block", "4", "--kd-weight", "1", "--kd-len", str(big)])
     assert not out.exists()                 # nothing half-written

@@ -468,7 +468,9 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
 
     # early stopping's KD term: held-out text (random starts in the validation text, rarely overlapping the
     # perplexity's windows; self: 8 more sequences sampled for it alone, apart from the perplexity's)
-    if tr_stream is None:
+    if not kd_weight:
+        kd_val = None
+    elif tr_stream is None:
         kd_val = self_prompts(model, 8, prompt_len, seed + 3).to(device)
     else:
         g_val = torch.Generator().manual_seed(seed + 7)
