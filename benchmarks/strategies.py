@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--recycle", nargs="*", default=["auto"], help="recyclable modules for recycle rows (strategy "
                     "recycle, lossless): built names or dirs, or none; auto: code-tiny-recycle with code-tiny")
     ap.add_argument("--recycle-k", nargs="*", type=int, default=[3, 4, 6], help="recycle proposal lengths")
+    ap.add_argument("--recycle-fallback", nargs="*", type=int, default=[], help="also time the recycle rows with "
+                    "strategy.draft_max_batch N (calls of more than N rows run autoregressive decoding)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -195,6 +197,9 @@ def main():
         rspec = {"path": str(Path(r).resolve())} if Path(r).is_dir() else {"name": r}
         for k in a.recycle_k:
             strategies.append((f"recycle k{k} ({r})", {"kind": "recycle", "k": k}, {"recycle": rspec}))
+            for n in a.recycle_fallback:
+                strategies.append((f"recycle k{k} ({r}, autoregressive above batch {n})",
+                                   {"kind": "recycle", "k": k, "draft_max_batch": n}, {"recycle": rspec}))
     sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
     if a.sample_k:      # sampled rows, timed against autoregressive sampling
         strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))
@@ -228,6 +233,9 @@ def main():
                                 tmp / f"{len(decs)}-{name}-{lvl}".replace(" ", "_"), opt_level=lvl)
             dec = dgopt.load(art, device=a.device, threads=a.threads)
             dec.generate(prompts[0], max_new_tokens=8)     # warm-up
+            fb = dec.manifest.get("fallback")
+            if fb and a.batch > fb["above_batch"]:          # load the fallback before the timing
+                dec.generate([prompts[0]] * a.batch, max_new_tokens=8)
             decs.append((f"dgopt {name} -O{lvl}", dec))
 
     # each row runs all prompts as one block right after a block of its baseline (autoregressive, greedy or sampled),

@@ -142,6 +142,8 @@ def cmd_run(a) -> int:
     accepted = f"; accepted per step: {', '.join(f'{k}x{v}' for k, v in hist.items())}" if hist else ""
     if "acceptance_rate" in s and dec.manifest["strategy"]["kind"] == "ngram":
         accepted += f"; n-gram proposals: {s['mean_k']:.1f} per step, {s['acceptance_rate']:.2f} accepted"
+    elif s.get("fallback"):
+        accepted += f"; {s['fallback']} (more rows than strategy.draft_max_batch)"
     elif s.get("lossy"):
         accepted += "; LOSSY (verify: false): the module's tokens were committed unverified, not the target's output"
     elif "acceptance_rate" in s:
@@ -223,6 +225,10 @@ def cmd_inspect(a) -> int:
         vocab = f" · draft vocabulary {r['draft_vocab_size']} tokens" if r.get("draft_vocab_size") else ""
         t.add_row("recycle", f"{r['params']:,} params · hidden {r['hidden_size']} · trained for {r['target']} (sha "
                              f"{r['target_sha']}){vocab} · {r['path']}" + (" · [bold red]LOSSY[/]" if lossy else ""))
+    if m.get("fallback"):
+        fb = m["fallback"]
+        t.add_row("fallback", f"calls of more than {fb['above_batch']} rows run autoregressive decoding "
+                              f"({fb['dir']}/step.onnx): strategy.draft_max_batch")
     t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"
                                   for p in m["pipeline"]["passes"]) or f"none (-O{m['pipeline']['opt_level']})")
     t.add_row("inputs", ", ".join(i["name"] for i in m["io"]["inputs"]))

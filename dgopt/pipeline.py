@@ -14,10 +14,11 @@ from .artifact import SCHEMA_VERSION, write_artifact
 from .errors import BackendError, DgoptError, IRError, SpecError
 from .ir import Graph, graph_from_dict, spec_with_graph, verify
 from .passmgr import DumpInstrument, PassManager, VerifyInstrument
-from .spec import DEFAULT_MAX_SEQ_LEN, Spec, load_spec, spec_from_dict
+from .spec import DEFAULT_MAX_SEQ_LEN, Spec, StrategySpec, load_spec, spec_from_dict
 
 __all__ = ["compile", "build_ir", "optimize", "pipeline_passes", "OPT_LEVELS"]
 log = logging.getLogger("dgopt")
+FALLBACK_DIR = "autoregressive"     # strategy.draft_max_batch: the nested artifact larger calls run
 
 
 def _passes():
@@ -165,17 +166,23 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
 
     if spec.target.backend == "tensorrt":
         return _compile_tensorrt(spec, g, g0, history, step, io, lm, out_dir, opt_level, stage)
+    extra, nested = ({"recycle": recycle} if recycle else {}), {}
+    if 0 < spec.strategy.draft_max_batch < spec.target.max_batch:
+        # larger calls run plain autoregressive decoding: its own artifact inside this one
+        nested[FALLBACK_DIR] = spec.model_copy(update={"strategy": StrategySpec(), "recycle": None, "graph": None})
+        extra["fallback"] = {"dir": FALLBACK_DIR, "above_batch": spec.strategy.draft_max_batch}
     with stage("writing artifact"):
         out = _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level,
-                                   {"recycle": recycle} if recycle else None)
+                                   extra or None, nested=nested)
     log.info("compiled %s in %.2fs", out, time.perf_counter() - t0)
     return out
 
 
 def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level, extra=None,
-                         extra_files=()) -> Path:
+                         extra_files=(), nested=None) -> Path:
     """The artifact of a lowered step: manifest, step.onnx (and draft.onnx), the IR before and after the passes,
-    tokenizers; `extra` adds manifest entries, `extra_files` copies files in (the TensorRT engine)."""
+    tokenizers; `extra` adds manifest entries, `extra_files` copies files in (the TensorRT engine), `nested`
+    {dir: spec} compiles artifacts into subdirectories (the autoregressive fallback)."""
     spec_dict = spec.to_dict()
     if spec.model.path is not None:   # make the recorded spec valid from inside the artifact
         spec_dict["model"]["path"] = str(spec.resolve(spec.model.path).resolve())
@@ -228,6 +235,8 @@ def _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir,
             _copy_tokenizer(draft[1].tokenizer_dir, staging / "draft_tokenizer")
         for f in extra_files:
             shutil.copy2(f, staging / Path(f).name)
+        for sub, sub_spec in (nested or {}).items():
+            compile(sub_spec, staging / sub, opt_level)
 
     return write_artifact(Path(out_dir), fill, manifest)
 

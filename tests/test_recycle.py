@@ -117,6 +117,31 @@ def test_max_seq_len_and_repetition_penalty(modules, tmp_path):
         assert got == hf_greedy(m, p, 30 - len(p), repetition_penalty=1.3)
 
 
+def test_draft_max_batch_falls_back_to_autoregressive(modules, refs, tmp_path):
+    """strategy.draft_max_batch: a call of more rows runs the nested autoregressive artifact, a smaller one recycles;
+    both token-identical to transformers' greedy. The nested files are hash-checked with the rest."""
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 3, "draft_max_batch": 2},
+                     recycle={"path": str(modules["trained"])})
+    art = dgopt.compile(spec, tmp_path / "fb")
+    dec = dgopt.load(art)
+    assert dec.manifest["fallback"] == {"dir": "autoregressive", "above_batch": 2}
+    small, big = dec.generate(PROMPTS[:2], max_new_tokens=NEW), dec.generate(PROMPTS, max_new_tokens=NEW)
+    assert small.ids == refs[:2] and big.ids == refs
+    assert "fallback" not in small.stats and small.stats["accepted_hist"]
+    assert big.stats["fallback"] == "autoregressive" and big.stats["tokens_per_step"] == 1.0
+    # no room above the limit: no nested artifact
+    spec["strategy"]["draft_max_batch"] = 8
+    spec["target"]["max_batch"] = 8
+    assert "fallback" not in dgopt.load(dgopt.compile(spec, tmp_path / "nofb")).manifest
+    step = art / "autoregressive" / "step.onnx"
+    step.write_bytes(step.read_bytes()[:-1] + b"\0")
+    with pytest.raises(DgoptError, match="autoregressive/step.onnx"):
+        dgopt.load(art)
+    with pytest.raises(DgoptError, match="draft_max_batch applies to strategy recycle only"):
+        dgopt.compile(tiny_spec("llama", strategy={"kind": "ngram", "draft_max_batch": 2}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def _err(spec, tmp_path) -> str:
     with pytest.raises(DgoptError) as e:
         dgopt.compile(spec, tmp_path / "bad")

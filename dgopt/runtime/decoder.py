@@ -47,6 +47,8 @@ class Decoder:
         self.max_seq_len = self.manifest["target"]["max_seq_len"]
         self.max_batch = self.manifest["target"]["max_batch"]
         self._tokenizer = self._draft_tokenizer = None
+        # strategy.draft_max_batch: calls with more rows run the nested autoregressive artifact (loaded on first use)
+        self._fallback, self._fallback_args = None, (device, threads, io_binding)
 
     @property
     def tokenizer(self):
@@ -96,7 +98,15 @@ class Decoder:
             raise ValueError(f"batch of {len(rows)} exceeds the artifact's target.max_batch {self.max_batch}")
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("empty prompt")
-        res = generate(self, rows, max_new_tokens, seed, on_token, should_stop, admit, on_done)
+        fb = self.manifest.get("fallback")
+        if fb and len(rows) > fb["above_batch"]:
+            if self._fallback is None:
+                self._fallback = Decoder(self.path / fb["dir"], *self._fallback_args)
+            # rows do not join a fallback call either: the caller asked a strategy that takes none
+            res = generate(self._fallback, rows, max_new_tokens, seed, on_token, should_stop, None, on_done)
+            res.stats["fallback"] = "autoregressive"
+        else:
+            res = generate(self, rows, max_new_tokens, seed, on_token, should_stop, admit, on_done)
         if had_text or self._tokenizer is not None:
             res.text = [self.decode(r) for r in res.ids]
         return res
