@@ -30,8 +30,8 @@ def _passes():
 OPT_LEVELS: dict[int, list[str]] = {
     0: [],
     1: ["eliminate_softmax_before_argmax", "eliminate_dead_nodes"],
-    2: ["eliminate_softmax_before_argmax", "fuse_gumbel_sampling", "fuse_draft_top_k_sampling", "merge_forwards",
-        "eliminate_dead_nodes"],
+    2: ["eliminate_softmax_before_argmax", "fuse_gumbel_sampling", "fuse_draft_top_k_sampling",
+        "fuse_recycle_chain", "merge_forwards", "eliminate_dead_nodes"],
 }
 
 
@@ -143,7 +143,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec)), dm.info)
 
     recycle = None
-    if g.find("recycle_step"):  # strategy recycle: the module's weights (and the target's frozen head) in the step
+    if g.find("recycle_step") or g.find("recycle_chain"):  # strategy recycle: the module's weights (and the target's frozen head) in the step
         if spec.recycle is None:
             raise SpecError("spec field 'recycle': the graph runs a recyclable module but the spec names none")
         from .models.recycle import for_spec

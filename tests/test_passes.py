@@ -190,3 +190,35 @@ def test_fuse_draft_top_k_sampling_numerics():
     grid = ((np.arange(N) + 0.5) / N).astype(np.float32)
     counts = np.bincount(run_onnx(after, {"logits": row, "u": grid})["token"], minlength=V)
     assert (np.abs(counts - N * got["q"][4]) <= 1.0 + 1e-3 * N).all(), (counts, N * got["q"][4])
+
+
+def test_fuse_recycle_chain_structure():
+    """The greedy chain of a recycle step (k recycle_step -> argmax, collected by as_seq / concat_seq) becomes one
+    recycle_chain node fed by the chain's start; a sampled chain, or one whose inner scores something else reads,
+    stays as it is. (Numerics: tests/test_recycle.py runs -O0 against -O2 and the lowered step against the
+    reference interpreter.)"""
+    from dgopt.passes import EliminateDeadNodes, FuseRecycleChain
+    from dgopt.pipeline import build_ir
+    from dgopt.spec import spec_from_dict
+    from conftest import tiny_spec
+
+    def ir(k=3, **sampling):
+        spec = tiny_spec(strategy={"kind": "recycle", "k": k}, recycle={"path": "unused"},
+                         sampling=sampling or {"kind": "greedy"})
+        return EliminateSoftmaxBeforeArgmax()(build_ir(spec_from_dict(spec))).graph
+    g = ir()
+    res = FuseRecycleChain()(g)
+    assert res.modified
+    after = EliminateDeadNodes()(res.graph).graph
+    verify(after)
+    (chain,) = after.find("recycle_chain")
+    assert chain.attrs == {"module": "recycle", "length": 3} and "recycle_step" not in after.ops()
+    start = after.node("recycle/start")
+    assert chain.inputs == (start.out("hidden"), start.out("token"))
+    assert after.outputs["proposals"] == chain.out("proposals")
+    assert not FuseRecycleChain()(after).modified                                       # idempotent
+    g = ir()
+    g.set_output("scores", g.node("recycle1").out("logits"))     # an inner step's scores read elsewhere
+    assert not FuseRecycleChain()(g).modified
+    assert not FuseRecycleChain()(ir(kind="sample", temperature=0.8)).modified
+    assert FuseRecycleChain()(ir(k=1)).modified

@@ -92,6 +92,9 @@ def test_O0_equals_O2(k, name, modules, refs, tmp_path):
     # -O0 keeps the chain's textbook softmax -> argmax; -O2 removes the softmaxes
     assert (d0.path / "ir.yaml").read_text().count("op: softmax") == k
     assert (d2.path / "ir.yaml").read_text().count("op: softmax") == 0
+    # -O2 also fuses the chain into one node (lowered in the module's own shapes and draft vocabulary)
+    assert (d0.path / "ir.yaml").read_text().count("op: recycle_step") == k
+    assert (d2.path / "ir.yaml").read_text().count("op: recycle_chain") == 1
     r0, r2 = d0.generate(PROMPTS, max_new_tokens=NEW), d2.generate(PROMPTS, max_new_tokens=NEW)
     assert r0.ids == r2.ids == refs
     assert r0.stats["accepted_hist"] == r2.stats["accepted_hist"]

@@ -31,13 +31,15 @@ def _accepted_hidden(b, node, ins):
     hidden, alen, tokens = ins
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     m = b.op("Sub", [alen, i64(1)])                                                   # [B] accepted proposals
-    # row of the last accepted position: T - (K+1) + m, K+1 = tokens' width
-    T, K1 = b.op("Shape", [hidden], start=1, end=2), b.op("Shape", [tokens], start=1, end=2)
-    row = b.op("Add", [b.op("Sub", [T, K1]), m])                                      # [B]
-    H = b.op("Shape", [hidden], start=2, end=3)
-    idx = b.op("Expand", [b.op("Unsqueeze", [row, i64([1, 2])]),
-                          b.op("Concat", [i64([1, 1]), H], axis=0)])                  # [B, 1, H]
-    b.names[node.out("hidden")] = b.op("Squeeze", [b.op("GatherElements", [hidden, idx], axis=1), i64([1])])
+    K = node.attrs["length"]
+    if K >= 0:      # the last K+1 rows: the x-block's last position and the K candidates
+        tail = b.op("Slice", [hidden, i64([-(K + 1)]), i64([2 ** 62]), i64([1])])
+        row = m
+    else:           # K+1 = tokens' width; row of the last accepted position: T - (K+1) + m
+        tail = hidden
+        T, K1 = b.op("Shape", [hidden], start=1, end=2), b.op("Shape", [tokens], start=1, end=2)
+        row = b.op("Add", [b.op("Sub", [T, K1]), m])
+    b.names[node.out("hidden")] = b.op("GatherND", [tail, b.op("Unsqueeze", [row, i64([1])])], batch_dims=1)
     tok = b.op("GatherElements", [tokens, b.op("Unsqueeze", [m, i64([1])])], axis=1)  # [B, 1]
     b.names[node.out("token")] = b.op("Squeeze", [tok, i64([1])])
 
@@ -62,39 +64,47 @@ def _rms(b, x: str, w: str, eps: float) -> str:
     return b.op("Mul", [b.op("Div", [x, b.op("Sqrt", [b.op("Add", [ms, b.const(eps)])])]), w])
 
 
-def _recycle_step(b, node, ins):
-    """x = fc_h(rms(h)) + emb_fc[tok]; x += down(silu(gate(rms(x))) * up(rms(x))); h' = norm(x); logits = head(h').
-    (emb_fc: fc's token half applied to the normed embedding table at compile time, one Gather.) The module's
-    weights and the target's frozen final norm and LM head are initializers named `<module>/...`, shared by every
-    step of the chain."""
+def _module(b, node):
+    """The module's weights as initializers `<module>/<key>` (shared by every step of the chain), its info."""
     name = node.attrs["module"]
     try:
         info = b.forwards[name][1]
     except KeyError:
         raise BackendError(f"onnx backend: node '{node.id}' runs recyclable module '{name}', which the spec does "
                            "not define") from None
-    w, eps = info["weights"], info["eps"]
+    w = info["weights"]
 
-    def init(key: str) -> str:
+    def init(key: str, value=None, dtype=np.float32) -> str:
         full = f"{name}/{key}"
         if full not in b.inits:
-            b.const(w[key], np.float32, name=full)
+            b.const(w[key] if value is None else value, dtype, name=full)
         return full
+    return init, w, info
 
-    h, tok = ins
-    x = b.op("Add", [b.op("MatMul", [_rms(b, h, init("norm_h"), eps), init("fc_h")]),
-                     b.op("Gather", [init("emb_fc"), tok], axis=0)])                 # [B, H]
+
+def _block(b, init, info, h: str, e: str) -> tuple[str, str]:
+    """x = fc_h(rms(h)) + e; x += down(silu(gate(rms(x))) * up(rms(x))); h' = norm(x); logits = head(h')."""
+    eps = info["eps"]
+    x = b.op("Add", [b.op("MatMul", [_rms(b, h, init("norm_h"), eps), init("fc_h")]), e])
     y = _rms(b, x, init("norm_x"), eps)
     gate = b.op("MatMul", [y, init("gate")])
     act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), b.op("MatMul", [y, init("up")])])
     x = b.op("Add", [x, b.op("MatMul", [act, init("down")])])
     hn = _rms(b, x, init("final_norm"), info["target_eps"])
+    return hn, b.op("MatMul", [hn, init("lm_head")])
+
+
+def _recycle_step(b, node, ins):
+    """One step: _block over e = emb_fc[tok] (emb_fc: fc's token half applied to the normed embedding table at
+    compile time, one Gather). The module's weights and the target's frozen final norm and LM head are
+    initializers named `<module>/...`, shared by every step of the chain."""
+    init, w, info = _module(b, node)
+    h, tok = ins
+    hn, logits = _block(b, init, info, h, b.op("Gather", [init("emb_fc"), tok], axis=0))      # [B, H]
     b.names[node.out("hidden")] = hn
-    logits = b.op("MatMul", [hn, init("lm_head")])
     if "vocab" in w:    # a draft vocabulary: its scores scattered into [B, V], every other token at the minimum
-        vocab = f"{name}/vocab"
-        if vocab not in b.inits:
-            b.const(w["vocab"], np.int64, name=vocab)
+        vocab = init("vocab", dtype=np.int64)
+        name = node.attrs["module"]
         shared = b.__dict__.setdefault("_recycle_scatter", {})
         if name not in shared:      # [B, V] floor and [B, N] indices: the same for every step of the chain
             floor = b.const(np.full((1, b.V), np.finfo(np.float32).min, np.float32), np.float32,
@@ -108,4 +118,32 @@ def _recycle_step(b, node, ins):
     b.names[node.out("logits")] = logits
 
 
-RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step, "accept_unverified": _accept_unverified}
+def _recycle_chain(b, node, ins):
+    """The greedy chain as one run of [B, 1, H] steps: onnxruntime fuses the 3-D RMSNorms, each step's argmax
+    (keepdims) is directly the next step's [B, 1] index, and the draft vocabulary stays the chain's own: the argmax
+    runs over its N scores (ascending ids: the first maximum is the token argmax over the scattered [B, V] row would
+    choose), later steps gather their embedding from emb_fc's N vocabulary rows, and one Gather maps the k indices
+    to token ids at the end. 14 kernels a step for the shipped module, 17 as separate recycle_step nodes."""
+    init, w, info = _module(b, node)
+    h, tok = ins
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    h = b.op("Unsqueeze", [h, i64([1])])                                               # [B, 1, H]
+    tok = b.op("Unsqueeze", [tok, i64([1])])                                           # [B, 1]
+    vocab = w.get("vocab")
+    if vocab is not None and np.any(np.diff(vocab) <= 0):
+        raise BackendError(f"onnx backend: node '{node.id}': the module's draft vocabulary is not in ascending order")
+    table = init("emb_fc")
+    picks = []
+    for i in range(node.attrs["length"]):
+        h, logits = _block(b, init, info, h, b.op("Gather", [table, tok], axis=0))      # [B, 1, H], [B, 1, N]
+        tok = b.op("ArgMax", [logits], axis=-1, keepdims=0)                            # [B, 1]
+        picks.append(tok)
+        if vocab is not None:   # the next step's token is an index into the draft vocabulary
+            table = init("emb_fc_vocab", w["emb_fc"][vocab])
+    idx = picks[0] if len(picks) == 1 else b.op("Concat", picks, axis=1)              # [B, k]
+    b.names[node.out("proposals")] = idx if vocab is None else \
+        b.op("Gather", [init("vocab", dtype=np.int64), idx], axis=0)
+
+
+RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step, "recycle_chain": _recycle_chain,
+         "accept_unverified": _accept_unverified}

@@ -245,6 +245,13 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
         elif node.op == "recycle_step":
             for k, v in _recycle_step(node, ins, models or {}).items():
                 env[node.out(k)] = v
+        elif node.op == "recycle_chain":    # length recycle_steps, each fed the argmax of the one before
+            h, tok, picks = ins[0], ins[1], []
+            for _ in range(node.attrs["length"]):
+                out = _recycle_step(node, [h, tok], models or {})
+                h, tok = out["hidden"], torch.argmax(out["logits"], -1)
+                picks.append(tok)
+            env[node.out("proposals")] = torch.stack(picks, 1)
         elif node.op == "draft_loop":
             for k, v in _draft_loop(node, ins, models or {}).items():
                 env[node.out(k)] = v

@@ -268,11 +268,12 @@ register(OpSchema("trim_block", (("positions", ("positions",)), ("mask", ("mask"
 # RecycleGPT / EAGLE: the recyclable module's chain over the target's hidden states ----------------------------------
 register(OpSchema("accepted_hidden", (("hidden", ("hidden_seq",)), ("accept_len", ("count",)),
                                       ("tokens", ("tokens",))), ("hidden", "token"), ("hidden", "token"),
+                  {"length": Attr(int, -1)},
                   doc="Where the module's chain starts after verification. hidden: the verify forward's hidden states "
                       "[B, T, H] whose last K+1 rows are the x-block's last position and K candidates; accept_len "
                       "[B] and tokens [B, K+1] as verify_greedy gives them. Outputs the hidden state of the row's "
                       "last accepted position (the one that predicted the bonus token: T-K-2+accept_len) and the "
-                      "bonus token tokens[accept_len-1]."))
+                      "bonus token tokens[accept_len-1]. length: K (-1: read from tokens' width)."))
 register(OpSchema("accept_unverified", (("tokens", ("tokens",)), ("accept_len", ("count",)),
                                         ("candidates", ("candidates",)), ("trusted", ("count",))),
                   *_VERIFY_OUT,
@@ -282,6 +283,11 @@ register(OpSchema("accept_unverified", (("tokens", ("tokens",)), ("accept_len", 
                       "(then the target's own tokens), accept_len max(accept_len, trusted + 1). trusted 0 is plain "
                       "verification (the prefill's guesses from the prompt), K commits the module's whole chain and "
                       "the target's token after it: K + 1 tokens per target forward, not the target's output."))
+register(OpSchema("recycle_chain", (("hidden", ("hidden",)), ("token", ("token",))), ("proposals",), ("tokens",),
+                  {"module": Attr(str, "recycle"), "length": Attr(int, required=True, check=_ge1)},
+                  doc="The recyclable module's greedy chain in one node (pass fuse_recycle_chain): `length` "
+                      "recycle_step nodes, each reading the hidden state the one before predicted and the argmax "
+                      "of its scores, from hidden [B, H] and token [B] -> the chosen tokens [B, length]."))
 register(OpSchema("recycle_step", (("hidden", ("hidden",)), ("token", ("token",))), ("hidden", "logits"),
                   ("hidden", "logits"), {"module": Attr(str, "recycle")},
                   doc="One step of the recyclable module (dgopt/models/recycle.py): the target's post-norm hidden "

@@ -11,7 +11,8 @@ One step graph, one call per step (verify: true):
            the token it chose), the next step's candidates (output `proposals`).
 At prefill there are no proposals yet: the host feeds k tokens drawn from the prompt; verification rejects them or
 accepts them exactly like any others.
--O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes.
+-O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes and
+fuse the greedy chain into one recycle_chain node (fuse_recycle_chain).
 
 verify: false (RecycleGPT's own mode, LOSSY): accept_unverified commits the module's k proposals unverified and
 the target's token after them (k + 1 tokens per forward; the input `trusted` is 0 at prefill, when the guesses come
@@ -54,7 +55,7 @@ def expand_recycle(spec: Spec) -> Graph:
         trusted = g.add("input", attrs={"name": "trusted", "type": "count"}, id="trusted")
         v = g.add("accept_unverified", [v.out("tokens"), v.out("accept_len"), cands, trusted],
                   id="verify/unverified")
-    start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")],
+    start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")], {"length": k},
                   id="recycle/start")
     h, tok, props, qs = start.out("hidden"), start.out("token"), None, None
     for i in range(k):
