@@ -124,6 +124,11 @@ def candidates(spec: Spec, kinds: list[str] | None = None) -> list[Candidate]:
                 for km, conf in ((6, 0.0), (8, 0.4), (6, 0.4)):
                     add(f"{kind} heuristic k3..{km}{f' conf {conf}' if conf else ''}",
                         {**base, "k": 3, "k_schedule": "heuristic", "k_max": km, "confidence": conf}, 1 + km, km + 1)
+        elif kind == "recycle":
+            if spec.recycle is None:
+                raise DgoptError("tune: strategy recycle needs the spec's recycle module")
+            for k in ([st.k] if st.kind == "recycle" else []) + [1, 2, 3, 4, 6]:
+                add(f"recycle k{k}", {**own, "kind": "recycle", "k": k}, 1 + k, k + 1)
         elif kind != "autoregressive":
             raise DgoptError(f"tune: no configurations to try for strategy '{kind}'")
     return out
@@ -379,11 +384,13 @@ def _measure(c: Candidate, dec, ar, prompts, new: int) -> Measured:
 
 
 def _for_strategy(raw: dict, strategy: dict) -> dict:
-    """The spec with this strategy; the draft model only where the strategy uses one."""
+    """The spec with this strategy; the draft model (the recyclable module) only where the strategy uses one."""
     d = {k: v for k, v in raw.items() if k not in ("tuned", "graph")}
     d["strategy"] = dict(strategy)
     if strategy["kind"] not in ("speculative", "uag"):
         d.pop("draft", None)
+    if strategy["kind"] != "recycle":
+        d.pop("recycle", None)
     return d
 
 
@@ -397,7 +404,7 @@ def _raw_spec(spec, overrides) -> dict:
 def _absolute(d: dict, sp: Spec) -> dict:
     """Paths in the spec made absolute (the tuned spec may be written elsewhere; artifacts compile in a temp dir)."""
     d = copy.deepcopy(d)
-    for sec in ("model", "draft"):
+    for sec in ("model", "draft", "recycle"):
         if isinstance(d.get(sec), dict) and d[sec].get("path"):
             d[sec]["path"] = str(sp.resolve(d[sec]["path"]).resolve())
     st = d.get("strategy") or {}

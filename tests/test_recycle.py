@@ -145,6 +145,30 @@ def test_draft_max_batch_falls_back_to_autoregressive(modules, refs, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_tune_tries_recycle_k_and_writes_compilable_specs(modules, tmp_path):
+    """dgopt tune on a recycle spec (injected timings): it tries k and writes the winner with its module; when
+    autoregressive wins, the written spec drops the module (a recycle section needs strategy recycle)."""
+    import yaml
+    from dgopt.spec import load_spec
+    from dgopt.tune import Measured, tune
+    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 4}, recycle={"path": str(modules["trained"])})
+    flat = {q: 1.0 for q in (1, 2, 4, 8, 16, 32, 64)}
+    for ratios, want in (({"recycle k2": 1.4, "recycle k3": 1.2}, "recycle k2"), ({}, "autoregressive")):
+        calls = []
+
+        def measure(c, dec, prompts, ratios=ratios, calls=calls):
+            calls.append(c.name)
+            r = ratios.get(c.name, 0.5)
+            return Measured(c, 100.0 * r, r, 2.0, 10.0)
+        out = tmp_path / f"{want}.yaml"
+        rep = tune(spec, out, progress=False, measure=measure, cost=lambda dec: flat, plot=None)
+        assert rep.chosen.name == want and {"recycle k1", "recycle k4", "recycle k6"} <= set(calls)
+        written = yaml.safe_load(out.read_text())
+        assert ("recycle" in written) == (want != "autoregressive")
+        dec = dgopt.load(dgopt.compile(load_spec(out), tmp_path / f"art-{want}"))
+        assert dec.generate(PROMPTS[0], max_new_tokens=NEW).ids[0] == hf_greedy(hf_model("llama"), PROMPTS[0], NEW)
+
+
 def _err(spec, tmp_path) -> str:
     with pytest.raises(DgoptError) as e:
         dgopt.compile(spec, tmp_path / "bad")
