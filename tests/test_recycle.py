@@ -140,6 +140,9 @@ def test_draft_max_batch_falls_back_to_autoregressive(modules, refs, tmp_path):
     step.write_bytes(step.read_bytes()[:-1] + b"\0")
     with pytest.raises(DgoptError, match="autoregressive/step.onnx"):
         dgopt.load(art)
+    spec["target"].update(backend="tensorrt", device="cuda")
+    with pytest.raises(DgoptError, match="strategy.draft_max_batch"):     # the fallback is an onnx artifact
+        dgopt.compile(spec, tmp_path / "bad")
     with pytest.raises(DgoptError, match="draft_max_batch applies to strategy recycle only"):
         dgopt.compile(tiny_spec("llama", strategy={"kind": "ngram", "draft_max_batch": 2}), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
