@@ -5,7 +5,7 @@ Exact: the node computes the same steps in the same order. Its lowering (backend
 the chain in the module's own shapes, take the argmax over the draft vocabulary's scores rather than over the
 scattered [B, V] row (the same first maximum: every other entry of that row sits at the float minimum and the
 vocabulary is ascending) and collect the proposals once: a chain step of the shipped module is 14 onnxruntime
-kernels instead of 17, on a CPU where a step's cost is its kernel count. Runs after
+kernels instead of 17 (on 2 CPU cores a small kernel costs a few us whatever it computes). Runs after
 eliminate_softmax_before_argmax (the -O0 chain's softmaxes hide the pattern); the replaced nodes are left to
 eliminate_dead_nodes."""
 from dgopt.passmgr import Pass
