@@ -378,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="measure strategy configurations on this machine, write the fastest spec",
                         description="Measures the step cost by positions per forward and each candidate "
                         "configuration of the spec's strategy (lookahead W/N/G, ngram k/guesses, speculative/uag "
-                        "k and schedules, jacobi block, recycle k) against autoregressive decoding on sample prompts; writes "
-                        "the fastest as a spec (autoregressive when nothing is faster), a table and a PNG plot.")
+                        "k and schedules, jacobi block, recycle k) against autoregressive decoding on sample "
+                        "prompts; writes the fastest as a spec (autoregressive when nothing is faster), a table and a "
+                        "PNG plot.")
     tu.add_argument("spec")
     tu.add_argument("-o", "--output", required=True, help="the tuned spec to write (YAML)")
     tu.add_argument("--prompts", help="prompts: a .json list of strings, .jsonl, or text with one per line "

@@ -143,7 +143,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
             forwards["draft"] = (export_forward(dm, dm.info["kv_dtype"], **_forward_method(spec)), dm.info)
 
     recycle = None
-    if g.find("recycle_step") or g.find("recycle_chain"):  # strategy recycle: the module's weights (and the target's frozen head) in the step
+    # strategy recycle: the module's weights (and the target's frozen head) in the step
+    if g.find("recycle_step") or g.find("recycle_chain"):
         if spec.recycle is None:
             raise SpecError("spec field 'recycle': the graph runs a recyclable module but the spec names none")
         from .models.recycle import for_spec
