@@ -100,6 +100,19 @@ def test_O0_equals_O2(k, name, modules, refs, tmp_path):
     assert r0.stats["accepted_hist"] == r2.stats["accepted_hist"]
 
 
+def test_draft_vocabulary_in_any_order(modules, refs, tmp_path):
+    """A recycle.json whose draft vocabulary is unsorted and repeats an id compiles at -O0 and -O2 and proposes
+    what the sorted one does (the fused chain maps its argmax back through the vocabulary; step_weights sorts it so
+    that even a tie picks the first maximum of the whole row)."""
+    m, cfg = R.load(modules["subset"])
+    vocab = cfg["draft_vocab"][::-1] + cfg["draft_vocab"][:1]
+    R.save(m, tmp_path / "shuffled", "tiny llama", R.target_hash(hf_model("llama")), {"draft_vocab": vocab})
+    want = compile_recycle(tmp_path, modules["subset"], 3).generate(PROMPTS, max_new_tokens=NEW)
+    for lvl in (0, 2):
+        got = compile_recycle(tmp_path, tmp_path / "shuffled", 3, lvl).generate(PROMPTS, max_new_tokens=NEW)
+        assert got.ids == refs and got.stats["accepted_hist"] == want.stats["accepted_hist"]
+
+
 def test_sampled_O0_equals_O2(modules, tmp_path):
     """-O2's passes must not change a sampled step either: the same seed gives the same tokens at -O0 and -O2, and
     another seed other tokens."""

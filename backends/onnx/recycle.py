@@ -129,17 +129,16 @@ def _recycle_chain(b, node, ins):
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     h = b.op("Unsqueeze", [h, i64([1])])                                               # [B, 1, H]
     tok = b.op("Unsqueeze", [tok, i64([1])])                                           # [B, 1]
-    vocab = w.get("vocab")
-    if vocab is not None and np.any(np.diff(vocab) <= 0):
-        raise BackendError(f"onnx backend: node '{node.id}': the module's draft vocabulary is not in ascending order")
+    vocab = w.get("vocab")      # ascending and distinct (dgopt.models.recycle.step_weights)
     table = init("emb_fc")
+    # after the first step the token is an index into the draft vocabulary: its rows of the table
+    later = table if vocab is None else init("emb_fc_vocab", w["emb_fc"][vocab])
     picks = []
-    for i in range(node.attrs["length"]):
+    for _ in range(node.attrs["length"]):
         h, logits = _block(b, init, info, h, b.op("Gather", [table, tok], axis=0))      # [B, 1, H], [B, 1, N]
         tok = b.op("ArgMax", [logits], axis=-1, keepdims=0)                            # [B, 1]
         picks.append(tok)
-        if vocab is not None:   # the next step's token is an index into the draft vocabulary
-            table = init("emb_fc_vocab", w["emb_fc"][vocab])
+        table = later
     idx = picks[0] if len(picks) == 1 else b.op("Concat", picks, axis=1)              # [B, k]
     b.names[node.out("proposals")] = idx if vocab is None else \
         b.op("Gather", [init("vocab", dtype=np.int64), idx], axis=0)

@@ -179,6 +179,9 @@ def step_weights(module, model, vocab: list[int] | None = None) -> dict:
          "norm_x": f(module.norm_x.weight), "gate": f(module.gate.weight).T, "up": f(module.up.weight).T,
          "down": f(module.down.weight).T, "final_norm": f(norm.weight)}
     if vocab is not None:   # the draft vocabulary: the head's columns of those tokens, and their ids
+        # ascending and distinct (a set: the order changes nothing), so that the fused greedy chain's argmax over
+        # these columns picks, even among ties, the token argmax over the whole vocabulary row would
+        vocab = sorted(set(vocab))
         w["lm_head"], w["vocab"] = head[:, vocab], np.asarray(vocab, np.int64)
     else:
         w["lm_head"] = head
