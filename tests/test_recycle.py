@@ -149,6 +149,12 @@ def test_draft_max_batch_falls_back_to_autoregressive(modules, refs, tmp_path):
     spec["strategy"]["draft_max_batch"] = 8
     spec["target"]["max_batch"] = 8
     assert "fallback" not in dgopt.load(dgopt.compile(spec, tmp_path / "nofb")).manifest
+    man = json.loads((art / "manifest.json").read_text())
+    for bad in ({"dir": "..", "above_batch": 2}, {"dir": "autoregressive"}, "autoregressive"):
+        (art / "manifest.json").write_text(json.dumps({**man, "fallback": bad}))
+        with pytest.raises(DgoptError, match="corrupt manifest: fallback"):
+            dgopt.load(art)
+    (art / "manifest.json").write_text(json.dumps(man))
     step = art / "autoregressive" / "step.onnx"
     step.write_bytes(step.read_bytes()[:-1] + b"\0")
     with pytest.raises(DgoptError, match="autoregressive/step.onnx"):

@@ -49,6 +49,12 @@ class Decoder:
         self._tokenizer = self._draft_tokenizer = None
         # strategy.draft_max_batch: calls with more rows run the nested autoregressive artifact (loaded on first use)
         self._fallback, self._fallback_args = None, (device, threads, io_binding)
+        fb = self.manifest.get("fallback")
+        if fb is not None and not (isinstance(fb, dict) and isinstance(fb.get("above_batch"), int)
+                                   and isinstance(fb.get("dir"), str) and "/" not in fb["dir"]
+                                   and fb["dir"] not in ("", ".", "..") and (self.path / fb["dir"]).is_dir()):
+            raise ArtifactError(f"corrupt manifest: fallback {fb!r} is not {{dir: a subdirectory of {self.path}, "
+                                "above_batch: int}")
 
     @property
     def tokenizer(self):
