@@ -396,7 +396,8 @@ def train(model_dir: str | Path, out: str | Path, data: Sequence[str] = ("self",
           minutes: float = 10.0, device: str = "cpu", seed: int = 0, samples: int = 512, val_samples: int = 64,
           prompt_len: int = 32, blocks: int = 3, batch: int = 16, lr: float = 1e-4, ar_weight: float = 0.0,
           kd_weight: float = 5.0, kd_batch: int = 2, kd_len: int = 256, eval_every: int = 25, patience: int = 4,
-          threads: int | None = None, command: str | None = None, collect_batch: int = 64, quiet: bool = False, max_steps: int | None = None) -> dict:
+          threads: int | None = None, command: str | None = None, collect_batch: int = 64, quiet: bool = False,
+          max_steps: int | None = None) -> dict:
     """Consistency-train the model in ``model_dir`` and save it to ``out`` (written to a staging dir beside it and
     renamed at the end: nothing half-written). Returns the build info written to ``out/dgopt_build.json``."""
     import copy
