@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--recycle-k", nargs="*", type=int, default=[3, 4, 6], help="recycle proposal lengths")
     ap.add_argument("--recycle-fallback", nargs="*", type=int, default=[], help="also time the recycle rows with "
                     "strategy.draft_max_batch N (calls of more than N rows run autoregressive decoding)")
+    ap.add_argument("--fallback", type=int, default=0, help="compile every multi-token row with "
+                    "strategy.draft_max_batch N: a --batch above N then runs each as autoregressive decoding")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the dgopt rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -226,6 +228,10 @@ def main():
                 rspec = {"path": str(Path(r).resolve())} if Path(r).is_dir() else {"name": r}
                 strategies.append((f"recycle k{k} ({r}, sample)", {"kind": "recycle", "k": k},
                                    {"recycle": rspec, "sampling": sample}))
+    if a.fallback:
+        strategies = [(f"{name} (autoregressive above batch {a.fallback})", {**st, "draft_max_batch": a.fallback},
+                       *extra) if st["kind"] != "autoregressive" and "draft_max_batch" not in st else (name, st, *extra)
+                      for name, st, *extra in strategies]
     decs = []
     for name, st, *extra in strategies:
         for lvl in ((0, 2) if st["kind"] == "lookahead" and "sample" not in name else (2,)):

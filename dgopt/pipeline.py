@@ -170,7 +170,8 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
     extra, nested = ({"recycle": recycle} if recycle else {}), {}
     if 0 < spec.strategy.draft_max_batch < spec.target.max_batch:
         # larger calls run plain autoregressive decoding: its own artifact inside this one
-        nested[FALLBACK_DIR] = spec.model_copy(update={"strategy": StrategySpec(), "recycle": None, "graph": None})
+        nested[FALLBACK_DIR] = spec.model_copy(update={"strategy": StrategySpec(), "recycle": None, "draft": None,
+                                                       "graph": None})
         extra["fallback"] = {"dir": FALLBACK_DIR, "above_batch": spec.strategy.draft_max_batch}
     with stage("writing artifact"):
         out = _write_onnx_artifact(spec, g, g0, history, step, io, lm, dm, draft, out_dir, opt_level,

@@ -82,9 +82,9 @@ class StrategySpec(_Strict):
     # recycle: true (lossless) verifies the module's k proposals with the target each step; false is RecycleGPT's
     # own mode, LOSSY: tokens from the module are committed unverified
     verify: bool = True
-    # recycle: a call with more rows than this runs the target's plain autoregressive step instead (compiled into
-    # the artifact beside the recycle step; vLLM's speculative_disable_by_batch_size): on a CPU, past a batch of
-    # one or two, the chain and the wider verify cost more than they commit. 0: every call recycles
+    # any multi-token kind: a call with more rows than this runs the target's plain autoregressive step instead
+    # (compiled into the artifact beside the strategy's step; vLLM's speculative_disable_by_batch_size): on a CPU,
+    # past a batch of one or two, the wider verify forward costs more than the extra tokens commit. 0: never
     draft_max_batch: int = Field(0, ge=0)
     # ngram (prompt lookup): k tokens of up to `guesses` continuations of the longest context suffix (max_ngram down
     # to min_ngram tokens) that occurred before; `document`: a text file whose tokens are searched as well
@@ -120,8 +120,9 @@ class StrategySpec(_Strict):
         uses_index = self.kind == "ngram" or (self.kind == "jacobi" and self.guess == "ngram")
         if uses_index and self.min_ngram > self.max_ngram:
             raise ValueError(f"min_ngram {self.min_ngram} exceeds max_ngram {self.max_ngram}")
-        if self.draft_max_batch and self.kind != "recycle":
-            raise ValueError(f"draft_max_batch applies to strategy recycle only, not '{self.kind}'")
+        if self.draft_max_batch and self.kind == "autoregressive":
+            raise ValueError("draft_max_batch applies to multi-token strategies, not 'autoregressive' (nothing to "
+                             "fall back from)")
         if self.kind != "ngram" and self.document is not None:
             raise ValueError(f"document applies to strategy ngram only, not '{self.kind}'")
         return self
@@ -244,7 +245,7 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
                         f"'{spec.strategy.kind}'")
     if spec.strategy.draft_max_batch and spec.target.backend != "onnx":
         raise SpecError("spec field 'strategy.draft_max_batch': the autoregressive fallback step is built for "
-                        f"backend onnx only, not '{spec.target.backend}'")
+                        f"backend onnx only, not '{spec.target.backend}' (set it to 0)")
     if spec.target.backend == "tensorrt" and spec.target.device != "cuda":
         raise SpecError("spec field 'target.device': the tensorrt backend needs device 'cuda'")
     spec._base_dir = Path(base_dir).resolve()
