@@ -258,7 +258,7 @@ def cmd_tune(a) -> int:
     console = _console()
     rep = tune(a.spec, a.output, prompts=a.prompts, minutes=a.minutes, kinds=a.kinds, new=a.new_tokens,
                threads=a.threads, plot=a.plot or str(Path(a.output).with_suffix(".png")), overrides=a.set or [],
-               progress=console.is_terminal)
+               progress=console.is_terminal, batches=a.batches)
     print_table(rep, console)
     wrote = f"{a.output} and {rep.plot}" if rep.plot else f"{a.output} (no plot: matplotlib is not installed)"
     console.print(f"wrote {wrote} in {rep.seconds:.0f}s")
@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--kinds", nargs="*", help="strategy kinds to try (default: the spec's), e.g. lookahead ngram")
     tu.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     tu.add_argument("--plot", help="PNG to write (default: OUTPUT with .png)")
+    tu.add_argument("--batches", nargs="*", type=int, default=[2, 4, 8], metavar="B",
+                    help="batch sizes the chosen configuration is timed at against autoregressive (up to "
+                    "target.max_batch; default 2 4 8): from the first where it is slower, calls run autoregressive "
+                    "decoding (strategy.draft_max_batch); give none to skip")
     tu.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     tu.set_defaults(fn=cmd_tune)

@@ -9,6 +9,10 @@ that pays (lookahead W/N/G, ngram k/guesses, speculative k, jacobi block) does t
 and writes the fastest as a spec, or the autoregressive spec when no configuration beats autoregressive by the
 margin: it never recommends a slower configuration. A configuration whose best case (every proposal accepted) the
 cost curve already puts below autoregressive is skipped without compiling it.
+  (c) the chosen configuration again at batch 2, 4, 8 (up to target.max_batch), each against autoregressive at the
+      same batch (the mean of two block pairs): from the first batch where it is slower, calls run autoregressive
+      decoding
+      (strategy.draft_max_batch: the largest batch measured that still paid; 1 when batch 2 did not).
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ from .errors import DgoptError
 from .spec import Spec, load_spec
 
 log = logging.getLogger("dgopt.tune")
-__all__ = ["tune", "candidates", "Candidate", "Measured", "TuneReport", "MARGIN", "COST_POSITIONS"]
+__all__ = ["tune", "candidates", "Candidate", "Measured", "TuneReport", "MARGIN", "COST_POSITIONS", "BATCHES"]
 
 MARGIN = 1.03               # a configuration must beat autoregressive by 3 % (above this machine's block-to-block noise)
 COST_POSITIONS = (1, 2, 4, 8, 16, 32, 64)
+BATCHES = (2, 4, 8)         # batch sizes the chosen configuration is timed at (up to target.max_batch)
 
 
 @dataclass
@@ -65,6 +70,8 @@ class TuneReport:
     seconds: float
     spec: dict = field(default_factory=dict)
     plot: Path | None = None           # the PNG written (None: no plot, e.g. without matplotlib)
+    batch_rows: list[tuple[int, Measured]] = field(default_factory=list)   # the chosen config at batch > 1
+    draft_max_batch: int = 0           # what the batch rows set (0: the chosen config paid at every batch timed)
 
 
 def machine() -> str:
@@ -238,13 +245,15 @@ def _interp(cost: dict[int, float], q: int) -> float:
     return cost[b] + (cost[b] - cost[a]) * (q - b) / (b - a)
 
 
-def run_block(dec, prompts, new: int) -> tuple[int, float, int]:
-    """(tokens, seconds, steps) of generating `new` tokens after each prompt, one at a time."""
+def run_block(dec, prompts, new: int, batch: int = 1) -> tuple[int, float, int]:
+    """(tokens, seconds, steps) of generating `new` tokens after each prompt, in calls of `batch` rows (the prompts
+    repeated to fill whole calls)."""
+    rows = [prompts[i % len(prompts)] for i in range(batch * math.ceil(len(prompts) / batch))]
     toks = steps = 0
     t = time.perf_counter()
-    for p in prompts:
-        r = dec.generate(p, max_new_tokens=new)
-        toks += len(r.ids[0])
+    for i in range(0, len(rows), batch):
+        r = dec.generate(rows[i:i + batch], max_new_tokens=new)
+        toks += sum(len(ids) for ids in r.ids)
         steps += r.stats["steps"]
     return toks, time.perf_counter() - t, steps
 
@@ -262,11 +271,12 @@ def _graph_key(strategy: dict, sampled: bool) -> str:
 def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = None, minutes: float = 4.0,
          kinds: list[str] | None = None, new: int = 64, threads: int | None = None, plot: str | Path | None = None,
          overrides: list[str] | None = None, progress: bool = True,
-         measure: Callable[[Candidate, object, list], Measured] | None = None,
-         cost: Callable[[object], dict[int, float]] | None = None) -> TuneReport:
+         measure: Callable[[Candidate, object, list, int], Measured] | None = None,
+         cost: Callable[[object], dict[int, float]] | None = None, batches=BATCHES) -> TuneReport:
     """Measure the candidate configurations and write the fastest (or autoregressive) as the spec `out`.
-    `measure(candidate, dec, prompts)` and `cost(dec)` replace the timings (tests inject them); `minutes` bounds
-    the measuring: configurations not reached in time are listed as not measured."""
+    `measure(candidate, dec, prompts, batch)` and `cost(dec)` replace the timings (tests inject them); `minutes`
+    bounds the measuring of candidates: those not reached in time are listed as not measured. `batches`: the batch
+    sizes the chosen configuration is timed at to set its strategy.draft_max_batch (empty: none)."""
     import dgopt
     t_start = time.perf_counter()
     if isinstance(spec, dict):
@@ -285,6 +295,9 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
         raise DgoptError(f"tune: -o {out}: is a directory; name the tuned spec file to write")
     if prompts and not Path(prompts).is_file():
         raise DgoptError(f"--prompts {prompts}: file not found")
+    if any(b < 2 for b in batches or ()):
+        raise DgoptError(f"tune: --batches must be >= 2 (batch 1 is what every configuration is timed at), got "
+                         f"{min(batches)}")
     cands = candidates(sp, kinds)
     sampled = sp.sampling.kind == "sample"
     work = Path(tempfile.mkdtemp(prefix="dgopt-tune-"))
@@ -297,7 +310,8 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 150)
-        steps_total = 2 + len(cands)
+        batches = sorted({b for b in batches or () if b <= sp.target.max_batch})
+        steps_total = 2 + len(cands) + len(batches)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("compiling autoregressive", total=steps_total)
@@ -329,7 +343,7 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
                     host = {k: v for k, v in c.strategy.items() if k != "document"}   # (the artifact has its copy)
                     dec.manifest["strategy"] = {**dec.manifest["strategy"], **host}         # host-side parameters
                     if measure is not None:
-                        m = measure(c, dec, ps)
+                        m = measure(c, dec, ps, 1)
                     else:
                         m = _measure(c, dec, ar, ps, new)
                         ar_tps.append(m.tokens_per_s / m.ratio)
@@ -349,20 +363,46 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
                 dec = decs[_graph_key(best.candidate.strategy, sampled)]
                 dec.manifest["strategy"] = {**dec.manifest["strategy"], **{
                     k: v for k, v in best.candidate.strategy.items() if k != "document"}}
-                again = measure(best.candidate, dec, ps) if measure is not None else \
+                again = measure(best.candidate, dec, ps, 1) if measure is not None else \
                     _measure(best.candidate, dec, ar, ps, new)
                 if again.ratio < best.ratio:
                     best.note = f"confirmation run: {again.ratio:.2f}x (first {best.ratio:.2f}x); the lower counts"
                     best.ratio, best.tokens_per_s = again.ratio, again.tokens_per_s
                 else:
                     best.note = f"confirmed: {again.ratio:.2f}x in a second run"
-        best = max(confirmed, key=lambda r: r.ratio, default=None)
-        if best is not None and best.ratio >= MARGIN:
-            chosen = best.candidate
-        else:
-            chosen = Candidate("autoregressive", {"kind": "autoregressive"}, 1, 1)
+            best = max(confirmed, key=lambda r: r.ratio, default=None)
+            if best is not None and best.ratio >= MARGIN:
+                chosen = best.candidate
+            else:
+                chosen = Candidate("autoregressive", {"kind": "autoregressive"}, 1, 1)
+            batch_rows, limit = [], 0
+            if chosen.strategy["kind"] != "autoregressive" and sp.target.backend == "onnx":
+                dec = decs[_graph_key(chosen.strategy, sampled)]
+                dec.manifest["strategy"] = {**dec.manifest["strategy"], **{
+                    k: v for k, v in chosen.strategy.items() if k != "document"}}
+                paid = 1
+                # at least 16 rows a block (the prompts repeated), and two block pairs averaged: a batch call is
+                # cheap, and one pair of 6 rows swung by +-10% here
+                ps_b = [ps[i % len(ps)] for i in range(max(16, len(ps)))]
+                for B in batches:
+                    bar.update(task, description=f"measuring {chosen.name} at batch {B}")
+                    if measure is not None:
+                        m = measure(chosen, dec, ps_b, B)
+                    else:
+                        m, again = (_measure(chosen, dec, ar, ps_b, new, B) for _ in range(2))
+                        m.note = f"{m.ratio:.2f}x and {again.ratio:.2f}x in two runs: their mean"
+                        m.ratio, m.tokens_per_s = (m.ratio + again.ratio) / 2, (m.tokens_per_s + again.tokens_per_s) / 2
+                    batch_rows.append((B, m))
+                    bar.update(task, advance=1)
+                    if m.ratio < 1.0:   # slower than autoregressive at B: larger calls fall back (larger batches
+                        limit = paid    # only widen the gap: not measured)
+                        break
+                    paid = B
+                if limit:
+                    chosen.strategy = {**chosen.strategy, "draft_max_batch": limit}
         report = TuneReport(chosen, rows, cost_ms, machine(),
-                            statistics.median(ar_tps) if ar_tps else float("nan"), time.perf_counter() - t_start)
+                            statistics.median(ar_tps) if ar_tps else float("nan"), time.perf_counter() - t_start,
+                            batch_rows=batch_rows, draft_max_batch=limit)
         report.spec = _write(raw, report, Path(out), src, sp)
         if plot:
             try:
@@ -375,10 +415,10 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(c: Candidate, dec, ar, prompts, new: int) -> Measured:
-    dec.generate(prompts[0], max_new_tokens=8)                    # warm-up
-    ta, sa, _ = run_block(ar, prompts, new)
-    tc, sc, steps = run_block(dec, prompts, new)
+def _measure(c: Candidate, dec, ar, prompts, new: int, batch: int = 1) -> Measured:
+    dec.generate([prompts[0]] * batch, max_new_tokens=8)          # warm-up
+    ta, sa, _ = run_block(ar, prompts, new, batch)
+    tc, sc, steps = run_block(dec, prompts, new, batch)
     tps, ar_tps = tc / sc, ta / sa
     return Measured(c, tps, tps / ar_tps, tc / steps, 1e3 * sc / steps)
 
@@ -431,6 +471,11 @@ def _write(raw: dict, rep: TuneReport, out: Path, src: Path | None, sp: Spec) ->
                                                      f"{r.tokens_per_step:.2f} tok/step" + (f" ({r.note})" if r.note
                                                                                             else "")
                                                      if r.ratio is not None else r.note))
+    if rep.batch_rows:
+        lines.append("# the chosen configuration by batch (x autoregressive at the same batch): "
+                     + ", ".join(f"{b}: {m.ratio:.2f}x" for b, m in rep.batch_rows)
+                     + (f"; calls of more than {rep.draft_max_batch} rows run autoregressive decoding "
+                        "(strategy.draft_max_batch)" if rep.draft_max_batch else ""))
     if rep.chosen.strategy["kind"] == "autoregressive":
         lines.append(f"# no configuration beat autoregressive by {100 * (MARGIN - 1):.0f} % on this machine: "
                      "autoregressive is the tuned choice")
@@ -459,8 +504,13 @@ def print_table(rep: TuneReport, console) -> None:
     console.print(t)
     console.print("cost curve (ms per step by positions per forward): "
                   + ", ".join(f"{q}: {ms:.2f}" for q, ms in rep.cost_ms.items()))
+    if rep.batch_rows:
+        console.print("by batch (x autoregressive at the same batch): "
+                      + ", ".join(f"{b}: {m.ratio:.2f}x" for b, m in rep.batch_rows))
     console.print(f"chosen: [bold]{rep.chosen.name}[/]" + ("" if rep.chosen.strategy["kind"] != "autoregressive" else
-                  f" (no configuration beat autoregressive by {100 * (MARGIN - 1):.0f} % here)"))
+                  f" (no configuration beat autoregressive by {100 * (MARGIN - 1):.0f} % here)")
+                  + (f", autoregressive above batch {rep.draft_max_batch} (strategy.draft_max_batch)"
+                     if rep.draft_max_batch else ""))
 
 
 def save_plot(rep: TuneReport, path: str | Path) -> None:

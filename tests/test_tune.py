@@ -17,9 +17,10 @@ FLAT = {q: 1.0 for q in (1, 2, 4, 8, 16, 32, 64)}          # a GPU-like curve: m
 
 
 def fake(ratios: dict, calls: list):
-    def measure(c, dec, prompts):
-        calls.append(c.name)
-        r = ratios.get(c.name, 0.5)
+    """ratios by configuration name, or by (name, batch) for batch > 1 (default: the batch-1 ratio)."""
+    def measure(c, dec, prompts, batch):
+        calls.append(c.name if batch == 1 else (c.name, batch))
+        r = ratios.get(c.name, 0.5) if batch == 1 else ratios.get((c.name, batch), ratios.get(c.name, 0.5))
         return Measured(c, 100.0 * r, r, 2.0, 10.0)
     return measure
 
@@ -59,7 +60,7 @@ def test_a_win_that_does_not_repeat_is_not_chosen(tmp_path):
     seq = iter([1.5, 0.95])
     calls = []
 
-    def measure(c, dec, prompts):
+    def measure(c, dec, prompts, batch):
         calls.append(c.name)
         r = next(seq) if c.name == "ngram k2 G1" else 0.5
         return Measured(c, 100.0 * r, r, 2.0, 10.0)
@@ -67,6 +68,33 @@ def test_a_win_that_does_not_repeat_is_not_chosen(tmp_path):
                measure=measure, cost=lambda dec: FLAT)
     assert calls.count("ngram k2 G1") == 2 and rep.chosen.name == "autoregressive"
     assert "confirmation run: 0.95x" in (tmp_path / "t.yaml").read_text()
+
+
+@pytest.mark.parametrize("by_batch,limit", [({2: 1.2, 4: 0.8}, 2), ({2: 0.9}, 1), ({2: 1.1, 4: 1.0, 8: 1.2}, 0)])
+def test_batch_rows_set_draft_max_batch(by_batch, limit, tmp_path):
+    """The chosen configuration is timed at batch 2, 4, 8: from the first batch where it is slower than
+    autoregressive, calls fall back (strategy.draft_max_batch: the last batch that paid); larger batches are not
+    timed after a loss. The written spec compiles with the nested autoregressive artifact."""
+    name = "ngram k6 G1"
+    rep, calls, written = run(tmp_path, {name: 1.6, **{(name, b): r for b, r in by_batch.items()}})
+    assert [c for c in calls if isinstance(c, tuple)] == [(name, b) for b in by_batch]
+    assert rep.chosen.name == name and rep.draft_max_batch == limit
+    assert written["strategy"].get("draft_max_batch", 0) == limit
+    text = (tmp_path / "tuned.yaml").read_text()
+    assert "the chosen configuration by batch" in text and ("strategy.draft_max_batch" in text) == bool(limit)
+    man = dgopt.load(dgopt.compile(load_spec(tmp_path / "tuned.yaml"), tmp_path / "art")).manifest
+    assert man.get("fallback", {}).get("above_batch", 0) == limit
+
+
+def test_no_batch_rows_when_asked_for_none_or_autoregressive_wins(tmp_path):
+    calls = []
+    tune(tiny_spec("llama", strategy={"kind": "ngram", "k": 3}), tmp_path / "a.yaml", progress=False,
+         measure=fake({"ngram k6 G1": 1.6}, calls), cost=lambda dec: FLAT, batches=())
+    rep, calls2, _ = run(tmp_path, {})
+    assert rep.chosen.name == "autoregressive" and not rep.batch_rows
+    assert not [c for c in calls + calls2 if isinstance(c, tuple)]
+    with pytest.raises(dgopt.DgoptError, match="--batches must be >= 2"):
+        tune(tiny_spec("llama", strategy={"kind": "ngram"}), tmp_path / "b.yaml", progress=False, batches=(1,))
 
 
 def test_cost_curve_skips_configs_that_cannot_win(tmp_path):
