@@ -89,7 +89,8 @@ def test_shipped_cllm_specs_match_transformers_greedy(spec, tmp_path):
     from dgopt.training.trainer import model_dir
     from transformers import AutoModelForCausalLM
     path = Path(__file__).resolve().parents[1] / "specs" / spec
-    dec = dgopt.load(dgopt.compile(path, tmp_path / "art"))
+    # draft_max_batch 0: the batch runs Jacobi too, not the spec's autoregressive fallback
+    dec = dgopt.load(dgopt.compile(path, tmp_path / "art", overrides=["strategy.draft_max_batch=0"]))
     model = AutoModelForCausalLM.from_pretrained(model_dir("code-tiny-cllm"), dtype=torch.float32).eval()
     prompts = [dec.encode(t) for t in ("def __init__(self", "import ", "    for i in range(")]
     refs = [hf_greedy(model, p, 48) for p in prompts]
