@@ -1,8 +1,9 @@
 """A sampled draft's multinomial(softmax(top_k([temperature](x)))) -> sample_top_k(x): the proposal and its q from
 the k largest scores alone ([B, k] softmax and inverse CDF, one scatter for q) instead of five [B, V] passes.
 
-Exact in distribution, not per seed, and only where q is a speculative draft's (every other reader of the softmax is
-an `as_seq` whose run reaches only verify_sample's q): rejection sampling keeps d ~ q with probability min(1, p/q)
+Exact in distribution, not per seed, and only where q is a draft's (every other reader of the softmax is an `as_seq`
+whose run reaches only verify_sample's q, or the output `proposal_probs`: recycle's chain hands q to the next step,
+whose verify_sample reads it as draft_probs): rejection sampling keeps d ~ q with probability min(1, p/q)
 and otherwise draws from norm(max(0, p - q)), which gives the target's p for *any* q the proposal was drawn from.
 So the two ways sample_top_k's q may differ from the unfused one (ties at the k-th score: top_k keeps them all,
 sample_top_k exactly k; the draw's order: descending scores instead of vocabulary order) change which tokens are
@@ -10,9 +11,13 @@ proposed per seed, never the output's distribution. A target's sampler is left a
 from dgopt.passmgr import Pass
 
 
+FED_BACK_Q = "proposal_probs"     # a step output the runtime feeds to the next step's verify_sample as its q
+
+
 def _only_reaches_verify_q(g, ref) -> bool:
     users = g.users(ref)
-    if not users or g.is_output(ref):
+    fed_back = g.is_output(ref) and all(name == FED_BACK_Q for name, r in g.outputs.items() if r == ref)
+    if (not users and not fed_back) or (g.is_output(ref) and not fed_back):
         return False
     for u in users:
         if u.op == "concat_seq":

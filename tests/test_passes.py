@@ -143,14 +143,17 @@ def test_fuse_draft_top_k_sampling_structure():
 
 
 def test_fuse_draft_top_k_sampling_in_the_pipeline():
-    """Every proposal of a sampled fused speculative step is rewritten; the target's own sampler, and a draft whose
-    chain ends in top_p, are not."""
+    """Every proposal of a sampled fused speculative step is rewritten, and of a sampled recycle chain (whose q is
+    the output proposal_probs, the next step's draft_probs); the target's own sampler, and a draft whose chain ends
+    in top_p, are not."""
     from dgopt.pipeline import build_ir, optimize
     from dgopt.spec import spec_from_dict
     from conftest import tiny_spec
 
     def ops(strategy, sampling, draft=True):
         spec = tiny_spec(strategy=strategy, sampling={"kind": "sample", **sampling})
+        if strategy["kind"] == "recycle":
+            spec["recycle"], draft = {"path": "module-dir"}, False      # (read at compile, not by the passes)
         if draft:
             spec["draft"] = {"config": spec["model"]["config"], "seed": 1}
         s = spec_from_dict(spec)
@@ -159,6 +162,9 @@ def test_fuse_draft_top_k_sampling_in_the_pipeline():
     assert o.count("sample_top_k") == 3 and "multinomial" not in o and "top_k" in o     # top_k: the verifier's
     assert "sample_top_k" not in ops({"kind": "speculative", "k": 3}, {"top_k": 6, "top_p": 0.9})
     assert "sample_top_k" not in ops({"kind": "autoregressive"}, {"top_k": 6}, draft=False)
+    o = ops({"kind": "recycle", "k": 3}, {"temperature": 0.8, "top_k": 6})
+    assert o.count("sample_top_k") == 3 and "multinomial" not in o
+    assert "sample_top_k" not in ops({"kind": "recycle", "k": 3}, {"top_k": 6, "top_p": 0.9})
 
 
 def test_fuse_draft_top_k_sampling_numerics():

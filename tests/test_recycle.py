@@ -59,12 +59,12 @@ def refs():
     return [hf_greedy(m, p, NEW) for p in PROMPTS]
 
 
-def compile_recycle(tmp_path, module_dir, k=4, opt_level=2, **sampling):
+def compile_recycle(tmp_path, module_dir, k=4, opt_level=2, disable=(), **sampling):
     spec = tiny_spec("llama", strategy={"kind": "recycle", "k": k}, recycle={"path": str(module_dir)})
     if sampling:
         spec["sampling"] = sampling
-    return dgopt.load(dgopt.compile(spec, tmp_path / f"recycle-{module_dir.name}-{k}-{opt_level}",
-                                    opt_level=opt_level))
+    return dgopt.load(dgopt.compile(spec, tmp_path / f"recycle-{module_dir.name}-{k}-{opt_level}-{len(disable)}",
+                                    opt_level=opt_level, disable=list(disable)))
 
 
 @pytest.mark.parametrize("name", ["random", "trained", "subset"])
@@ -115,9 +115,11 @@ def test_draft_vocabulary_in_any_order(modules, refs, tmp_path):
 
 def test_sampled_O0_equals_O2(modules, tmp_path):
     """-O2's passes must not change a sampled step either: the same seed gives the same tokens at -O0 and -O2, and
-    another seed other tokens."""
+    another seed other tokens; but for fuse_draft_top_k_sampling, which is exact in distribution only (the chain
+    draws from its top-k in descending order: the chi-square test below runs -O2 with it)."""
     d0 = compile_recycle(tmp_path, modules["trained"], 3, 0, **SAMPLING)
-    d2 = compile_recycle(tmp_path, modules["trained"], 3, 2, **SAMPLING)
+    d2 = compile_recycle(tmp_path, modules["trained"], 3, 2, disable=("fuse_draft_top_k_sampling",), **SAMPLING)
+    assert "sample_top_k" not in (d2.path / "ir.yaml").read_text()
     r0 = d0.generate(PROMPTS[:3], max_new_tokens=NEW, seed=7)
     assert r0.ids == d2.generate(PROMPTS[:3], max_new_tokens=NEW, seed=7).ids
     assert r0.ids != d2.generate(PROMPTS[:3], max_new_tokens=NEW, seed=8).ids
@@ -257,6 +259,7 @@ def test_sampling_matches_target_distribution(name, modules, tmp_path):
     spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 3}, recycle={"path": str(modules[name])},
                      sampling=SAMPLING, target={"max_batch": B})
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "sampled"))
+    assert (dec.path / "ir.yaml").read_text().count("op: sample_top_k") == 3      # the chain's fused draws
     counts, acc = {}, []
     for seed in range(calls):
         res = dec.generate([SPROMPT] * B, max_new_tokens=3, seed=seed)
@@ -355,11 +358,14 @@ def test_qwen2_target(tmp_path):
     assert res.ids == want and res.stats["acceptance_rate"] > 0.1, res.stats
 
 
-@pytest.mark.parametrize("verify", [True, False])
-def test_step_equals_reference_interpreter(verify, modules, tmp_path):
+@pytest.mark.parametrize("verify,sampled", [(True, False), (False, False), (True, True)],
+                         ids=["greedy", "lossy", "sampled"])
+def test_step_equals_reference_interpreter(verify, sampled, modules, tmp_path):
     """One lowered step (the target's verify forward with its hidden states, acceptance or the lossy rule, the
     module's chain over a draft vocabulary) against the reference interpreter running the same IR with the torch
-    module: the same accepted lengths, tokens and proposals, the same cache."""
+    module: the same accepted lengths, tokens and proposals, the same cache. Sampled: the -O2 chain draws with
+    sample_top_k, lowered over the draft vocabulary's own scores; the same draws and q as the reference's over the
+    scattered [B, V] row."""
     import numpy as np
     import yaml
 
@@ -369,8 +375,10 @@ def test_step_equals_reference_interpreter(verify, modules, tmp_path):
     from dgopt.spec import spec_from_dict
     K, B, P = 3, 3, 0       # no past: the x token is the whole context, so the target's chain is known
     spec = tiny_spec("llama", strategy={"kind": "recycle", "k": K, "verify": verify},
-                     recycle={"path": str(modules["subset"])})
+                     recycle={"path": str(modules["subset"])}, **({"sampling": SAMPLING} if sampled else {}))
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "a"))
+    if sampled:
+        assert (dec.path / "ir.yaml").read_text().count("op: sample_top_k") == K
     lm = load_model(spec_from_dict(tiny_spec("llama")).model, lambda p: p)
     r = np.random.default_rng(3)
     x = r.integers(0, 320, (B, 1))
@@ -383,6 +391,10 @@ def test_step_equals_reference_interpreter(verify, modules, tmp_path):
     feeds["verify_mask"][:, :, :, P:] = np.where(np.tril(np.ones((K + 1, K + 1))) > 0, 0, np.finfo(np.float32).min)
     if not verify:
         feeds["trusted"] = np.array([0, K, 1])
+    if sampled:
+        q = r.random((B, K, 320)).astype(np.float32)
+        feeds.update(draft_probs=q / q.sum(-1, keepdims=True), accept_uniform=r.random((B, K + 1)).astype(np.float32),
+                     **{f"draft_uniform_{i}": r.random(B).astype(np.float32) for i in range(K)})
     s = dec.session
     feeds.update(random_past(s, B, P, r))
     got = step_outputs(s, feeds)
@@ -394,7 +406,10 @@ def test_step_equals_reference_interpreter(verify, modules, tmp_path):
     ref = run_graph(g, tfeeds, models)
     for name in ("accept_len", "accept_tokens", "proposals"):
         assert got[name].tolist() == ref[name].tolist(), name
-    if verify:
+    if sampled:
+        np.testing.assert_allclose(got["proposal_probs"], ref["proposal_probs"].numpy(), atol=1e-5)
+        assert (got["proposal_probs"] > 0).sum(-1).max() <= SAMPLING["top_k"]
+    elif verify:
         assert got["accept_len"].tolist() == [K + 1, 2, 1]
     else:       # trusted 0 (verified), K (all of row 1's proposals, the wrong one too), 1 (row 2's first)
         assert got["accept_len"].tolist() == [K + 1, K + 1, 2]

@@ -102,7 +102,16 @@ def _recycle_step(b, node, ins):
     h, tok = ins
     hn, logits = _block(b, init, info, h, b.op("Gather", [init("emb_fc"), tok], axis=0))      # [B, H]
     b.names[node.out("hidden")] = hn
-    if "vocab" in w:    # a draft vocabulary: its scores scattered into [B, V], every other token at the minimum
+    N = len(w["vocab"]) if "vocab" in w else 0
+    users = b.g.users(node.out("logits"))
+    if N and users and not b.g.is_output(node.out("logits")) and \
+            all(u.op == "sample_top_k" and u.attrs["k"] <= N for u in users):
+        # the sampler draws from the N draft-vocabulary scores themselves (its TopK's indices mapped through the
+        # vocabulary: the same k largest as in the scattered row, whose other entries sit at the float minimum)
+        b.names[node.out("logits")] = logits
+        b.__dict__.setdefault("draft_vocab_of", {})[logits] = init("vocab", dtype=np.int64)
+        return
+    if N:    # a draft vocabulary: its scores scattered into [B, V], every other token at the minimum
         vocab = init("vocab", dtype=np.int64)
         name = node.attrs["module"]
         shared = b.__dict__.setdefault("_recycle_scatter", {})

@@ -93,13 +93,18 @@ def _sample_top_k(b, node, ins):
     k = min(node.attrs["k"], b.V)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     vals, idx = b.op("TopK", [x, i64([k])], n_out=2, axis=-1, largest=1, sorted=1)
+    vocab = getattr(b, "draft_vocab_of", {}).get(x)     # x: a recycle module's [B, N] draft-vocabulary scores
+    if vocab is not None:
+        idx = b.op("Gather", [vocab, idx], axis=0)
     sm = b.op("Softmax", [b.op("Div", [vals, b.const(node.attrs["temperature"])])], axis=-1)
     cdf = b.op("CumSum", [sm, i64(-1)])
     thr = b.op("Mul", [b.op("Unsqueeze", [u, i64([-1])]), b.op("Slice", [cdf, i64([-1]), i64([k]), i64([-1])])])
     j = b.op("Min", [b.op("ReduceSum", [b.op("Cast", [b.op("LessOrEqual", [cdf, thr])], to=I64), i64([-1])],
                           keepdims=1), i64(k - 1)])
     b.names[node.out("token")] = b.op("Squeeze", [b.op("GatherElements", [idx, j], axis=1), i64([1])])
-    zeros = b.op("Expand", [b.const(np.zeros((1, b.V), np.float32)), b.op("Shape", [x])])  # x may hold -inf: no x*0
+    zeros = b.op("Expand", [b.const(np.zeros((1, b.V), np.float32)),                     # x may hold -inf: no x*0
+                            b.op("Shape", [x]) if vocab is None else
+                            b.op("Concat", [b.op("Shape", [x], start=0, end=1), i64([b.V])], axis=0)])
     b.names[node.out("probs")] = b.op("ScatterElements", [zeros, idx, sm], axis=-1)
 
 
