@@ -134,11 +134,11 @@ def _verify_sample(b, node, ins):
              select_last_index=0)                                                          # first rejection or K
     first = b.op("Unsqueeze", [b.op("Mul", [n, i64(0)]), i64([1])])                        # zeros [B, 1] int64
     q0 = b.op("Mul", [b.op("Slice", [q, i64([0]), i64([1]), i64([1])]), b.const(0.0)])    # zeros [B, 1, V]
-    resid = b.op("Max", [b.op("Sub", [p, b.op("Concat", [q, q0], axis=1)]), b.const(0.0)])
     idx = b.op("Expand", [b.op("Unsqueeze", [n, i64([1, 2])]), i64([1, 1, V])])
-    r_n = b.op("Squeeze", [b.op("GatherElements", [resid, idx], axis=1), i64([1])])       # [B, V]
+    p_n = b.op("Squeeze", [b.op("GatherElements", [p, idx], axis=1), i64([1])])           # [B, V]
+    q_n = b.op("Squeeze", [b.op("GatherElements", [b.op("Concat", [q, q0], axis=1), idx], axis=1), i64([1])])
+    r_n = b.op("Max", [b.op("Sub", [p_n, q_n]), b.const(0.0)])     # the residual of row n only, not of all K+1
     # p <= q in every float (a measure-zero rejection): draw from p_n rather than from an empty residual
-    p_n = b.op("Squeeze", [b.op("GatherElements", [p, idx], axis=1), i64([1])])
     empty = b.op("Cast", [b.op("LessOrEqual", [b.op("ReduceSum", [r_n, i64([-1])], keepdims=1), b.const(0.0)])],
                  to=F32)
     r_n = b.op("Add", [r_n, b.op("Mul", [empty, p_n])])
