@@ -95,7 +95,8 @@ class Decoder:
         """`prompts`: a token-id list, a list of them (a batch), a string or a list of strings.
         `max_new_tokens`: one limit, or one per row. `on_token(tokens)`: each committed token index, one entry per
         row (None: nothing new for that row). `should_stop()`: called once per step; the rows it names stop there
-        (stop reason "cancelled"). Continuous batching (greedy autoregressive; others ignore it): `admit(free)` is
+        (stop reason "cancelled"). Continuous batching (greedy autoregressive, and a call that runs a
+        strategy.draft_max_batch fallback; others ignore it): `admit(free)` is
         asked after every step for rows to start, [(row, prompt ids, max_new_tokens)], row a finished one of `free`
         or the next index (up to max_batch); `on_done(row, reason)` says when each row ends. Row indices are then
         reused: read tokens through the callbacks, not the result."""
@@ -108,8 +109,9 @@ class Decoder:
         if fb and len(rows) > fb["above_batch"]:
             if self._fallback is None:
                 self._fallback = Decoder(self.path / fb["dir"], *self._fallback_args)
-            # rows do not join a fallback call either: the caller asked a strategy that takes none
-            res = generate(self._fallback, rows, max_new_tokens, seed, on_token, should_stop, None, on_done)
+            # a greedy fallback call takes joining rows like any autoregressive call (a server under load gets
+            # continuous batching from an artifact whose own strategy takes none)
+            res = generate(self._fallback, rows, max_new_tokens, seed, on_token, should_stop, admit, on_done)
             res.stats["fallback"] = "autoregressive"
         else:
             res = generate(self, rows, max_new_tokens, seed, on_token, should_stop, admit, on_done)
