@@ -5,6 +5,9 @@ rounds of its tokens/s ratio in adjacent blocks. Compilation uses this checkout 
 
     python benchmarks/runtime_ab.py --a /path/to/old/checkout/.venv/bin/python   # B: this checkout's interpreter
     python benchmarks/runtime_ab.py --a OLD_PY --specs specs/speculative.yaml --batch 1 8 --rounds 7
+
+(specs/speculative.yaml sets strategy.draft_max_batch 2: its batch-8 calls run the autoregressive fallback; copy the
+spec with draft_max_batch 0 to time speculative decoding itself at batch 8.)
 """
 from __future__ import annotations
 

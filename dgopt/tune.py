@@ -97,7 +97,9 @@ def candidates(spec: Spec, kinds: list[str] | None = None) -> list[Candidate]:
         if all(c.strategy != strategy for c in out):
             out.append(Candidate(name, strategy, positions, best))
 
-    own = st.model_dump(mode="json", exclude_none=True)
+    # without the spec's draft_max_batch: a candidate compiled with a fallback would time autoregressive decoding
+    # at the batches tune measures it at (the batch rows set the field again)
+    own = st.model_dump(mode="json", exclude_none=True, exclude={"draft_max_batch"})
     for kind in kinds:
         if kind == "lookahead":
             grid = [(st.window, st.ngram, st.guesses)] if st.kind == "lookahead" else []
@@ -376,7 +378,7 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
             else:
                 chosen = Candidate("autoregressive", {"kind": "autoregressive"}, 1, 1)
             batch_rows, limit = [], 0
-            if chosen.strategy["kind"] != "autoregressive" and sp.target.backend == "onnx":
+            if chosen.strategy["kind"] != "autoregressive" and sp.target.backend == "onnx" and batches:
                 dec = decs[_graph_key(chosen.strategy, sampled)]
                 dec.manifest["strategy"] = {**dec.manifest["strategy"], **{
                     k: v for k, v in chosen.strategy.items() if k != "document"}}
@@ -400,6 +402,9 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
                     paid = B
                 if limit:
                     chosen.strategy = {**chosen.strategy, "draft_max_batch": limit}
+            elif chosen.strategy["kind"] != "autoregressive" and sp.strategy.draft_max_batch:
+                # no batch timed (--batches none, max_batch 1): the spec's own limit stands
+                chosen.strategy = {**chosen.strategy, "draft_max_batch": sp.strategy.draft_max_batch}
         report = TuneReport(chosen, rows, cost_ms, machine(),
                             statistics.median(ar_tps) if ar_tps else float("nan"), time.perf_counter() - t_start,
                             batch_rows=batch_rows, draft_max_batch=limit)

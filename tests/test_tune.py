@@ -86,6 +86,24 @@ def test_batch_rows_set_draft_max_batch(by_batch, limit, tmp_path):
     assert man.get("fallback", {}).get("above_batch", 0) == limit
 
 
+def test_a_spec_with_draft_max_batch_is_timed_without_its_fallback(tmp_path):
+    """The spec's own draft_max_batch must not reach the candidates: compiled with it, a batch row would time the
+    nested autoregressive step against autoregressive. The batch rows set the field anew (none when every batch
+    paid); with no batch timed the spec's own value stands."""
+    spec = tiny_spec("llama", strategy={"kind": "ngram", "k": 3, "draft_max_batch": 2})
+    seen = []
+
+    def measure(c, dec, prompts, batch):
+        seen.append("fallback" in dec.manifest or "draft_max_batch" in c.strategy)
+        r = 1.6 if c.name == "ngram k6 G1" else 0.5
+        return Measured(c, 100.0 * r, r, 2.0, 10.0)
+    for batches, want in (((2, 4, 8), None), ((), 2)):
+        seen.clear()
+        tune(spec, tmp_path / "t.yaml", progress=False, measure=measure, cost=lambda dec: FLAT, batches=batches)
+        written = yaml.safe_load((tmp_path / "t.yaml").read_text())["strategy"]
+        assert seen and not any(seen) and written.get("draft_max_batch") == want
+
+
 def test_no_batch_rows_when_asked_for_none_or_autoregressive_wins(tmp_path):
     calls = []
     tune(tiny_spec("llama", strategy={"kind": "ngram", "k": 3}), tmp_path / "a.yaml", progress=False,

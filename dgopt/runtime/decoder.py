@@ -95,8 +95,8 @@ class Decoder:
         """`prompts`: a token-id list, a list of them (a batch), a string or a list of strings.
         `max_new_tokens`: one limit, or one per row. `on_token(tokens)`: each committed token index, one entry per
         row (None: nothing new for that row). `should_stop()`: called once per step; the rows it names stop there
-        (stop reason "cancelled"). Continuous batching (greedy autoregressive, and a call that runs a
-        strategy.draft_max_batch fallback; others ignore it): `admit(free)` is
+        (stop reason "cancelled"). Continuous batching (greedy autoregressive, and a greedy call that
+        runs a strategy.draft_max_batch fallback; others ignore it): `admit(free)` is
         asked after every step for rows to start, [(row, prompt ids, max_new_tokens)], row a finished one of `free`
         or the next index (up to max_batch); `on_done(row, reason)` says when each row ends. Row indices are then
         reused: read tokens through the callbacks, not the result."""

@@ -3,7 +3,8 @@ batch of queued jobs.
 
 Greedy jobs join a running greedy call (continuous batching: the loop asks at every step, and a queued job takes a
 finished row's place, or a new row up to `max_batch`, its prompt prefilled in the next step beside the running
-rows' tokens), when the strategy allows it (autoregressive: dgopt/runtime/loop.py Loop.joinable); otherwise
+rows' tokens), when the strategy allows it (autoregressive: dgopt/runtime/loop.py Loop.joinable, and a call of more
+than strategy.draft_max_batch rows, which runs the artifact's autoregressive fallback); otherwise
 batching is next-batch: jobs that arrive while a call runs wait in the queue and form the next call, up to
 `max_batch` rows. What may share a call:
 - greedy jobs with greedy jobs: batched greedy equals one-row greedy (left padding is masked out, tested);
