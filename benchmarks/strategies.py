@@ -74,6 +74,9 @@ def main():
     ap.add_argument("--recycle", nargs="*", default=["auto"], help="recyclable modules for recycle rows (strategy "
                     "recycle, lossless): built names or dirs, or none; auto: code-tiny-recycle with code-tiny")
     ap.add_argument("--recycle-k", nargs="*", type=int, default=[3, 4, 6], help="recycle proposal lengths")
+    ap.add_argument("--recycle-heuristic", nargs="*", type=int, default=[8], help="k_max of recycle rows with "
+                    "k_schedule heuristic (the chain a loop: k + 2 after a step that accepted all, else k - 1; "
+                    "starting at k 3)")
     ap.add_argument("--recycle-fallback", nargs="*", type=int, default=[], help="also time the recycle rows with "
                     "strategy.draft_max_batch N (calls of more than N rows run autoregressive decoding)")
     ap.add_argument("--fallback", type=int, default=0, help="compile every multi-token row with "
@@ -202,6 +205,10 @@ def main():
             for n in a.recycle_fallback:
                 strategies.append((f"recycle k{k} ({r}, autoregressive above batch {n})",
                                    {"kind": "recycle", "k": k, "draft_max_batch": n}, {"recycle": rspec}))
+        for km in a.recycle_heuristic:
+            strategies.append((f"recycle heuristic k3..{km} ({r})", {"kind": "recycle", "k": min(3, km),
+                                                                     "k_schedule": "heuristic", "k_max": km},
+                               {"recycle": rspec}))
     sample = {"kind": "sample", "temperature": 0.8, "top_k": 50, "seed": 0}
     if a.sample_k:      # sampled rows, timed against autoregressive sampling
         strategies.append(("autoregressive (sample)", {"kind": "autoregressive"}, {"sampling": sample}))

@@ -144,7 +144,7 @@ def compile(spec: str | Path | Spec | dict, out_dir: str | Path, opt_level: int 
 
     recycle = None
     # strategy recycle: the module's weights (and the target's frozen head) in the step
-    if g.find("recycle_step") or g.find("recycle_chain"):
+    if g.find("recycle_step") or g.find("recycle_chain") or g.find("recycle_loop"):
         if spec.recycle is None:
             raise SpecError("spec field 'recycle': the graph runs a recyclable module but the spec names none")
         from .models.recycle import for_spec

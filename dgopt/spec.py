@@ -69,8 +69,8 @@ class StrategySpec(_Strict):
     # speculative: k tokens proposed by the draft model per step, verified by the target in one forward;
     # uag: the draft (another tokenizer) generates k of its tokens, re-tokenized into at most k target candidates
     k: int = Field(4, ge=1)
-    # speculative, uag (greedy): constant k, or transformers' heuristic (k + 2 after a step that accepted every
-    # proposal, else k - 1, within 1..k_max; k is the first step's): the draft's chain is a loop run k times
+    # speculative, uag, recycle (greedy): constant k, or transformers' heuristic (k + 2 after a step that accepted
+    # every proposal, else k - 1, within 1..k_max; k is the first step's): the draft's chain is a loop run k times
     k_schedule: Literal["constant", "heuristic"] = "constant"
     k_max: int = Field(8, ge=1)
     # speculative, uag (greedy): the draft ends a step's chain after a proposal it gives less than this probability
@@ -107,8 +107,12 @@ class StrategySpec(_Strict):
         if not self.fused and self.kind != "speculative":     # (true is the default, written by every dump)
             raise ValueError(f"fused: false applies to strategy speculative only, not '{self.kind}'")
         if self.k_schedule == "heuristic":
-            if self.kind not in ("speculative", "uag", "ngram"):
-                raise ValueError(f"k_schedule heuristic needs strategy speculative or uag, or ngram (got {self.kind})")
+            if self.kind not in ("speculative", "uag", "ngram", "recycle"):
+                raise ValueError(f"k_schedule heuristic needs strategy speculative, uag, recycle or ngram (got "
+                                 f"{self.kind})")
+            if self.kind == "recycle" and not self.verify:
+                raise ValueError("k_schedule heuristic with recycle needs verify: true (the lossy mode commits k "
+                                 "unverified tokens: a constant k)")
             if self.kind == "ngram" and self.guesses != 1:
                 raise ValueError("k_schedule heuristic with ngram needs guesses 1 (one proposal of varying length)")
             if self.k > self.k_max:
@@ -215,9 +219,10 @@ def spec_from_dict(data: Any, base_dir: Path | str = ".") -> Spec:
     if spec.strategy.kind not in IMPLEMENTED_STRATEGIES:
         raise SpecError(f"spec field 'strategy.kind': '{spec.strategy.kind}' is not implemented yet "
                         f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)})")
-    if spec.strategy.kind == "ngram" and spec.strategy.k_schedule == "heuristic" and spec.sampling.kind == "sample":
-        raise SpecError("spec field 'strategy.k_schedule': heuristic ngram proposals vary in length, greedy only (a "
-                        "sampled step verifies a fixed width of k): use k_schedule constant")
+    if spec.strategy.kind in ("ngram", "recycle") and spec.strategy.k_schedule == "heuristic" and \
+            spec.sampling.kind == "sample":
+        raise SpecError(f"spec field 'strategy.k_schedule': heuristic {spec.strategy.kind} proposals vary in length, "
+                        "greedy only (a sampled step verifies a fixed width of k): use k_schedule constant")
     if spec.strategy.draft_loop and spec.sampling.kind == "sample":
         field = "k_schedule" if spec.strategy.k_schedule == "heuristic" else "confidence"
         why = ("speculative sampling needs the draft's distribution at each proposal" if spec.strategy.kind ==

@@ -136,8 +136,16 @@ def candidates(spec: Spec, kinds: list[str] | None = None) -> list[Candidate]:
         elif kind == "recycle":
             if spec.recycle is None:
                 raise DgoptError("tune: strategy recycle needs the spec's recycle module")
+            if st.kind == "recycle" and st.k_schedule == "heuristic":
+                add(f"recycle heuristic k{st.k}..{st.k_max} (the spec's)", {**own, "kind": "recycle"}, 1 + st.k_max,
+                    st.k_max + 1)
+            base = {**own, "kind": "recycle", "k_schedule": "constant"}
             for k in ([st.k] if st.kind == "recycle" else []) + [1, 2, 3, 4, 6]:
-                add(f"recycle k{k}", {**own, "kind": "recycle", "k": k}, 1 + k, k + 1)
+                add(f"recycle k{k}", {**base, "k": k}, 1 + k, k + 1)
+            if spec.sampling.kind == "greedy" and st.verify:     # a chain of varying length: greedy only
+                for km in (6, 8, 10):
+                    add(f"recycle heuristic k3..{km}", {**base, "k": 3, "k_schedule": "heuristic", "k_max": km},
+                        1 + km, km + 1)
         elif kind != "autoregressive":
             raise DgoptError(f"tune: no configurations to try for strategy '{kind}'")
     return out

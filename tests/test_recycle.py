@@ -100,6 +100,31 @@ def test_O0_equals_O2(k, name, modules, refs, tmp_path):
     assert r0.stats["accepted_hist"] == r2.stats["accepted_hist"]
 
 
+HEURISTIC = {"kind": "recycle", "k": 2, "k_schedule": "heuristic", "k_max": 6}
+
+
+@pytest.mark.parametrize("name", ["random", "trained", "subset"])
+def test_heuristic_k_exact_and_adapting(name, modules, refs, tmp_path):
+    """k_schedule heuristic: the chain is a loop of draft_k steps, k moves per step (k + 2 after a step whose rows
+    all accepted all, else k - 1, within 1..k_max) and the output stays token-identical to transformers' greedy,
+    batch 1 and 4, at -O0 and -O2 (the same tokens and accepted lengths)."""
+    spec = tiny_spec("llama", strategy=HEURISTIC, recycle={"path": str(modules[name])})
+    d2 = dgopt.load(dgopt.compile(spec, tmp_path / "h2"))
+    d0 = dgopt.load(dgopt.compile(spec, tmp_path / "h0", opt_level=0))
+    assert (d2.path / "ir.yaml").read_text().count("op: recycle_loop") == 1 and "draft_k" in d2.session.inputs
+    for p, ref in zip(PROMPTS, refs):
+        r2 = d2.generate(p, max_new_tokens=NEW)
+        r0 = d0.generate(p, max_new_tokens=NEW)
+        assert r2.ids[0] == r0.ids[0] == ref and r2.stats["accepted_hist"] == r0.stats["accepted_hist"]
+    res = d2.generate(PROMPTS[:4], max_new_tokens=NEW)
+    assert res.ids == refs[:4]
+    one = d2.generate(PROMPTS[0], max_new_tokens=NEW).stats
+    if name == "random":    # nothing accepted: k falls to 1 (mean below the first step's 2)
+        assert one["mean_k"] < 2
+    else:                   # k grew past its start: more than k + 1 = 3 tokens accepted in some step
+        assert max(int(a) for a in one["accepted_hist"]) > 3 and one["mean_k"] > 2, one
+
+
 def test_draft_vocabulary_in_any_order(modules, refs, tmp_path):
     """A recycle.json whose draft vocabulary is unsorted and repeats an id compiles at -O0 and -O2 and proposes
     what the sorted one does (the fused chain maps its argmax back through the vocabulary; step_weights sorts it so
@@ -184,7 +209,8 @@ def test_tune_tries_recycle_k_and_writes_compilable_specs(modules, tmp_path):
             return Measured(c, 100.0 * r, r, 2.0, 10.0)
         out = tmp_path / f"{want}.yaml"
         rep = tune(spec, out, progress=False, measure=measure, cost=lambda dec: flat, plot=None)
-        assert rep.chosen.name == want and {"recycle k1", "recycle k4", "recycle k6"} <= set(calls)
+        assert rep.chosen.name == want and {"recycle k1", "recycle k4", "recycle k6", "recycle heuristic k3..8"} \
+            <= set(calls)
         written = yaml.safe_load(out.read_text())
         assert ("recycle" in written) == (want != "autoregressive")
         dec = dgopt.load(dgopt.compile(load_spec(out), tmp_path / f"art-{want}"))
@@ -212,6 +238,12 @@ def test_bad_inputs(modules, tmp_path):
     msg = _err(tiny_spec("llama", strategy={**st, "verify": False}, recycle={"path": str(modules["random"])},
                          sampling=SAMPLING), tmp_path)
     assert "strategy.verify" in msg and "greedy only" in msg
+    msg = _err(tiny_spec("llama", strategy=HEURISTIC, recycle={"path": str(modules["random"])}, sampling=SAMPLING),
+               tmp_path)
+    assert "strategy.k_schedule" in msg and "greedy only" in msg
+    msg = _err(tiny_spec("llama", strategy={**HEURISTIC, "verify": False}, recycle={"path": str(modules["random"])}),
+               tmp_path)
+    assert "k_schedule heuristic with recycle needs verify: true" in msg
     cfg = json.loads((modules["subset"] / "recycle.json").read_text())
     bad = tmp_path / "badvocab"
     bad.mkdir()
@@ -358,14 +390,15 @@ def test_qwen2_target(tmp_path):
     assert res.ids == want and res.stats["acceptance_rate"] > 0.1, res.stats
 
 
-@pytest.mark.parametrize("verify,sampled", [(True, False), (False, False), (True, True)],
-                         ids=["greedy", "lossy", "sampled"])
-def test_step_equals_reference_interpreter(verify, sampled, modules, tmp_path):
+@pytest.mark.parametrize("verify,sampled,loop", [(True, False, False), (False, False, False), (True, True, False),
+                                                 (True, False, True)], ids=["greedy", "lossy", "sampled", "loop"])
+def test_step_equals_reference_interpreter(verify, sampled, loop, modules, tmp_path):
     """One lowered step (the target's verify forward with its hidden states, acceptance or the lossy rule, the
     module's chain over a draft vocabulary) against the reference interpreter running the same IR with the torch
     module: the same accepted lengths, tokens and proposals, the same cache. Sampled: the -O2 chain draws with
     sample_top_k, lowered over the draft vocabulary's own scores; the same draws and q as the reference's over the
-    scattered [B, V] row."""
+    scattered [B, V] row. loop (k_schedule heuristic): the chain an ONNX Loop of draft_k = 5 steps after a
+    verification of 3."""
     import numpy as np
     import yaml
 
@@ -374,8 +407,9 @@ def test_step_equals_reference_interpreter(verify, sampled, modules, tmp_path):
     from dgopt.models.hf import load_model
     from dgopt.spec import spec_from_dict
     K, B, P = 3, 3, 0       # no past: the x token is the whole context, so the target's chain is known
-    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": K, "verify": verify},
-                     recycle={"path": str(modules["subset"])}, **({"sampling": SAMPLING} if sampled else {}))
+    strategy = {**HEURISTIC, "k": K} if loop else {"kind": "recycle", "k": K, "verify": verify}
+    spec = tiny_spec("llama", strategy=strategy, recycle={"path": str(modules["subset"])},
+                     **({"sampling": SAMPLING} if sampled else {}))
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "a"))
     if sampled:
         assert (dec.path / "ir.yaml").read_text().count("op: sample_top_k") == K
@@ -391,6 +425,8 @@ def test_step_equals_reference_interpreter(verify, sampled, modules, tmp_path):
     feeds["verify_mask"][:, :, :, P:] = np.where(np.tril(np.ones((K + 1, K + 1))) > 0, 0, np.finfo(np.float32).min)
     if not verify:
         feeds["trusted"] = np.array([0, K, 1])
+    if loop:
+        feeds["draft_k"] = np.array(5, np.int64)
     if sampled:
         q = r.random((B, K, 320)).astype(np.float32)
         feeds.update(draft_probs=q / q.sum(-1, keepdims=True), accept_uniform=r.random((B, K + 1)).astype(np.float32),
@@ -406,6 +442,7 @@ def test_step_equals_reference_interpreter(verify, sampled, modules, tmp_path):
     ref = run_graph(g, tfeeds, models)
     for name in ("accept_len", "accept_tokens", "proposals"):
         assert got[name].tolist() == ref[name].tolist(), name
+    assert got["proposals"].shape == (B, 5 if loop else K)
     if sampled:
         np.testing.assert_allclose(got["proposal_probs"], ref["proposal_probs"].numpy(), atol=1e-5)
         assert (got["proposal_probs"] > 0).sum(-1).max() <= SAMPLING["top_k"]

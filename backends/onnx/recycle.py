@@ -153,5 +153,41 @@ def _recycle_chain(b, node, ins):
         b.op("Gather", [init("vocab", dtype=np.int64), idx], axis=0)
 
 
+def _recycle_loop(b, node, ins):
+    """The greedy chain as an ONNX Loop run draft_k times (k_schedule heuristic): loop-carried the hidden state
+    [B, 1, H] and the token id [B, 1], the ids its scan output. The body is a chain step of _recycle_chain plus, with
+    a draft vocabulary, one Gather of the picked index's id (each iteration starts from an id: the first from the
+    bonus token). The module's weights live in the body, their only reader: onnxruntime pre-packs a subgraph's own
+    initializers, not ones it reads from the outer graph."""
+    from types import SimpleNamespace
+
+    from onnx import helper
+
+    from dgopt.ir import Graph
+
+    from .builder import Builder
+    h, tok, k = ins
+    sub = Builder(Graph(), b.forwards, b.V, b.rules)
+    sub._cur = SimpleNamespace(id=f"{node.id}/body", op=node.op, meta=node.meta)
+    init, w, info = _module(sub, node)
+    p = node.id
+    h_in, t_in, it, cond = f"{p}/h", f"{p}/token", f"{p}/iter", f"{p}/cond"
+    h2, logits = _block(sub, init, info, h_in, sub.op("Gather", [init("emb_fc"), t_in], axis=0))  # [B,1,H], [B,1,N]
+    t2 = sub.op("ArgMax", [logits], axis=-1, keepdims=0)                                          # [B, 1]
+    if "vocab" in w:        # the index into the draft vocabulary -> its token id
+        t2 = sub.op("Gather", [init("vocab", dtype=np.int64), t2], axis=0)
+    scan = sub.op("Squeeze", [t2, sub.const([1], np.int64)])                                      # [B]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        sub.nodes, f"{p}/body",
+        [vi(it, I64, []), vi(cond, TensorProto.BOOL, []), vi(h_in, F32, None), vi(t_in, I64, None)],
+        [vi(cond, TensorProto.BOOL, []), vi(h2, F32, None), vi(t2, I64, None), vi(scan, I64, None)],
+        list(sub.inits.values()))
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    outs = b.op("Loop", [k, "", b.op("Unsqueeze", [h, i64([1])]), b.op("Unsqueeze", [tok, i64([1])])], n_out=3,
+                body=graph)
+    b.names[node.out("proposals")] = b.op("Transpose", [outs[2]], perm=[1, 0])                  # [k, B] -> [B, k]
+
+
 RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step, "recycle_chain": _recycle_chain,
-         "accept_unverified": _accept_unverified}
+         "recycle_loop": _recycle_loop, "accept_unverified": _accept_unverified}

@@ -245,9 +245,9 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
         elif node.op == "recycle_step":
             for k, v in _recycle_step(node, ins, models or {}).items():
                 env[node.out(k)] = v
-        elif node.op == "recycle_chain":    # length recycle_steps, each fed the argmax of the one before
+        elif node.op in ("recycle_chain", "recycle_loop"):    # recycle_steps, each fed the argmax before it
             h, tok, picks = ins[0], ins[1], []
-            for _ in range(node.attrs["length"]):
+            for _ in range(node.attrs["length"] if node.op == "recycle_chain" else int(ins[2])):
                 out = _recycle_step(node, [h, tok], models or {})
                 h, tok = out["hidden"], torch.argmax(out["logits"], -1)
                 picks.append(tok)

@@ -288,6 +288,12 @@ register(OpSchema("recycle_chain", (("hidden", ("hidden",)), ("token", ("token",
                   doc="The recyclable module's greedy chain in one node (pass fuse_recycle_chain): `length` "
                       "recycle_step nodes, each reading the hidden state the one before predicted and the argmax "
                       "of its scores, from hidden [B, H] and token [B] -> the chosen tokens [B, length]."))
+register(OpSchema("recycle_loop", (("hidden", ("hidden",)), ("token", ("token",)), ("k", ("trip_count",))),
+                  ("proposals",), ("tokens",),
+                  {"module": Attr(str, "recycle"), "k_max": Attr(int, required=True, check=_ge1)},
+                  doc="The recyclable module's greedy chain as a loop of k steps, k (1..k_max) an input set per step "
+                      "(strategy recycle with k_schedule heuristic): from hidden [B, H] and token [B] -> the chosen "
+                      "tokens [B, k], each step reading the hidden state the one before predicted and its argmax."))
 register(OpSchema("recycle_step", (("hidden", ("hidden",)), ("token", ("token",))), ("hidden", "logits"),
                   ("hidden", "logits"), {"module": Attr(str, "recycle")},
                   doc="One step of the recyclable module (dgopt/models/recycle.py): the target's post-norm hidden "

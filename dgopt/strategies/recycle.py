@@ -14,6 +14,12 @@ accepts them exactly like any others.
 -O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes and
 fuse the greedy chain into one recycle_chain node (fuse_recycle_chain).
 
+k_schedule heuristic (greedy): the chain is one recycle_loop node whose trip count is the input draft_k, so the
+next step verifies as many proposals as the runtime asked for (transformers' heuristic, as speculative's: k + 2
+after a step whose every row accepted every proposal, else k - 1, within 1..k_max; the runtime decides it from the
+step before, since a step's own chain runs before its acceptance is known). Verification reads K off the
+candidates' shape.
+
 verify: false (RecycleGPT's own mode, LOSSY): accept_unverified commits the module's k proposals unverified and
 the target's token after them (k + 1 tokens per forward; the input `trusted` is 0 at prefill, when the guesses come
 from the prompt, then k). Greedy only. Its output is not the target's: benchmarks/recycle_lossy.py measures the
@@ -35,6 +41,7 @@ __all__ = ["expand_recycle"]
 
 def expand_recycle(spec: Spec) -> Graph:
     k = spec.strategy.k
+    adaptive = spec.strategy.k_schedule == "heuristic"
     g = Graph()
     past = g.add("input", attrs={"name": "past", "type": "kv"}, id="past")
     ids, pos, mask = add_branch_inputs(g, "verify")
@@ -50,15 +57,20 @@ def expand_recycle(spec: Spec) -> Graph:
         x = add_processors(g, tail, plain, prefix="verify")
         v = g.add("verify_sample", [x, cands, q, u], {"length": k}, id="verify/accept")
     else:
-        v = g.add("verify_greedy", [logits, cands], {"guesses": 1, "length": k}, id="verify/accept")
+        v = g.add("verify_greedy", [logits, cands], {"guesses": 1, "length": -1 if adaptive else k},
+                  id="verify/accept")
     if not spec.strategy.verify:    # LOSSY: the module's proposals are committed unverified (from the second step)
         trusted = g.add("input", attrs={"name": "trusted", "type": "count"}, id="trusted")
         v = g.add("accept_unverified", [v.out("tokens"), v.out("accept_len"), cands, trusted],
                   id="verify/unverified")
-    start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")], {"length": k},
-                  id="recycle/start")
+    start = g.add("accepted_hidden", [fwd.out("hidden"), v.out("accept_len"), v.out("tokens")],
+                  {"length": -1 if adaptive else k}, id="recycle/start")
     h, tok, props, qs = start.out("hidden"), start.out("token"), None, None
-    for i in range(k):
+    if adaptive:
+        n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
+        props = g.add("recycle_loop", [h, tok, n], {"module": "recycle", "k_max": spec.strategy.k_max},
+                      id="recycle/loop")
+    for i in range(0 if adaptive else k):
         st = g.add("recycle_step", [h, tok], {"module": "recycle"}, id=f"recycle{i}")
         if sampled:
             x = add_processors(g, st.out("logits"), plain, prefix=f"recycle{i}")
