@@ -53,7 +53,7 @@ def step_widths(strategy: dict | None) -> dict[str, int]:
         g = int(st.get("guesses") or 1)
         return {"verify_": g * k + 1, "guesses": g, "length": k + 1}
     if kind == "recycle":   # the verify branch over [x-block, k proposals]; the module chain runs inside the step
-        k = int(st["k"]) + 1
+        k = int(st["k_max"] if st.get("k_schedule") == "heuristic" else st["k"]) + 1
         return {"verify_": k, "guesses": 1, "length": k + 1}
     raise BackendError(f"tensorrt profile: strategy kind '{kind}' has no step widths (add it to "
                        "backends/tensorrt/profile.py step_widths)")
