@@ -135,7 +135,7 @@ def test_heuristic_dump_is_a_valid_spec(drafts, refs, tmp_path):
 
 @pytest.mark.parametrize("strategy,sampling,match", [
     ({"kind": "speculative", "k_schedule": "heuristic"}, {"kind": "sample"}, "k_schedule': heuristic runs the draft"),
-    ({"kind": "jacobi", "k_schedule": "heuristic"}, {}, "k_schedule heuristic needs strategy speculative or uag"),
+    ({"kind": "jacobi", "k_schedule": "heuristic"}, {}, "k_schedule heuristic needs strategy speculative, uag, recycle"),
     ({"kind": "speculative", "k": 9, "k_schedule": "heuristic", "k_max": 8}, {}, "k 9 exceeds k_max 8"),
 ])
 def test_heuristic_bad_specs(strategy, sampling, match, drafts, tmp_path):
