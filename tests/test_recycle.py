@@ -397,8 +397,8 @@ def test_step_equals_reference_interpreter(verify, sampled, loop, modules, tmp_p
     module's chain over a draft vocabulary) against the reference interpreter running the same IR with the torch
     module: the same accepted lengths, tokens and proposals, the same cache. Sampled: the -O2 chain draws with
     sample_top_k, lowered over the draft vocabulary's own scores; the same draws and q as the reference's over the
-    scattered [B, V] row. loop (k_schedule heuristic): the chain an ONNX Loop of draft_k = 5 steps after a
-    verification of 3."""
+    scattered [B, V] row. loop (k_schedule heuristic): the chain an ONNX Loop whose length the step sets from its
+    own acceptance: K - 1 = 2 when a row rejected, and with every row accepting all, K + 2 = 5 capped by draft_k 4."""
     import numpy as np
     import yaml
 
@@ -442,7 +442,7 @@ def test_step_equals_reference_interpreter(verify, sampled, loop, modules, tmp_p
     ref = run_graph(g, tfeeds, models)
     for name in ("accept_len", "accept_tokens", "proposals"):
         assert got[name].tolist() == ref[name].tolist(), name
-    assert got["proposals"].shape == (B, 5 if loop else K)
+    assert got["proposals"].shape == (B, K - 1 if loop else K)
     if sampled:
         np.testing.assert_allclose(got["proposal_probs"], ref["proposal_probs"].numpy(), atol=1e-5)
         assert (got["proposal_probs"] > 0).sum(-1).max() <= SAMPLING["top_k"]
@@ -451,6 +451,14 @@ def test_step_equals_reference_interpreter(verify, sampled, loop, modules, tmp_p
     else:       # trusted 0 (verified), K (all of row 1's proposals, the wrong one too), 1 (row 2's first)
         assert got["accept_len"].tolist() == [K + 1, K + 1, 2]
     np.testing.assert_allclose(got["present.1.key"], ref["present"][2].numpy(), atol=1e-4)
+    if loop:        # every row accepts all: K + 2, capped
+        c = np.array([[hf_greedy(lm.model, [int(t)], K)] for t in x[:, 0]])
+        feeds.update(verify_ids=np.concatenate([x, c[:, 0]], 1), candidates=c, draft_k=np.array(4, np.int64))
+        got = step_outputs(s, feeds)
+        tfeeds.update({k: torch.from_numpy(np.asarray(feeds[k])) for k in ("verify_ids", "candidates", "draft_k")})
+        ref = run_graph(g, tfeeds, models)
+        assert got["accept_len"].tolist() == [K + 1] * B and got["proposals"].shape == (B, 4)
+        assert got["proposals"].tolist() == ref["proposals"].tolist()
 
 
 def test_inspect_and_run_say_lossy(modules, tmp_path, capsys):

@@ -153,6 +153,16 @@ def _recycle_chain(b, node, ins):
         b.op("Gather", [init("vocab", dtype=np.int64), idx], axis=0)
 
 
+def _next_chain_length(b, node, ins):
+    alen, cands, cap = ins
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    K = b.op("Squeeze", [b.op("Shape", [cands], start=2, end=3), i64([0])])                 # []
+    full = b.op("GreaterOrEqual", [b.op("ReduceMin", [alen], keepdims=0), b.op("Add", [K, i64(1)])])
+    up = b.op("Min", [b.op("Add", [K, i64(2)]), cap])
+    down = b.op("Max", [b.op("Sub", [K, i64(1)]), i64(1)])
+    b.names[node.out()] = b.op("Where", [full, up, down])
+
+
 def _recycle_loop(b, node, ins):
     """The greedy chain as an ONNX Loop run draft_k times (k_schedule heuristic): loop-carried the hidden state
     [B, 1, H] and the token id [B, 1], the ids its scan output. The body is a chain step of _recycle_chain plus, with
@@ -190,4 +200,4 @@ def _recycle_loop(b, node, ins):
 
 
 RULES = {"accepted_hidden": _accepted_hidden, "recycle_step": _recycle_step, "recycle_chain": _recycle_chain,
-         "recycle_loop": _recycle_loop, "accept_unverified": _accept_unverified}
+         "recycle_loop": _recycle_loop, "next_chain_length": _next_chain_length, "accept_unverified": _accept_unverified}

@@ -14,11 +14,11 @@ accepts them exactly like any others.
 -O0 writes the chain in the textbook form (softmax then argmax at each step); the passes remove the softmaxes and
 fuse the greedy chain into one recycle_chain node (fuse_recycle_chain).
 
-k_schedule heuristic (greedy): the chain is one recycle_loop node whose trip count is the input draft_k, so the
-next step verifies as many proposals as the runtime asked for (transformers' heuristic, as speculative's: k + 2
-after a step whose every row accepted every proposal, else k - 1, within 1..k_max; the runtime decides it from the
-step before, since a step's own chain runs before its acceptance is known). Verification reads K off the
-candidates' shape.
+k_schedule heuristic (greedy): the chain is one recycle_loop node whose trip count next_chain_length computes in
+the step from the step's own acceptance (transformers' heuristic, as speculative's: K + 2 after a step whose every
+row accepted all K proposals, else K - 1, within 1..draft_k, the input the host sets to k_max); verification reads
+K off the candidates' shape. Decided in the graph, the length answers the acceptance just computed: the host
+could only answer the step before's (a step's chain runs before the host sees its acceptance).
 
 verify: false (RecycleGPT's own mode, LOSSY): accept_unverified commits the module's k proposals unverified and
 the target's token after them (k + 1 tokens per forward; the input `trusted` is 0 at prefill, when the guesses come
@@ -67,7 +67,8 @@ def expand_recycle(spec: Spec) -> Graph:
                   {"length": -1 if adaptive else k}, id="recycle/start")
     h, tok, props, qs = start.out("hidden"), start.out("token"), None, None
     if adaptive:
-        n = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
+        cap = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
+        n = g.add("next_chain_length", [v.out("accept_len"), cands, cap], id="recycle/next_k")
         props = g.add("recycle_loop", [h, tok, n], {"module": "recycle", "k_max": spec.strategy.k_max},
                       id="recycle/loop")
     for i in range(0 if adaptive else k):

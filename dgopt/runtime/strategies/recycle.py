@@ -6,9 +6,8 @@ as `proposal_probs` and go into the next step's rejection sampling (`draft_probs
 point masses (one-hot q), which rejection sampling handles exactly like any q. Two noise streams, as speculative's:
 the chain's draws and the acceptance tests. verify: false (LOSSY): the input `trusted` says how many proposals are
 committed unverified: 0 at prefill, k after.
-k_schedule heuristic (greedy): the step's chain is a loop run `draft_k` times; the host asks k + 2 after a step in
-which every row accepted every proposal, else k - 1 (within 1..k_max, all rows one k). A step's chain runs before its
-own acceptance is known, so the length asked after step s is verified at step s + 2."""
+k_schedule heuristic (greedy): the step's chain is a loop whose length the step decides from its own acceptance
+(K + 2 after all rows accepted all K, else K - 1); the host only caps it with `draft_k` = k_max."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +24,7 @@ class Recycle(Strategy):
         self.K = K = st["k"]
         self.cands = initial_guesses(loop.rows, K)[:, None, :]
         self.adaptive = "draft_k" in loop.sess.inputs
-        self.k_max, self.k_ask = st.get("k_max", K), K       # k_ask: the chain length the running step is asked
+        self.k_max = st.get("k_max", K)
         self.proposed_n = 0
         self.lossy = not loop.dec.manifest["strategy"].get("verify", True)
         self.trusted = np.zeros(loop.B, np.int64)
@@ -40,7 +39,7 @@ class Recycle(Strategy):
 
     def propose(self, feeds):
         if self.adaptive:
-            feeds["draft_k"] = np.array(self.k_ask, np.int64)
+            feeds["draft_k"] = np.array(self.k_max, np.int64)
             return self.cands, self.cands.shape[-1], 1
         if self.lossy:      # the prefill's guesses come from the prompt: verified; the module's, from then on, not
             feeds["trusted"] = self.trusted
@@ -59,10 +58,6 @@ class Recycle(Strategy):
         return cands, K
 
     def advance(self, m, got):
-        if self.adaptive:       # this step's outcome sets the length the next step asks of its chain
-            K, done = self.cands.shape[-1], self.loop.done
-            full = all(m[b] >= K for b in range(len(m)) if not done[b])
-            self.k_ask = min(self.k_ask + 2, self.k_max) if full else max(1, self.k_ask - 1)
         self.cands = self.next[:, None, :]
         if self.draft_noise is not None:
             self.q = self.next_q
