@@ -426,7 +426,7 @@ def test_step_equals_reference_interpreter(verify, sampled, loop, modules, tmp_p
     if not verify:
         feeds["trusted"] = np.array([0, K, 1])
     if loop:
-        feeds["draft_k"] = np.array(5, np.int64)
+        feeds["draft_k"], feeds["active_rows"] = np.array(5, np.int64), np.ones(B, np.int64)
     if sampled:
         q = r.random((B, K, 320)).astype(np.float32)
         feeds.update(draft_probs=q / q.sum(-1, keepdims=True), accept_uniform=r.random((B, K + 1)).astype(np.float32),
@@ -459,6 +459,15 @@ def test_step_equals_reference_interpreter(verify, sampled, loop, modules, tmp_p
         ref = run_graph(g, tfeeds, models)
         assert got["accept_len"].tolist() == [K + 1] * B and got["proposals"].shape == (B, 4)
         assert got["proposals"].tolist() == ref["proposals"].tolist()
+        # row 2 rejects, but it has finished: the others decide (K + 2, capped)
+        c[2, 0, 0] = (c[2, 0, 0] + 1) % 320
+        feeds.update(verify_ids=np.concatenate([x, c[:, 0]], 1), candidates=c, active_rows=np.array([1, 1, 0]))
+        tfeeds.update({k: torch.from_numpy(np.asarray(feeds[k])) for k in ("verify_ids", "candidates", "active_rows")})
+        got, ref = step_outputs(s, feeds), run_graph(g, tfeeds, models)
+        assert got["accept_len"].tolist() == [K + 1, K + 1, 1] and got["proposals"].shape == (B, 4)
+        assert got["proposals"].tolist() == ref["proposals"].tolist()
+        feeds["active_rows"] = np.ones(B, np.int64)                       # running: it shortens the chain
+        assert step_outputs(s, feeds)["proposals"].shape == (B, K - 1)
 
 
 def test_inspect_and_run_say_lossy(modules, tmp_path, capsys):

@@ -154,9 +154,11 @@ def _recycle_chain(b, node, ins):
 
 
 def _next_chain_length(b, node, ins):
-    alen, cands, cap = ins
+    alen, cands, cap, active = ins
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     K = b.op("Squeeze", [b.op("Shape", [cands], start=2, end=3), i64([0])])                 # []
+    # a finished row (active 0) counts as one that accepted all
+    alen = b.op("Add", [alen, b.op("Mul", [b.op("Sub", [i64(1), active]), i64(1 << 20)])])
     full = b.op("GreaterOrEqual", [b.op("ReduceMin", [alen], keepdims=0), b.op("Add", [K, i64(1)])])
     up = b.op("Min", [b.op("Add", [K, i64(2)]), cap])
     down = b.op("Max", [b.op("Sub", [K, i64(1)]), i64(1)])

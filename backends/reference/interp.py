@@ -246,9 +246,10 @@ def run_graph(g: Graph, feeds: dict, models: dict | None = None, generator: torc
             for k, v in _recycle_step(node, ins, models or {}).items():
                 env[node.out(k)] = v
         elif node.op == "next_chain_length":
-            alen, cands, cap = ins
+            alen, cands, cap, active = ins
             K = cands.shape[-1]
-            env[node.out()] = torch.tensor(min(K + 2, int(cap)) if int(alen.min()) >= K + 1 else max(1, K - 1))
+            full = bool((alen[active > 0] >= K + 1).all())
+            env[node.out()] = torch.tensor(min(K + 2, int(cap)) if full else max(1, K - 1))
         elif node.op in ("recycle_chain", "recycle_loop"):    # recycle_steps, each fed the argmax before it
             h, tok, picks = ins[0], ins[1], []
             for _ in range(node.attrs["length"] if node.op == "recycle_chain" else int(ins[2])):

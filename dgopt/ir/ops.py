@@ -289,9 +289,10 @@ register(OpSchema("recycle_chain", (("hidden", ("hidden",)), ("token", ("token",
                       "recycle_step nodes, each reading the hidden state the one before predicted and the argmax "
                       "of its scores, from hidden [B, H] and token [B] -> the chosen tokens [B, length]."))
 register(OpSchema("next_chain_length", (("accept_len", ("count",)), ("candidates", ("candidates",)),
-                                        ("cap", ("trip_count",))), ("k",), ("trip_count",), {},
-                  doc="transformers' assisted-generation schedule, in the step: K + 2 if every row accepted all K "
-                      "candidates (accept_len K + 1), else K - 1, within 1..cap; K is the candidates' length "
+                                        ("cap", ("trip_count",)), ("active", ("count",))), ("k",), ("trip_count",), {},
+                  doc="transformers' assisted-generation schedule, in the step: K + 2 if every active row (active "
+                      "[B]: 1, 0 for a finished row) accepted all K candidates (accept_len K + 1), else K - 1, within "
+                      "1..cap; K is the candidates' length "
                       "[B, 1, K]. The chain the step runs next is verified by the next step, which so sees its "
                       "own acceptance's answer."))
 register(OpSchema("recycle_loop", (("hidden", ("hidden",)), ("token", ("token",)), ("k", ("trip_count",))),

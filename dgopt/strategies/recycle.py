@@ -68,7 +68,8 @@ def expand_recycle(spec: Spec) -> Graph:
     h, tok, props, qs = start.out("hidden"), start.out("token"), None, None
     if adaptive:
         cap = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
-        n = g.add("next_chain_length", [v.out("accept_len"), cands, cap], id="recycle/next_k")
+        active = g.add("input", attrs={"name": "active_rows", "type": "count"}, id="active_rows")
+        n = g.add("next_chain_length", [v.out("accept_len"), cands, cap, active], id="recycle/next_k")
         props = g.add("recycle_loop", [h, tok, n], {"module": "recycle", "k_max": spec.strategy.k_max},
                       id="recycle/loop")
     for i in range(0 if adaptive else k):

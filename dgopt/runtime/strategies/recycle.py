@@ -7,7 +7,8 @@ point masses (one-hot q), which rejection sampling handles exactly like any q. T
 the chain's draws and the acceptance tests. verify: false (LOSSY): the input `trusted` says how many proposals are
 committed unverified: 0 at prefill, k after.
 k_schedule heuristic (greedy): the step's chain is a loop whose length the step decides from its own acceptance
-(K + 2 after all rows accepted all K, else K - 1); the host only caps it with `draft_k` = k_max."""
+(K + 2 after all rows accepted all K, else K - 1); the host only caps it with `draft_k` = k_max and says which rows
+are still running (`active_rows`: a finished row's acceptance must not shorten the others' chain)."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,6 +41,7 @@ class Recycle(Strategy):
     def propose(self, feeds):
         if self.adaptive:
             feeds["draft_k"] = np.array(self.k_max, np.int64)
+            feeds["active_rows"] = np.array([0 if d else 1 for d in self.loop.done], np.int64)
             return self.cands, self.cands.shape[-1], 1
         if self.lossy:      # the prefill's guesses come from the prompt: verified; the module's, from then on, not
             feeds["trusted"] = self.trusted
