@@ -1,15 +1,19 @@
 """Lowering rules of the RecycleGPT ops: the verify forward's hidden states, the chain's start after verification,
-the lossy mode's unverified acceptance, and one step of the recyclable module (dgopt/models/recycle.py) as plain ONNX ops."""
+the lossy mode's unverified acceptance, the recyclable module (dgopt/models/recycle.py) as plain ONNX ops (one step,
+the fused greedy chain, the chain as a Loop of varying length) and the adaptive chain length."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from dgopt.errors import BackendError
+from dgopt.ir import Graph
+
+from .builder import F32, I64, Builder
 
 __all__ = ["RULES", "forward_hidden"]
-
-F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
 def forward_hidden(b, fg, nm, half: bool) -> str:
@@ -171,13 +175,6 @@ def _recycle_loop(b, node, ins):
     a draft vocabulary, one Gather of the picked index's id (each iteration starts from an id: the first from the
     bonus token). The module's weights live in the body, their only reader: onnxruntime pre-packs a subgraph's own
     initializers, not ones it reads from the outer graph."""
-    from types import SimpleNamespace
-
-    from onnx import helper
-
-    from dgopt.ir import Graph
-
-    from .builder import Builder
     h, tok, k = ins
     sub = Builder(Graph(), b.forwards, b.V, b.rules)
     sub._cur = SimpleNamespace(id=f"{node.id}/body", op=node.op, meta=node.meta)

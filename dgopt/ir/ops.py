@@ -296,11 +296,11 @@ register(OpSchema("next_chain_length", (("accept_len", ("count",)), ("candidates
                       "[B, 1, K]. The chain the step runs next is verified by the next step, which so sees its "
                       "own acceptance's answer."))
 register(OpSchema("recycle_loop", (("hidden", ("hidden",)), ("token", ("token",)), ("k", ("trip_count",))),
-                  ("proposals",), ("tokens",),
-                  {"module": Attr(str, "recycle"), "k_max": Attr(int, required=True, check=_ge1)},
-                  doc="The recyclable module's greedy chain as a loop of k steps, k (1..k_max) an input set per step "
-                      "(strategy recycle with k_schedule heuristic): from hidden [B, H] and token [B] -> the chosen "
-                      "tokens [B, k], each step reading the hidden state the one before predicted and its argmax."))
+                  ("proposals",), ("tokens",), {"module": Attr(str, "recycle")},
+                  doc="The recyclable module's greedy chain as a loop of k steps, k a value of the step (strategy "
+                      "recycle with k_schedule heuristic: next_chain_length's): from hidden [B, H] and token [B] -> "
+                      "the chosen tokens [B, k], each step reading the hidden state the one before predicted and its "
+                      "argmax."))
 register(OpSchema("recycle_step", (("hidden", ("hidden",)), ("token", ("token",))), ("hidden", "logits"),
                   ("hidden", "logits"), {"module": Attr(str, "recycle")},
                   doc="One step of the recyclable module (dgopt/models/recycle.py): the target's post-norm hidden "

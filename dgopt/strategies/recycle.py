@@ -70,8 +70,7 @@ def expand_recycle(spec: Spec) -> Graph:
         cap = g.add("input", attrs={"name": "draft_k", "type": "trip_count"}, id="draft_k")
         active = g.add("input", attrs={"name": "active_rows", "type": "count"}, id="active_rows")
         n = g.add("next_chain_length", [v.out("accept_len"), cands, cap, active], id="recycle/next_k")
-        props = g.add("recycle_loop", [h, tok, n], {"module": "recycle", "k_max": spec.strategy.k_max},
-                      id="recycle/loop")
+        props = g.add("recycle_loop", [h, tok, n], {"module": "recycle"}, id="recycle/loop")
     for i in range(0 if adaptive else k):
         st = g.add("recycle_step", [h, tok], {"module": "recycle"}, id=f"recycle{i}")
         if sampled:
