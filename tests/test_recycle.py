@@ -150,9 +150,10 @@ def test_sampled_O0_equals_O2(modules, tmp_path):
     assert r0.ids != d2.generate(PROMPTS[:3], max_new_tokens=NEW, seed=8).ids
 
 
-def test_max_seq_len_and_repetition_penalty(modules, tmp_path):
+@pytest.mark.parametrize("strategy", [{"kind": "recycle", "k": 4}, HEURISTIC], ids=["k4", "heuristic"])
+def test_max_seq_len_and_repetition_penalty(strategy, modules, tmp_path):
     m = hf_model("llama")
-    spec = tiny_spec("llama", strategy={"kind": "recycle", "k": 4}, recycle={"path": str(modules["trained"])},
+    spec = tiny_spec("llama", strategy=strategy, recycle={"path": str(modules["trained"])},
                      sampling={"repetition_penalty": 1.3}, target={"max_seq_len": 30})
     dec = dgopt.load(dgopt.compile(spec, tmp_path / "pen"))
     for p in PROMPTS[:3]:
