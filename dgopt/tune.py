@@ -320,6 +320,9 @@ def tune(spec: str | Path | dict, out: str | Path, prompts: str | Path | None = 
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 150)
+        over = sorted({b for b in batches or () if b > sp.target.max_batch})
+        if over:
+            log.warning("--batches %s: above the spec's target.max_batch %d, not timed", over, sp.target.max_batch)
         batches = sorted({b for b in batches or () if b <= sp.target.max_batch})
         steps_total = 2 + len(cands) + len(batches)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
